@@ -1,0 +1,37 @@
+# medcap: one-command setup, tests and demo.
+#   make test   - create .venv if needed, install medcap, check Java, run the test suite
+#   make demo   - same setup, then run the offline end-to-end demo
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.medcap-installed
+
+.PHONY: setup test test-all demo java bench clean
+
+setup: $(STAMP) java
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+java:
+	@bash scripts/ensure_java.sh
+
+test: setup
+	$(PY) -m pytest -q -x --timeout=900
+
+test-all: setup
+	$(PY) -m pytest -q --timeout=1800 -m ''
+
+demo: setup
+	$(VENV)/bin/medcap demo $(DEMO_ARGS)
+
+bench: setup
+	$(PY) bench/generation.py
+	$(PY) bench/eval_omnimedvqa.py
+	$(PY) bench/train_step.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
