@@ -1,0 +1,150 @@
+"""Llama weights from a Hugging Face checkpoint directory into a ``MedcapModel``'s decoder.
+
+The reading and the HF -> torchtune key conversion are torchtune's own
+(``FullModelHFCheckpointer``); this module only points it at the right files
+and checks that what comes out is exactly the decoder, no more and no less.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+from torch import nn
+from torchtune import training
+from torchtune.training import FullModelHFCheckpointer
+from torchtune.training.checkpointing import ModelType
+
+CheckpointFiles = Union[List[str], Dict[str, str]]
+
+_DECODER_PREFIX = "decoder."
+
+
+def _default_checkpoint_files(checkpoint_dir: Path) -> List[str]:
+    files = sorted(p.name for p in checkpoint_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors files in {str(checkpoint_dir)!r}; pass checkpoint_files, or point "
+            "checkpoint_dir at the Hugging Face model folder (for Llama-3.1-8B-Instruct it holds "
+            "model-00001-of-00004.safetensors ... and config.json)"
+        )
+    return files
+
+
+def _check_inputs(checkpoint_dir: Path, checkpoint_files: CheckpointFiles, model_type: str) -> None:
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {str(checkpoint_dir)!r}")
+    if not (checkpoint_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{str(checkpoint_dir)!r} has no config.json, which the HF checkpointer needs for the "
+            "head counts: is it a Hugging Face model folder?"
+        )
+    if model_type not in ModelType.__members__:
+        raise ValueError(f"unknown model_type {model_type!r}; torchtune knows {sorted(ModelType.__members__)}")
+    if isinstance(checkpoint_files, dict):
+        if set(checkpoint_files) != {"filename_format", "max_filename"}:
+            raise ValueError(
+                "checkpoint_files as a dict needs exactly the keys 'filename_format' and 'max_filename', "
+                f"got {sorted(checkpoint_files)}"
+            )
+        return
+    missing = [f for f in checkpoint_files if not (checkpoint_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint files not found in {str(checkpoint_dir)!r}: {missing}")
+
+
+def _scratch_parent(checkpoint_dir: Path) -> Optional[str]:
+    """A folder for the checkpointer's (unused) output_dir: torchtune refuses one
+    inside the checkpoint directory, so skip candidates that lie there."""
+    ckpt = checkpoint_dir.resolve()
+    for cand in (Path(tempfile.gettempdir()), Path.cwd(), ckpt.parent):
+        c = cand.resolve()
+        if c != ckpt and ckpt not in c.parents:
+            return str(c)
+    return None
+
+
+def _short(keys, n: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_llama_weights(
+    model: nn.Module,
+    checkpoint_dir: Union[str, Path],
+    checkpoint_files: Optional[CheckpointFiles] = None,
+    model_type: str = "LLAMA3",
+) -> Dict[str, Any]:
+    """Load an HF-format Llama checkpoint into ``model.decoder`` (the vision side is untouched).
+
+    Args:
+        model: a :class:`~medcap.models.MedcapModel` (anything with torchtune's
+            ``EarlyFusionModel`` layout: ``decoder.*`` plus ``tok_embeddings``).
+        checkpoint_dir: the HF model folder (``config.json`` + safetensors shards).
+        checkpoint_files: shard names, torchtune's ``{"filename_format", "max_filename"}``
+            dict, or ``None`` for every ``*.safetensors`` in the folder.
+        model_type: torchtune's model type name (``LLAMA3`` for Llama 3.x).
+
+    Returns:
+        ``{"checkpoint_dir", "num_tensors"}`` for logging.
+
+    Raises:
+        ValueError: when the checkpoint's tensors are not exactly the decoder's
+            (names or shapes), listing what is missing, unexpected or mis-sized.
+    """
+    ckpt_dir = Path(checkpoint_dir)
+    if checkpoint_files is None:
+        _check_inputs(ckpt_dir, [], model_type)
+        checkpoint_files = _default_checkpoint_files(ckpt_dir)
+    _check_inputs(ckpt_dir, checkpoint_files, model_type)
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError(
+            "the model is on the meta device, where loading would silently do nothing; "
+            "build it on a real device first"
+        )
+
+    with tempfile.TemporaryDirectory(prefix="medcap-ckpt-", dir=_scratch_parent(ckpt_dir)) as scratch:
+        checkpointer = FullModelHFCheckpointer(
+            checkpoint_dir=str(ckpt_dir),
+            checkpoint_files=checkpoint_files,
+            model_type=model_type,
+            output_dir=scratch,
+        )
+        tune_sd = checkpointer.load_checkpoint()[training.MODEL_KEY]
+
+    # EarlyFusionModel keeps the decoder's embedding at ``model.tok_embeddings`` but
+    # reports it (and accepts it back) as ``decoder.tok_embeddings.*`` through its
+    # state-dict hooks, so plain ``decoder.`` prefixes line up with its state dict.
+    full_sd = {_DECODER_PREFIX + k: v for k, v in tune_sd.items()}
+    model_sd = model.state_dict()
+    expected = {k for k in model_sd if k.startswith(_DECODER_PREFIX)}
+    got = set(full_sd)
+    missing, unexpected = expected - got, got - expected
+    mis_sized = [
+        f"{k}: checkpoint {list(full_sd[k].shape)}, model {list(model_sd[k].shape)}"
+        for k in sorted(expected & got)
+        if full_sd[k].shape != model_sd[k].shape
+    ]
+    if missing or unexpected or mis_sized:
+        lines = [f"the checkpoint in {str(ckpt_dir)!r} does not match the model's decoder:"]
+        if missing:
+            lines.append(f"  missing from the checkpoint ({len(missing)}): {_short(missing)}")
+        if unexpected:
+            lines.append(f"  not in the model ({len(unexpected)}): {_short(unexpected)}")
+        if mis_sized:
+            lines.append(f"  different sizes ({len(mis_sized)}): " + "; ".join(mis_sized[:6]))
+        lines.append("  (are the model builder's sizes those of the checkpoint's config.json?)")
+        raise ValueError("\n".join(lines))
+
+    with torch.no_grad():
+        result = model.load_state_dict(full_sd, strict=False)
+    # Only the vision side may be left out; anything else means the hooks moved keys.
+    stray = [k for k in result.missing_keys if k.startswith(_DECODER_PREFIX) or k.startswith("tok_embeddings")]
+    if stray or result.unexpected_keys:
+        raise RuntimeError(
+            f"decoder weights did not all land: missing {stray[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    return {"checkpoint_dir": str(ckpt_dir), "num_tensors": len(full_sd)}

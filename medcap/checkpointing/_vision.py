@@ -1,0 +1,356 @@
+"""Checkpoints of the trained part: the image tower and the projector.
+
+Two formats, chosen by the file's suffix:
+
+* ``.safetensors`` (what medcap writes by default): flat keys ``visual.*`` and
+  ``projector.*``, with a JSON of metadata (sizes, image-token count, source,
+  medcap version) in the safetensors header and, for people and scripts,
+  beside the file as ``<name>.json``.
+* ``.pt`` / ``.pth``: the reference's ``torch.save({'visual': tower_sd,
+  'projector': projector_sd})``, which its published checkpoint uses.
+
+Loading never unpickles code: ``.pt`` files are read with
+``torch.load(weights_only=True)``. Every write goes to a temporary file in the
+target folder first and is moved into place with ``os.replace``, so a crash
+mid-save leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+VisionState = Dict[str, Dict[str, torch.Tensor]]
+
+FORMAT_NAME = "medcap-vision"
+FORMAT_VERSION = 1
+SAFETENSORS_SUFFIXES = (".safetensors",)
+LEGACY_SUFFIXES = (".pt", ".pth")
+_HEADER_KEY = "medcap"  # safetensors header metadata key holding our JSON
+_PARTS = ("visual", "projector")
+
+
+def _medcap_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("medcap")
+    except Exception:  # not installed (running from a bare checkout)
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------
+# what we are saving or loading into
+
+
+def _vision_encoder(obj: Any) -> nn.Module:
+    """The ``VisionEncoder`` of a ``MedcapModel``, or the encoder itself."""
+    vision = getattr(obj, "vision", None)
+    if isinstance(vision, nn.Module) and hasattr(vision, "visual") and hasattr(vision, "projector"):
+        return vision
+    if isinstance(obj, nn.Module) and hasattr(obj, "visual") and hasattr(obj, "projector"):
+        return obj
+    raise TypeError(
+        f"expected a MedcapModel or a VisionEncoder (with .visual and .projector), got {type(obj).__name__}"
+    )
+
+
+def _encoder_state(encoder: nn.Module) -> VisionState:
+    return {part: getattr(encoder, part).state_dict() for part in _PARTS}
+
+
+def _sizes(state: VisionState) -> Dict[str, int]:
+    """Sizes readable from the tensors alone (no guessing beyond the ViT layout)."""
+    v, p = state.get("visual", {}), state.get("projector", {})
+    out: Dict[str, int] = {}
+    if "head.proj.weight" in v:
+        out["vision_output_dim"] = int(v["head.proj.weight"].shape[0])
+        out["vision_width"] = int(v["head.proj.weight"].shape[1])
+    blocks = {k.split(".")[2] for k in v if k.startswith("trunk.blocks.")}
+    if blocks:
+        out["vision_depth"] = len(blocks)
+    patch = v.get("trunk.patch_embed.proj.weight")
+    pos = v.get("trunk.pos_embed")
+    if patch is not None:
+        out["patch_size"] = int(patch.shape[-1])
+        if pos is not None:
+            n = int(pos.shape[1]) - (1 if "trunk.cls_token" in v else 0)
+            grid = math.isqrt(max(n, 0))
+            if grid * grid == n:
+                out["image_size"] = grid * int(patch.shape[-1])
+    if "0.weight" in p:
+        out["projector_in_dim"] = int(p["0.weight"].shape[1])
+        out["projector_hidden_dim"] = int(p["0.weight"].shape[0])
+    if "2.weight" in p:
+        out["projector_out_dim"] = int(p["2.weight"].shape[0])
+    return out
+
+
+def _encoder_sizes(encoder: nn.Module) -> Dict[str, int]:
+    sizes = _sizes(_encoder_state(encoder))
+    sizes["num_image_tokens"] = int(encoder.num_image_tokens)
+    sizes["embed_dim"] = int(encoder.embed_dim)
+    if hasattr(encoder.visual, "image_size"):
+        sizes["image_size"] = int(encoder.visual.image_size)
+    return sizes
+
+
+# ---------------------------------------------------------------------------------------
+# saving
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the same folder, then ``os.replace`` it in."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _plain(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for k, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state entry {k!r} is a {type(t).__name__}, not a tensor")
+        out[k] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def sidecar_path(path: Union[str, Path]) -> Path:
+    """Where the metadata JSON of a ``.safetensors`` vision checkpoint is written."""
+    return Path(path).with_suffix(".json")
+
+
+def save_vision_checkpoint(
+    model_or_encoder: Any,
+    path: Union[str, Path],
+    metadata: Optional[Mapping[str, Any]] = None,
+) -> Path:
+    """Save the image tower and projector.
+
+    Args:
+        model_or_encoder: a ``MedcapModel``, its ``VisionEncoder``, or an already
+            gathered ``{"visual": state_dict, "projector": state_dict}`` (e.g. from
+            FSDP; then pass ``num_image_tokens`` and ``embed_dim`` in ``metadata``).
+        path: ``*.safetensors`` (with metadata) or ``*.pt`` / ``*.pth`` (the reference's format).
+        metadata: extra JSON-able entries (epoch, step, source, ...) merged over the sizes.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SAFETENSORS_SUFFIXES + LEGACY_SUFFIXES:
+        raise ValueError(
+            f"cannot tell the checkpoint format from {str(path)!r}: use a .safetensors name "
+            "(medcap's format, with metadata) or .pt (the reference's {'visual','projector'} dict)"
+        )
+    if isinstance(model_or_encoder, Mapping):
+        if set(model_or_encoder) != set(_PARTS):
+            raise ValueError(f"a state mapping needs exactly the keys {list(_PARTS)}, got {sorted(model_or_encoder)}")
+        state = {part: _plain(model_or_encoder[part]) for part in _PARTS}
+        sizes = _sizes(state)
+    else:
+        encoder = _vision_encoder(model_or_encoder)
+        state = {part: _plain(sd) for part, sd in _encoder_state(encoder).items()}
+        sizes = _encoder_sizes(encoder)
+
+    meta: Dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        **sizes,
+        "created_by": f"medcap {_medcap_version()}",
+        "medcap_version": _medcap_version(),
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    meta.update(dict(metadata or {}))
+    t, d, out = meta.get("num_image_tokens"), meta.get("embed_dim"), sizes.get("projector_out_dim")
+    if t is not None and d is not None and out is not None and int(t) * int(d) != out:
+        raise ValueError(
+            f"metadata says {t} image tokens of {d} = {int(t) * int(d)} values, "
+            f"but the projector outputs {out}"
+        )
+
+    if suffix in LEGACY_SUFFIXES:
+        _atomic_write(path, lambda tmp: torch.save(state, tmp))
+        return path
+
+    flat = {f"{part}.{k}": t for part in _PARTS for k, t in state[part].items()}
+    text = json.dumps(meta, indent=1, sort_keys=True, default=str)
+    _atomic_write(path, lambda tmp: save_file(flat, tmp, metadata={"format": "pt", _HEADER_KEY: text}))
+    _atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+
+
+def _split_flat(flat: Mapping[str, Any], where: str) -> VisionState:
+    """``visual.*`` / ``projector.*`` keys (or a whole MedcapModel's ``encoders.image.*``)."""
+    for vis, proj in (("visual.", "projector."), ("encoders.image.visual.", "encoders.image.projector.")):
+        state: VisionState = {
+            "visual": {k[len(vis):]: t for k, t in flat.items() if k.startswith(vis)},
+            "projector": {k[len(proj):]: t for k, t in flat.items() if k.startswith(proj)},
+        }
+        if state["visual"] or state["projector"]:
+            break
+    if state["visual"] and not state["projector"]:
+        hint = ""
+        if any(k.startswith("text.") for k in flat) or "logit_scale" in flat:
+            hint = " It looks like an open_clip (BiomedCLIP) checkpoint: give it as vision_pretrained instead."
+        raise ValueError(f"{where} holds an image tower but no projector.{hint}")
+    used = {vis + k for k in state["visual"]} | {proj + k for k in state["projector"]}
+    stray = sorted(set(flat) - used)
+    if not state["visual"] or stray:
+        raise ValueError(
+            f"{where} is not a medcap vision checkpoint: expected 'visual.*' and 'projector.*' "
+            f"tensors, found {stray[:6] or sorted(flat)[:6]}"
+        )
+    return state
+
+
+def _check_tensors(state: VisionState, where: str) -> VisionState:
+    for part in _PARTS:
+        sd = state[part]
+        if not isinstance(sd, Mapping):
+            raise ValueError(f"{where}: '{part}' is a {type(sd).__name__}, not a state dict")
+        bad = [k for k, t in sd.items() if not isinstance(t, torch.Tensor)]
+        if bad:
+            raise ValueError(f"{where}: '{part}' entries that are not tensors: {bad[:5]}")
+    return {part: dict(state[part]) for part in _PARTS}
+
+
+def _load_legacy(path: Path) -> Tuple[VisionState, Dict[str, Any]]:
+    where = repr(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{where} holds more than tensors and plain containers, and medcap never runs code "
+            f"from a checkpoint file (torch.load weights_only=True refused it: {str(e).splitlines()[0]})"
+        ) from e
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where} holds a {type(obj).__name__}, not a dict of state dicts")
+    if "visual" in obj and "projector" in obj and isinstance(obj["visual"], Mapping):
+        state = {part: obj[part] for part in _PARTS}
+    else:
+        state = _split_flat(obj, where)
+    return _check_tensors(state, where), {"checkpoint_format": "legacy-pt"}
+
+
+def _load_safetensors(path: Path) -> Tuple[VisionState, Dict[str, Any]]:
+    where = repr(str(path))
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        header = f.metadata() or {}
+        flat = {k: f.get_tensor(k) for k in f.keys()}
+    meta: Dict[str, Any] = {}
+    if _HEADER_KEY in header:
+        meta = json.loads(header[_HEADER_KEY])
+    elif sidecar_path(path).is_file():
+        meta = json.loads(sidecar_path(path).read_text())
+    meta["checkpoint_format"] = "safetensors"
+    return _split_flat(flat, where), meta
+
+
+def load_vision_checkpoint(path: Union[str, Path]) -> Tuple[VisionState, Dict[str, Any]]:
+    """Read a vision checkpoint without touching any model.
+
+    Returns ``({"visual": state_dict, "projector": state_dict}, metadata)``; the
+    metadata holds what the file stored plus the sizes readable from the tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"vision checkpoint not found: {str(path)!r}")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        state, meta = _load_safetensors(path)
+    elif suffix in LEGACY_SUFFIXES + (".bin",):
+        state, meta = _load_legacy(path)
+    else:
+        raise ValueError(f"unknown vision checkpoint suffix {path.suffix!r} ({str(path)!r}): use .safetensors or .pt")
+    for k, v in _sizes(state).items():
+        meta.setdefault(k, v)
+    meta["path"] = str(path)
+    return state, meta
+
+
+def _size_problems(model: Dict[str, int], ckpt: Dict[str, Any]) -> list:
+    problems = []
+    t, d = model["num_image_tokens"], model["embed_dim"]
+    ct, cd, cout = ckpt.get("num_image_tokens"), ckpt.get("embed_dim"), ckpt.get("projector_out_dim")
+    if ct is not None and cd is not None and (int(ct), int(cd)) != (t, d):
+        problems.append(f"checkpoint projector makes {ct} tokens of {cd}, model expects {t} tokens of {d}")
+    elif cout is not None and cout != t * d:
+        guess = f" (= {cout // d} tokens of {d}?)" if cout % d == 0 else ""
+        problems.append(
+            f"checkpoint projector outputs {cout} values per image{guess}, "
+            f"model expects {t} tokens of {d} = {t * d}"
+        )
+    names = {
+        "vision_output_dim": "image tower output size",
+        "projector_in_dim": "projector input size",
+        "projector_hidden_dim": "projector hidden size",
+        "vision_width": "ViT width",
+        "vision_depth": "ViT depth (blocks)",
+        "patch_size": "ViT patch size",
+        "image_size": "image size",
+    }
+    for key, what in names.items():
+        if key in model and key in ckpt and int(ckpt[key]) != model[key]:
+            problems.append(f"{what}: checkpoint {ckpt[key]}, model {model[key]}")
+    return problems
+
+
+def load_vision_weights(model_or_encoder: Any, path: Union[str, Path]) -> Dict[str, Any]:
+    """Load a vision checkpoint (either format) into a ``MedcapModel`` or ``VisionEncoder``.
+
+    Strict: every tensor must have a place and the same size. A size mismatch is
+    reported in model terms (tokens, widths, image size) before any weight moves.
+    Returns the checkpoint's metadata.
+    """
+    encoder = _vision_encoder(model_or_encoder)
+    if any(p.is_meta for p in encoder.parameters()):
+        raise ValueError("the vision encoder is on the meta device, where loading would silently do nothing")
+    state, meta = load_vision_checkpoint(path)
+    model_sizes = _encoder_sizes(encoder)
+    problems = _size_problems(model_sizes, meta)
+    for part in _PARTS:
+        own = getattr(encoder, part).state_dict()
+        theirs = state[part]
+        missing, unexpected = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
+        if missing:
+            problems.append(f"{part}: missing from the checkpoint: {missing[:6]}")
+        if unexpected:
+            problems.append(f"{part}: not in the model: {unexpected[:6]}")
+        for k in sorted(set(own) & set(theirs)):
+            if own[k].shape != theirs[k].shape:
+                problems.append(f"{part}.{k}: checkpoint {list(theirs[k].shape)}, model {list(own[k].shape)}")
+    if problems:
+        raise ValueError(
+            f"vision checkpoint {str(path)!r} does not fit the model:\n  " + "\n  ".join(problems[:12])
+        )
+    with torch.no_grad():
+        for part in _PARTS:
+            getattr(encoder, part).load_state_dict(state[part], strict=True)
+    return meta
