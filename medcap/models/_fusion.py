@@ -61,6 +61,16 @@ class MedcapModel(EarlyFusionModel):
                 f"but {num_images} image(s) x {t} image tokens = {num_images * t} image vectors. "
                 "Each image needs exactly one run of placeholders; was a sample truncated into its image?"
             )
+        if total:
+            # Counts can add up while a run is split by text (the vectors would land in two
+            # places): every group of t placeholders, in row order, must be contiguous.
+            cols = (tokens == self.image_token_id).nonzero()[:, 1].view(-1, t)  # [n_img, t]
+            split = (cols[:, -1] - cols[:, 0]) != t - 1  # [n_img]
+            if bool(split.any()):
+                raise ImageTokenMismatchError(
+                    f"image placeholder runs are split by other tokens (image(s) {split.nonzero()[:, 0].tolist()} "
+                    f"in batch order): each image needs one unbroken run of {t} placeholders"
+                )
 
     def embed(self, tokens: torch.Tensor, images: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Token embeddings with the image vectors at the placeholders: [b, s] -> [b, s, d]."""
