@@ -1,0 +1,341 @@
+"""The ``medcap`` command.
+
+    medcap run [--dry-run] [torchrun options] RECIPE --config CONFIG [key=value ...]
+    medcap ls
+    medcap cp CONFIG_OR_RECIPE DEST [--force]
+    medcap validate-data ...
+    medcap demo ...
+
+Why not ``tune run``: it looks names up in torchtune's built-in recipes first
+(``tune run full_finetune_distributed`` would silently run torchtune's
+text-only recipe), imports recipe files as modules of a ``recipes`` package
+that torchtune's own wheel shadows, and rejects absolute paths. ``medcap run``
+resolves medcap's names to the files in the top-level ``recipes/`` folder and
+then runs the file by path: with the current Python, or through
+``python -m torch.distributed.run`` when torchrun options are given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+RECIPES_ENV = "MEDCAP_RECIPES_DIR"
+_CONFIG_SUFFIXES = (".yaml", ".yml")
+# torchrun options that would make torchrun treat our recipe path as something else.
+_REFUSED_TORCHRUN = {"module": "-m/--module", "no_python": "--no-python", "run_path": "--run-path"}
+
+_USAGE = """\
+usage: medcap <command> [...]
+
+commands:
+  run [--dry-run] [torchrun options] RECIPE --config CONFIG [key=value ...]
+                 run a recipe; RECIPE is a medcap recipe name or a .py path, CONFIG a
+                 medcap config name (see `medcap ls`) or a YAML path; torchrun options
+                 (--nproc_per_node, --nnodes, --rdzv_*, --master_addr, --standalone, ...)
+                 launch it with torch.distributed.run
+  ls             list medcap's recipes and their configs
+  cp NAME DEST [--force]
+                 copy a config (or a recipe) out for editing
+  validate-data  check a sharegpt JSON dataset (medcap validate-data -h)
+  demo           run the offline end-to-end demo (medcap demo -h)
+"""
+
+
+class CLIError(Exception):
+    """A problem with the command line, reported as one clear message."""
+
+
+# ---------------------------------------------------------------------------------------
+# where recipes and configs live
+
+
+def recipes_dir() -> Path:
+    """The top-level ``recipes/`` folder next to the ``medcap`` package (an editable
+    install or a source checkout), or the folder named by ``$MEDCAP_RECIPES_DIR``."""
+    env = os.environ.get(RECIPES_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise CLIError(f"${RECIPES_ENV}={env!r} is not a folder")
+        return path.resolve()
+    import medcap
+
+    path = Path(medcap.__file__).resolve().parents[1] / "recipes"
+    if not path.is_dir():
+        raise CLIError(
+            f"medcap's recipes/ folder was not found at {str(path)!r}. The recipes live in the "
+            "source checkout: install it with `pip install -e .` from the repository root, or set "
+            f"${RECIPES_ENV} to the recipes folder."
+        )
+    return path
+
+
+def configs_dir() -> Path:
+    return recipes_dir() / "configs"
+
+
+def recipe_names() -> List[str]:
+    """Every ``*.py`` at the top of ``recipes/``, except private and package files."""
+    return sorted(p.stem for p in recipes_dir().glob("*.py") if not p.name.startswith("_"))
+
+
+def config_names() -> List[str]:
+    """Config names: paths under ``recipes/configs`` without the ``.yaml`` suffix."""
+    cdir = configs_dir()
+    if not cdir.is_dir():
+        return []
+    return sorted(
+        p.relative_to(cdir).with_suffix("").as_posix()
+        for p in cdir.rglob("*")
+        if p.is_file() and p.suffix in _CONFIG_SUFFIXES
+    )
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.endswith(".py") or "/" in spec or os.sep in spec
+
+
+def resolve_recipe(spec: str) -> Path:
+    """A recipe name (always medcap's own, never torchtune's) or a ``.py`` path -> absolute path."""
+    if _looks_like_path(spec):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise CLIError(
+                f"recipe file not found: {spec!r} (looked at {str(path.absolute())!r}); "
+                f"medcap's recipe names are {recipe_names()}"
+            )
+        return path.resolve()
+    names = recipe_names()
+    if spec in names:
+        return recipes_dir() / f"{spec}.py"
+    raise CLIError(
+        f"unknown recipe {spec!r}: medcap's recipes are {names} (in {str(recipes_dir())!r}); "
+        "or give the path of a .py file"
+    )
+
+
+def resolve_config(spec: str) -> Path:
+    """A config file path (relative to the working directory, or absolute) or a config
+    name under ``recipes/configs`` (with or without ``.yaml``) -> absolute path."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path.resolve()
+    cdir = configs_dir()
+    name = spec
+    for suffix in _CONFIG_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    for suffix in _CONFIG_SUFFIXES:
+        cand = cdir / f"{name}{suffix}"
+        if cand.is_file() and not Path(spec).is_absolute():
+            return cand.resolve()
+    raise CLIError(
+        f"config {spec!r} is neither a file (looked at {str(path.absolute())!r}) nor one of "
+        f"medcap's configs: {config_names()}"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# medcap run
+
+
+def _split_torchrun(argv: List[str]) -> Tuple[List[str], str, List[str]]:
+    """``[torchrun opts] RECIPE rest...`` -> (opts, RECIPE, rest), using torchrun's own parser
+    so that every option it knows (and whether it takes a value) is understood."""
+    if not argv[0].startswith("-"):
+        return [], argv[0], argv[1:]
+    from torch.distributed.run import get_args_parser
+
+    parser = get_args_parser()
+    parser.prog = "medcap run [torchrun options]"
+    ns = parser.parse_args(argv)
+    for dest, flag in _REFUSED_TORCHRUN.items():
+        if getattr(ns, dest, False):
+            raise CLIError(f"medcap run hands torchrun the recipe's path itself; leave out {flag}")
+    # training_script_args is everything after the recipe, so the recipe's index is fixed.
+    k = len(argv) - len(ns.training_script_args) - 1
+    if argv[k] != ns.training_script:
+        raise CLIError(f"could not find the recipe among the torchrun options {argv!r}")
+    return argv[:k], argv[k], argv[k + 1:]
+
+
+def build_run_command(argv: Sequence[str]) -> List[str]:
+    """The command ``medcap run ARGV`` executes (without running it)."""
+    argv = list(argv)
+    if not argv:
+        raise CLIError("medcap run needs a RECIPE and --config CONFIG (see `medcap ls`)")
+    opts, recipe_spec, rest = _split_torchrun(argv)
+    recipe = resolve_recipe(recipe_spec)
+
+    config: Optional[str] = None
+    overrides: List[str] = []
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg == "--config":
+            if i + 1 >= len(rest):
+                raise CLIError("--config needs a value")
+            config = rest[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            config = arg[len("--config="):]
+        else:
+            overrides.append(arg)
+        i += 1
+    if config is None:
+        raise CLIError(f"--config CONFIG is required after the recipe; medcap's configs are {config_names()}")
+    cmd = [str(recipe), "--config", str(resolve_config(config)), *overrides]
+    if opts:
+        return [sys.executable, "-m", "torch.distributed.run", *opts, *cmd]
+    return [sys.executable, *cmd]
+
+
+def _run(argv: List[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_USAGE)
+        return 0
+    dry_run = argv[0] == "--dry-run"
+    cmd = build_run_command(argv[1:] if dry_run else argv)
+    print(f"medcap run: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    if dry_run:
+        return 0
+    proc = subprocess.Popen(cmd)
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        # The child got the same Ctrl-C; give it the chance to stop cleanly.
+        rc = proc.wait()
+    # A child killed by a signal reports -N; shells report 128 + N.
+    return 128 - rc if rc < 0 else rc
+
+
+# ---------------------------------------------------------------------------------------
+# medcap ls / cp
+
+
+def _config_recipe(config_path: Path, names: Sequence[str]) -> Optional[str]:
+    """The recipe a config names first in its comments (configs say how to run them)."""
+    best: Optional[Tuple[int, str]] = None
+    comments = "\n".join(
+        line for line in config_path.read_text(errors="replace").splitlines() if line.lstrip().startswith("#")
+    )
+    for name in names:
+        m = re.search(rf"(?<![\w/.-]){re.escape(name)}(?![\w-])", comments) or re.search(
+            rf"recipes/{re.escape(name)}\.py", comments
+        )
+        if m and (best is None or m.start() < best[0]):
+            best = (m.start(), name)
+    return best[1] if best else None
+
+
+def recipe_table() -> Dict[str, List[str]]:
+    """``{recipe name: [config names]}``; configs naming no recipe go under ``""``."""
+    names = recipe_names()
+    table: Dict[str, List[str]] = {n: [] for n in names}
+    cdir = configs_dir()
+    for cfg in config_names():
+        path = next(cdir / f"{cfg}{s}" for s in _CONFIG_SUFFIXES if (cdir / f"{cfg}{s}").is_file())
+        table.setdefault(_config_recipe(path, names) or "", []).append(cfg)
+    return table
+
+
+def _ls(argv: List[str]) -> int:
+    argparse.ArgumentParser(prog="medcap ls", description="List medcap's recipes and configs.").parse_args(argv)
+    table = recipe_table()
+    rows: List[Tuple[str, str]] = []
+    for recipe in sorted(table, key=lambda r: (r == "", r)):
+        cfgs = table[recipe] or [""]
+        label = recipe or "(other configs)"
+        rows.extend((label if i == 0 else "", c) for i, c in enumerate(cfgs))
+    width = max([len("RECIPE")] + [len(r) for r, _ in rows]) + 3
+    print(f"{'RECIPE':<{width}}CONFIG")
+    for r, c in rows:
+        print(f"{r:<{width}}{c}".rstrip())
+    print(f"\nrecipes: {recipes_dir()}")
+    return 0
+
+
+def _cp(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="medcap cp", description="Copy a medcap config (or recipe) out, to edit it and run it by path."
+    )
+    parser.add_argument("name", help="config name (see `medcap ls`), config path, or recipe name")
+    parser.add_argument("dest", help="file or existing folder to copy to")
+    parser.add_argument("-f", "--force", action="store_true", help="overwrite DEST if it exists")
+    args = parser.parse_args(argv)
+
+    src = recipes_dir() / f"{args.name}.py" if args.name in recipe_names() else resolve_config(args.name)
+    dest = Path(args.dest).expanduser()
+    if dest.is_dir() or args.dest.endswith(("/", os.sep)):
+        dest = dest / src.name
+    elif not dest.suffix:
+        dest = dest.with_suffix(src.suffix)
+    if dest.exists() and not args.force:
+        raise CLIError(f"{str(dest)!r} already exists; add --force to overwrite it")
+    if dest.resolve() == src.resolve():
+        raise CLIError(f"{str(dest)!r} is the source itself")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    print(f"copied {src} -> {dest}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# commands implemented elsewhere
+
+
+def _dispatch(command: str, module: str, func: str, argv: List[str]) -> int:
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        print(
+            f"medcap {command}: not available in this install ({module}.{func} could not be "
+            f"loaded: {type(e).__name__}: {e})",
+            file=sys.stderr,
+        )
+        return 1
+    rc = fn(argv)
+    return int(rc or 0)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``medcap`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_USAGE)
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from importlib.metadata import version
+
+        print(f"medcap {version('medcap')}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    handlers = {
+        "run": _run,
+        "ls": _ls,
+        "cp": _cp,
+        "validate-data": lambda a: _dispatch("validate-data", "medcap.data", "validate_main", a),
+        "demo": lambda a: _dispatch("demo", "medcap.demo", "main", a),
+    }
+    if command not in handlers:
+        print(f"medcap: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)
+        return 2
+    try:
+        return handlers[command](rest)
+    except CLIError as e:
+        print(f"medcap {command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
