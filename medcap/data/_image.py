@@ -1,0 +1,272 @@
+"""Images as they come in practice, turned into what BiomedCLIP expects.
+
+``load_image`` accepts anything Pillow reads plus DICOM and always returns an
+8-bit RGB ``PIL.Image``; every failure becomes a :class:`BadSample` whose
+reason says what is wrong with which file. Choices made here (documented once,
+relied on by tests):
+
+* transparency (RGBA, LA, P with a transparent colour) is composited on
+  **black**, the background of radiology images and of the reference's
+  padding, and what dropping alpha gives for the usual (0,0,0,0) pixels;
+* 16-bit / 32-bit grayscale (``I;16``, ``I``, ``F``) is stretched min-max to
+  0..255, so that 12-bit data in a 16-bit container is not rendered black;
+* DICOM goes through its modality LUT (rescale slope/intercept), then its own
+  window centre/width when present, else a 0.5-99.5 percentile window;
+  MONOCHROME1 is inverted; the first frame of a multi-frame file is used;
+* EXIF orientation is applied;
+* an image with more than ``max_pixels`` pixels is refused before decoding
+  (decompression-bomb guard).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Tuple, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from medcap.data._skip import BadSample
+
+# Pillow's own hard limit (2 x Image.MAX_IMAGE_PIXELS at its default): images it
+# would merely warn about are accepted, the ones it refuses are refused here too.
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+DICOM_SUFFIXES = (".dcm", ".dicom")
+BACKGROUND = (0, 0, 0)
+
+PathLike = Union[str, os.PathLike]
+
+
+def _is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    # DICOM Part 10 files carry 'DICM' after a 128-byte preamble, whatever their name.
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _bomb_message(path: Path, w: int, h: int, max_pixels: int) -> str:
+    return (
+        f"image too large: {path} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
+        "(decompression-bomb guard; raise max_image_pixels if the file is trusted)"
+    )
+
+
+def _stretch_to_uint8(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    arr = arr.astype(np.float64)
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
+        # A constant image carries no contrast to keep: render it mid-grey-free black.
+        return np.zeros(arr.shape, dtype=np.uint8)
+    out = (np.clip(arr, lo, hi) - lo) * (255.0 / (hi - lo))
+    return np.rint(out).astype(np.uint8)
+
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    """I;16 / I / F grayscale -> 8-bit L by a min-max stretch over the finite values."""
+    arr = np.asarray(img)
+    finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+    if finite.size == 0:
+        return Image.fromarray(np.zeros(arr.shape, np.uint8), "L")
+    return Image.fromarray(_stretch_to_uint8(np.nan_to_num(arr), float(finite.min()), float(finite.max())), "L")
+
+
+def _composite(img: Image.Image, background: Tuple[int, int, int]) -> Image.Image:
+    rgba = img.convert("RGBA")
+    canvas = Image.new("RGBA", rgba.size, background + (255,))
+    return Image.alpha_composite(canvas, rgba).convert("RGB")
+
+
+def to_rgb(img: Image.Image, background: Tuple[int, int, int] = BACKGROUND) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB, with the conventions in the module docstring."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return _high_depth_to_l(img).convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        return _composite(img, background)
+    if mode == "1":
+        return img.convert("L").convert("RGB")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise BadSample(f"unsupported image mode: {mode} cannot be converted to RGB ({e})") from e
+
+
+def _window(arr: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM linear VOI window (PS3.3 C.11.2.1.2.1) to 0..255."""
+    width = max(float(width), 1.0)
+    lo = center - 0.5 - (width - 1) / 2
+    hi = center - 0.5 + (width - 1) / 2
+    out = ((arr.astype(np.float64) - (center - 0.5)) / max(width - 1, 1e-6) + 0.5) * 255.0
+    out = np.where(arr <= lo, 0.0, np.where(arr > hi, 255.0, out))
+    return np.rint(np.clip(out, 0, 255)).astype(np.uint8)
+
+
+def _first(value) -> Optional[float]:
+    if value is None:
+        return None
+    try:
+        if isinstance(value, (list, tuple)) or hasattr(value, "__getitem__") and not isinstance(value, (str, bytes)):
+            value = value[0]
+        return float(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def load_dicom(path: PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """A DICOM file -> 8-bit RGB ``PIL.Image`` (modality LUT, window, MONOCHROME1 inverted)."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(str(path))
+    except Exception as e:  # pydicom raises several types for unreadable files
+        raise BadSample(f"corrupt image: {path} is not a readable DICOM file ({type(e).__name__}: {e})") from e
+    rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+    if rows * cols > max_pixels:
+        raise BadSample(_bomb_message(path, cols, rows, max_pixels))
+    if "PixelData" not in ds:
+        raise BadSample(f"corrupt image: DICOM file {path} has no pixel data")
+    try:
+        arr = ds.pixel_array
+    except Exception as e:
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        raise BadSample(
+            f"corrupt image: cannot decode the pixel data of DICOM file {path} (transfer syntax {ts}; "
+            f"compressed syntaxes may need pylibjpeg or gdcm): {type(e).__name__}: {e}"
+        ) from e
+    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        arr = arr[0]  # first frame of a multi-frame file: [frames, r, c(, 3)] -> [r, c(, 3)]
+    if samples == 3:
+        if arr.dtype != np.uint8:
+            arr = _stretch_to_uint8(arr, float(arr.min()), float(arr.max()))
+        return Image.fromarray(np.ascontiguousarray(arr), "RGB")
+    if arr.ndim != 2:
+        raise BadSample(f"unsupported image mode: DICOM file {path} has pixel array shape {arr.shape}")
+    values = apply_modality_lut(arr, ds).astype(np.float64)
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    if center is not None and width is not None and width > 0:
+        out = _window(values, center, width)
+    else:
+        lo, hi = np.percentile(values, [0.5, 99.5])
+        if hi <= lo:
+            lo, hi = float(values.min()), float(values.max())
+        out = _stretch_to_uint8(values, float(lo), float(hi))
+    if str(getattr(ds, "PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        out = 255 - out  # MONOCHROME1: the lowest value is displayed white
+    return Image.fromarray(out, "L").convert("RGB")
+
+
+def load_image(
+    path: PathLike,
+    *,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    background: Tuple[int, int, int] = BACKGROUND,
+) -> Image.Image:
+    """Open an image file (any Pillow format, or DICOM) as an 8-bit RGB ``PIL.Image``.
+
+    Raises :class:`BadSample` with a reason for a missing, empty, unreadable,
+    truncated or too large file. See the module docstring for the conversions.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadSample(f"image not found: {path}" + (" (a directory)" if path.is_dir() else ""))
+    if path.stat().st_size == 0:
+        raise BadSample(f"corrupt image: {path} is empty (0 bytes)")
+    if _is_dicom(path):
+        return load_dicom(path, max_pixels=max_pixels)
+    if max_pixels > Image.MAX_IMAGE_PIXELS * 2:
+        # Pillow refuses above 2 x its limit inside open(); let a larger, explicit limit win.
+        Image.MAX_IMAGE_PIXELS = max_pixels // 2 + 1
+    try:
+        with warnings.catch_warnings():
+            # Our own limit below decides; Pillow's warning above its soft limit is noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        w, h = img.size
+        if w * h > max_pixels:
+            img.close()
+            raise BadSample(_bomb_message(path, w, h, max_pixels))
+        if w == 0 or h == 0:
+            raise BadSample(f"corrupt image: {path} has size {w}x{h}")
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img, background)
+    except BadSample:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadSample(f"image too large: {path}: {e}") from e
+    except UnidentifiedImageError as e:
+        raise BadSample(f"corrupt image: {path} is not an image Pillow can identify") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        # Truncated JPEGs/PNGs surface here ("image file is truncated", "broken data stream").
+        raise BadSample(f"corrupt image: {path}: {type(e).__name__}: {e}") from e
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """BiomedCLIP's eval geometry: shorter side to ``size`` (bicubic), centre crop ``size`` x ``size``.
+
+    An image already ``size`` x ``size`` is returned untouched (the reference's shortcut).
+    """
+    from torchvision.transforms import functional as F
+    from torchvision.transforms import InterpolationMode
+
+    if img.size == (size, size):
+        return img
+    img = F.resize(img, size, interpolation=InterpolationMode.BICUBIC)
+    return F.center_crop(img, [size, size])
+
+
+def pad_to_square(img: Image.Image, fill: Tuple[int, int, int] = BACKGROUND) -> Image.Image:
+    """Centre ``img`` on a square canvas of its longer side."""
+    w, h = img.size
+    side = max(w, h)
+    if w == h:
+        return img
+    canvas = Image.new(img.mode, (side, side), fill if img.mode == "RGB" else 0)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+class ImageTransform:
+    """PIL RGB image -> normalised ``FloatTensor[3, S, S]`` (BiomedCLIP's eval transform).
+
+    A class rather than a closure so that datasets holding it pickle into
+    spawn-started DataLoader workers.
+    """
+
+    def __init__(self, image_size: int = 224, mean=None, std=None):
+        from medcap.models import BIOMEDCLIP_MEAN, BIOMEDCLIP_STD
+
+        self.image_size = int(image_size)
+        self.mean = tuple(mean or BIOMEDCLIP_MEAN)
+        self.std = tuple(std or BIOMEDCLIP_STD)
+
+    def __call__(self, img: Image.Image):
+        from torchvision.transforms import functional as F
+
+        if img.mode != "RGB":
+            img = to_rgb(img)
+        img = resize_center_crop(img, self.image_size)
+        t = F.to_tensor(img)  # [3, S, S] in 0..1
+        return F.normalize(t, self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return f"ImageTransform(image_size={self.image_size})"
+
+
+def image_transform(image_size: int = 224) -> Callable[[Image.Image], "object"]:
+    """BiomedCLIP's evaluation transform: resize the shorter side to ``image_size``
+    (bicubic), centre crop, to tensor, normalise with BiomedCLIP's mean/std.
+    An image already ``image_size`` x ``image_size`` skips resize and crop."""
+    return ImageTransform(image_size)

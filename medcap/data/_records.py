@@ -1,0 +1,288 @@
+"""Reading sharegpt records: the index (cheap, at construction) and each record (lazy).
+
+The index keeps every record as its raw JSON bytes in one buffer with an offset
+table. Two reasons: construction does no per-record work beyond splitting the
+file (a JSON Lines file is not even parsed until a record is asked for, so one
+broken line is one bad sample, not a dead run), and DataLoader workers forked
+from the training process share the buffer instead of slowly copying a list of
+half a million dicts page by page as reference counts are touched.
+
+Record format (the reference's, section 2 of reference-behavior.md)::
+
+    {"conversations": [{"from": "human", "value": "①①…①\\n\\noptional instruction"},
+                       {"from": "gpt", "value": "answer"}],
+     "image": "relative/path.jpg", "meta": "dir=/folder;k=v"}
+
+Decisions on the loose ends (each documented in ``parse_record``):
+
+* roles ``human``/``user`` -> user, ``gpt``/``assistant`` -> assistant, ``system`` -> system;
+* the image marker is a run of ``①`` (any length, whitespace between allowed:
+  one image), ``<image>`` or ``<|image|>``, recognised in user turns only;
+  at most one per sample (the model takes one image per sample);
+* ``meta`` present but empty, or no ``image``: a text-only sample; a marker in
+  a text-only sample is a bad sample ("marker without image");
+* an image without a marker gets its placeholders prepended to the first user
+  turn, separated from its text by a blank line (the reference's layout);
+* no user turn, no non-empty assistant turn, unknown roles or wrong types: bad.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from medcap.data._skip import BadSample
+
+PLACEHOLDER_CHAR = "\u2460"  # '①', the reference's image placeholder character
+IMAGE_MARKER = "<image>"  # the canonical marker a parsed user turn carries
+# One image marker: a run of ① (spaces/newlines between them allowed), <image> or <|image|>.
+MARKER_RE = re.compile(rf"{PLACEHOLDER_CHAR}(?:\s*{PLACEHOLDER_CHAR})*|<image>|<\|image\|>")
+ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
+
+
+@dataclass
+class Turn:
+    """One message. A user turn of a sample with an image holds exactly one ``<image>``."""
+
+    role: str
+    text: str
+
+
+@dataclass
+class ParsedRecord:
+    turns: List[Turn]
+    image_path: Optional[Path]  # None: text-only
+    image_candidates: Tuple[Path, ...] = ()  # every location tried, for the error message
+
+
+# --------------------------------------------------------------------------- index
+
+
+class RecordIndex:
+    """Raw JSON bytes of every record, in order; ``index[i]`` parses record ``i``."""
+
+    def __init__(self, blobs: Sequence[bytes], origins: Sequence[str], files: Sequence[Path]):
+        lengths = np.fromiter((len(b) for b in blobs), dtype=np.int64, count=len(blobs))
+        self._offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self._offsets[1:])
+        self._buf = np.frombuffer(b"".join(blobs), dtype=np.uint8) if blobs else np.zeros(0, np.uint8)
+        # origins: "file.jsonl:LINE" or "file.json[#ITEM]" per record, compressed to
+        # (file number, position) so that 500k records cost two small arrays.
+        self.files = list(files)
+        self._origin_file = np.asarray([o[0] for o in origins], dtype=np.int32)
+        self._origin_pos = np.asarray([o[1] for o in origins], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def raw(self, i: int) -> bytes:
+        return self._buf[self._offsets[i] : self._offsets[i + 1]].tobytes()
+
+    def origin(self, i: int) -> str:
+        f = self.files[int(self._origin_file[i])]
+        pos = int(self._origin_pos[i])
+        return f"{f.name} line {pos}" if f.suffix.lower() in (".jsonl", ".ndjson") else f"{f.name} item {pos}"
+
+    def file_of(self, i: int) -> Path:
+        return self.files[int(self._origin_file[i])]
+
+    def __getitem__(self, i: int) -> Any:
+        try:
+            return json.loads(self.raw(i))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadSample(f"malformed record: invalid JSON at {self.origin(i)}: {e}") from e
+
+
+def _source_files(source: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]) -> List[Path]:
+    paths = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    files: List[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in JSON_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"dataset folder {str(p)!r} holds no .json/.jsonl files")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"dataset file not found: {str(p)!r}")
+    return files
+
+
+def _is_json_lines(path: Path, data: bytes) -> bool:
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        return True
+    if path.suffix.lower() == ".json":
+        return False
+    return not data.lstrip().startswith(b"[")
+
+
+def read_index(source) -> RecordIndex:
+    """Build the index of one file, several files, or a folder of .json/.jsonl files.
+
+    A ``.json`` file holds one JSON list; ``.jsonl``/``.ndjson`` (or another
+    name whose content does not start with ``[``) one record per line.
+    """
+    files = _source_files(source)
+    blobs: List[bytes] = []
+    origins: List[Tuple[int, int]] = []
+    for fi, path in enumerate(files):
+        data = path.read_bytes()
+        if data.startswith(b"\xef\xbb\xbf"):
+            data = data[3:]  # UTF-8 BOM, as written by some spreadsheet tools
+        if _is_json_lines(path, data):
+            for ln, line in enumerate(data.split(b"\n"), start=1):
+                if line.strip():
+                    blobs.append(line)
+                    origins.append((fi, ln))
+            continue
+        try:
+            items = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(
+                f"cannot read dataset file {str(path)!r}: not valid JSON ({e}). A .json file must hold one "
+                "JSON list of records; use .jsonl for one record per line (a bad line is then one bad sample)."
+            ) from e
+        if isinstance(items, dict) and isinstance(items.get("data"), list):
+            items = items["data"]
+        if not isinstance(items, list):
+            raise ValueError(f"dataset file {str(path)!r} must hold a JSON list of records, got {type(items).__name__}")
+        # Re-serialising is the only per-record work at construction, and it is what
+        # lets forked workers share one buffer (see the module docstring).
+        dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+        for k, item in enumerate(items):
+            blobs.append(dumps(item).encode("utf-8"))
+            origins.append((fi, k))
+    return RecordIndex(blobs, origins, files)
+
+
+# --------------------------------------------------------------------------- records
+
+
+def parse_meta(meta: str) -> Dict[str, str]:
+    """``"dir=/a;k=v"`` -> ``{"dir": "/a", "k": "v"}`` (values may contain '=')."""
+    out: Dict[str, str] = {}
+    for part in meta.split(";"):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise BadSample(f"malformed record: meta entry {part!r} is not key=value")
+        k, v = part.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def count_markers(text: str) -> int:
+    return len(MARKER_RE.findall(text))
+
+
+def _image_candidates(
+    image: str, meta_dir: Optional[str], image_dir: Optional[Path], json_dir: Optional[Path]
+) -> List[Path]:
+    rel = Path(image)
+    if rel.is_absolute():
+        return [rel]
+    if meta_dir:
+        base = Path(meta_dir)
+        if base.is_absolute():
+            return [base / rel]
+        # A relative dir= means the reference's working directory; image_dir and the
+        # JSON file's folder are tried next so that a moved dataset still resolves.
+        out = [base / rel]
+        out += [d / base / rel for d in (image_dir, json_dir) if d is not None]
+        return out
+    return [d / rel for d in (image_dir, json_dir) if d is not None] or [rel]
+
+
+def parse_record(
+    record: Any,
+    *,
+    conversation_column: str = "conversations",
+    image_column: str = "image",
+    image_dir: Optional[Union[str, Path]] = None,
+    json_dir: Optional[Union[str, Path]] = None,
+    new_system_prompt: Optional[str] = None,
+) -> ParsedRecord:
+    """Check one record and turn it into turns + an image path. Raises BadSample.
+
+    The image path is resolved but not checked for existence (that happens when
+    the image is loaded). See the module docstring for the rules.
+    """
+    if not isinstance(record, Mapping):
+        raise BadSample(f"malformed record: expected a JSON object, got {type(record).__name__}")
+    conv = record.get(conversation_column)
+    if conv is None:
+        raise BadSample(f"malformed record: no {conversation_column!r} key (keys: {sorted(record)[:8]})")
+    if not isinstance(conv, list) or not conv:
+        raise BadSample(f"malformed record: {conversation_column!r} must be a non-empty list")
+
+    # Which sample has an image: meta="" means none (the reference's rule); no image key, none.
+    image = record.get(image_column)
+    meta = record.get("meta")
+    if meta is not None and not isinstance(meta, str):
+        raise BadSample(f"malformed record: 'meta' must be a string, got {type(meta).__name__}")
+    if isinstance(image, list):
+        if len(image) > 1:
+            raise BadSample(f"malformed record: {len(image)} images, but a sample takes one image")
+        image = image[0] if image else None
+    if image is not None and not isinstance(image, str):
+        raise BadSample(f"malformed record: {image_column!r} must be a string path, got {type(image).__name__}")
+    has_image = bool(image) and not (meta is not None and meta.strip() == "")
+    meta_dict = parse_meta(meta) if (has_image and meta) else {}
+
+    turns: List[Turn] = []
+    if new_system_prompt is not None:
+        turns.append(Turn("system", new_system_prompt))
+    n_markers = 0
+    for k, msg in enumerate(conv):
+        if not isinstance(msg, Mapping) or "from" not in msg or "value" not in msg:
+            raise BadSample(f"malformed record: message {k} needs 'from' and 'value'")
+        role = ROLE_MAP.get(msg["from"]) if isinstance(msg["from"], str) else None
+        if role is None:
+            raise BadSample(f"malformed record: message {k} has unknown role {msg['from']!r} (human, gpt or system)")
+        text = msg["value"]
+        if not isinstance(text, str):
+            raise BadSample(f"malformed record: message {k} value must be a string, got {type(text).__name__}")
+        if role == "system" and new_system_prompt is not None:
+            continue  # new_system_prompt replaces the record's own, as in torchtune
+        if role == "user":
+            found = count_markers(text)
+            if found:
+                n_markers += found
+                text = MARKER_RE.sub(IMAGE_MARKER, text)
+        turns.append(Turn(role, text))
+
+    if not any(t.role == "user" for t in turns):
+        raise BadSample("malformed record: no user (human) turn")
+    if not any(t.role == "assistant" and t.text.strip() for t in turns):
+        raise BadSample("malformed record: no assistant (gpt) turn with text to learn from")
+    if n_markers > 1:
+        raise BadSample(f"malformed record: {n_markers} image markers, but a sample takes one image")
+    if n_markers == 1 and not has_image:
+        why = "its meta is empty" if image else "it names no image"
+        raise BadSample(f"marker without image: the user turn holds an image marker but {why}")
+    if has_image and n_markers == 0:
+        first_user = next(t for t in turns if t.role == "user")
+        body = first_user.text.strip()
+        first_user.text = IMAGE_MARKER + ("\n\n" + body if body else "")
+
+    image_path = None
+    candidates: Tuple[Path, ...] = ()
+    if has_image:
+        cands = _image_candidates(
+            image,
+            meta_dict.get("dir"),
+            Path(image_dir) if image_dir else None,
+            Path(json_dir) if json_dir else None,
+        )
+        candidates = tuple(cands)
+        image_path = next((c for c in cands if c.exists()), cands[0])
+    return ParsedRecord(turns, image_path, candidates)
