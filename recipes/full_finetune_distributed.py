@@ -18,6 +18,7 @@ as the single-device recipe, in ``medcap.training``.
 """
 
 import logging
+import os
 import sys
 
 import torch
@@ -57,7 +58,9 @@ class FullFinetuneRecipeDistributed(FinetuneRecipeBase):
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # torchrun ranks other than 0 report only problems
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     recipe = FullFinetuneRecipeDistributed(cfg=cfg)
     recipe.setup(cfg=cfg)
     recipe.train()

@@ -22,6 +22,7 @@ What it does, step by step (the shared logic lives in ``medcap.training``):
 """
 
 import logging
+import os
 import sys
 
 from omegaconf import DictConfig
@@ -42,7 +43,9 @@ class FullFinetuneRecipeSingleDevice(FinetuneRecipeBase):
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # torchrun ranks other than 0 report only problems
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     recipe = FullFinetuneRecipeSingleDevice(cfg=cfg)
     recipe.setup(cfg=cfg)
     recipe.train()

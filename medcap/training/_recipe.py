@@ -72,6 +72,7 @@ class FinetuneRecipeBase:
             dtype=self._dtype,
             vision_checkpoint=vision_checkpoint,
             enable_activation_checkpointing=cfg.get("enable_activation_checkpointing", False),
+            vision_weights_follow=resuming,
         )
 
     def _setup_loss(self, cfg_loss: Optional[DictConfig]):

@@ -36,12 +36,22 @@ def setup_model(
     dtype: torch.dtype,
     vision_checkpoint: Optional[str] = None,
     enable_activation_checkpointing: bool = False,
+    vision_weights_follow: bool = False,
 ) -> MedcapModel:
     """Build the fused model in ``dtype`` on ``device``, load the LLM from the HF
     checkpoint folder (and the vision side from ``vision_checkpoint`` when given),
-    freeze everything but the vision tower and projector, and check that."""
+    freeze everything but the vision tower and projector, and check that.
+
+    ``vision_weights_follow``: the vision weights will be loaded later (resume),
+    so BiomedCLIP's pretrained weights (``model.vision_pretrained``) are not read.
+    """
+    overrides: Dict[str, Any] = {}
+    if (vision_checkpoint or vision_weights_follow) and cfg_model.get("vision_pretrained"):
+        # They would be overwritten at once; skipping them also avoids a download.
+        log.info("model.vision_pretrained not read: the vision weights come from a checkpoint")
+        overrides["vision_pretrained"] = None
     with tt_training.set_default_dtype(dtype), device:
-        model = tt_config.instantiate(cfg_model)
+        model = tt_config.instantiate(cfg_model, **overrides)
     if not isinstance(model, MedcapModel):
         raise TypeError(
             f"model._component_={cfg_model.get('_component_')!r} built a {type(model).__name__}; "
