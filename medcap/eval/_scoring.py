@@ -1,0 +1,255 @@
+"""Scoring OmniMedVQA answers: the reference's letter mapping, or the model's own
+option log-likelihoods; macro accuracy over modalities, saved and drawn.
+
+Letter mapping (``eval_vqa`` of the reference): for each row the question is
+read back from the ``instruction``, and a text-only chat (no image, at most 20
+new tokens) is asked which option our free answer means. The prediction is the
+reply's first character, upper-cased; correct if that option's text equals
+``gt_answer`` (the ``output`` column). A reply whose first character names no
+option (or an empty reply) is wrong, and its ``predict`` is empty. (The
+reference left the previous row's prediction there, and crashed when the first
+reply was unreadable.)
+
+Log-likelihood (``vqa_scoring=loglik``): the answer prompt of each row is
+rebuilt from its ``instruction`` (with the image), and each option is scored as
+the assistant's whole answer (its tokens, then ``<|eot_id|>``); the best
+option is the prediction. No second generation; ``predict_generated`` holds
+the scores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from tqdm import tqdm
+
+from medcap.data import BadSample
+from medcap.eval._datasets import OPTION_LETTERS
+from medcap.eval._journal import CsvJournal, write_csv_atomic
+from medcap.generation import prompt_tokens_from_text, question_from_instruction
+
+log = logging.getLogger(__name__)
+
+SCORE_COLUMNS = ("predict_generated", "predict", "correct")
+LETTER_MAX_NEW_TOKENS = 20
+LETTER_INSTRUCTION = (
+    "Based on the question and our answer, respond with only the letter of the correct option from the given choices."
+)
+SCORING_METHODS = ("letter", "loglik")
+
+
+def row_options(row: Dict[str, str]) -> Dict[str, str]:
+    """The options a row offers (A and B always; C and D when present)."""
+    out = OrderedDict()
+    for L in OPTION_LETTERS:
+        v = row.get(f"option_{L}", "")
+        if L in ("A", "B") or v != "":
+            out[L] = v
+    return out
+
+
+def letter_prompt(question: str, generated: str, options: Dict[str, str]) -> str:
+    """The reference's mapping question, character for character."""
+    text = f"Question: {question}\nOur answer: {generated}\nA. {options.get('A', '')}\nB. {options.get('B', '')}\n"
+    for L in ("C", "D"):
+        if options.get(L, "") != "":
+            text += f"{L}. {options[L]}\n"
+    return text + "\n" + LETTER_INSTRUCTION
+
+
+def read_letter(reply: str, options: Dict[str, str]) -> Tuple[str, str]:
+    """``(letter, option text)`` named by the reply's first character; ``("", "")`` when
+    it names no option (unreadable)."""
+    reply = (reply or "").strip()
+    if not reply:
+        return "", ""
+    letter = reply[0].upper()
+    if letter in options and options[letter] != "":
+        return letter, options[letter]
+    return "", ""
+
+
+def accuracy_by_modality(rows: Sequence[Dict[str, str]], group: str = "modality_type") -> Tuple[float, Dict[str, Dict[str, float]]]:
+    """Macro accuracy (mean of per-modality accuracies) and the per-modality table."""
+    groups: Dict[str, List[int]] = OrderedDict()
+    for r in rows:
+        groups.setdefault(r.get(group, "") or "all", []).append(int(r["correct"]))
+    per = {
+        g: {"n": len(v), "correct": int(sum(v)), "accuracy": sum(v) / len(v)}
+        for g, v in sorted(groups.items())
+    }
+    macro = sum(p["accuracy"] for p in per.values()) / len(per) if per else float("nan")
+    return macro, per
+
+
+def _key(i: int, row: Dict[str, str]) -> str:
+    return f"score:{i}:{row.get('question_id', '')}"
+
+
+def score_letter(engine, rows: Sequence[Dict[str, str]], journal: CsvJournal, *, progress: bool = True) -> None:
+    done = len(journal)
+    bar = tqdm(total=len(rows), initial=done, desc="scoring (letter)", disable=not progress, unit="q")
+    for lo in range(done, len(rows), engine.batch_size):
+        batch = rows[lo : lo + engine.batch_size]
+        prompts, opts = [], []
+        for r in batch:
+            options = row_options(r)
+            opts.append(options)
+            question = question_from_instruction(r["instruction"])
+            prompts.append(engine.prompt(letter_prompt(question, r["generated"], options), has_image=False))
+        replies = engine.generate_texts(
+            prompts, [None] * len(batch), LETTER_MAX_NEW_TOKENS, [_key(lo + k, r) for k, r in enumerate(batch)]
+        )
+        out = []
+        for r, options, reply in zip(batch, opts, replies):
+            _, predict = read_letter(reply, options)
+            correct = int(predict != "" and predict == r["output"])
+            out.append({**r, "predict_generated": reply, "predict": predict, "correct": correct})
+        journal.append(out)
+        bar.update(len(batch))
+    bar.close()
+
+
+def score_loglik(
+    engine,
+    rows: Sequence[Dict[str, str]],
+    journal: CsvJournal,
+    image_loader: Callable[[str], torch.Tensor],
+    *,
+    progress: bool = True,
+    reduction: str = "sum",
+) -> None:
+    done = len(journal)
+    bar = tqdm(total=len(rows), initial=done, desc="scoring (loglik)", disable=not progress, unit="q")
+    for lo in range(done, len(rows), engine.batch_size):
+        batch = rows[lo : lo + engine.batch_size]
+        prompts, images, opts = [], [], []
+        for r in batch:
+            tokens, has_image = prompt_tokens_from_text(engine.tokenizer, r["instruction"], num_image_tokens=engine.num_image_tokens)
+            image = None
+            if has_image:
+                try:
+                    image = image_loader(r["image"])
+                except BadSample as e:
+                    raise BadSample(f"cannot score row {lo}: {e.reason}") from e
+            prompts.append(tokens)
+            images.append(image)
+            opts.append({L: v for L, v in row_options(r).items() if v != ""})
+        scores = engine.score_options(prompts, images, [list(o.values()) for o in opts], reduction=reduction)
+        out = []
+        for r, o, s in zip(batch, opts, scores):
+            letters = list(o)
+            best = max(range(len(s)), key=lambda k: s[k]) if s else None
+            predict = o[letters[best]] if best is not None else ""
+            out.append(
+                {
+                    **r,
+                    "predict_generated": json.dumps({L: round(v, 6) for L, v in zip(letters, s)}),
+                    "predict": predict,
+                    "correct": int(predict != "" and predict == r["output"]),
+                }
+            )
+        journal.append(out)
+        bar.update(len(batch))
+    bar.close()
+
+
+def score_file(
+    engine,
+    raw_path: str | Path,
+    *,
+    method: str = "letter",
+    image_loader: Optional[Callable[[str], torch.Tensor]] = None,
+    progress: bool = True,
+    on_batch: Optional[Callable[[int], None]] = None,
+) -> Dict[str, object]:
+    """Score a raw OmniMedVQA file; writes ``{raw}-{acc:.4f}.csv`` (``{raw}-loglik-{acc:.4f}.csv``
+    for ``loglik``) and the per-modality CSV, JSON and PNG beside it. Resumable
+    through ``{raw}-scored.partial.csv``. Returns a summary dict."""
+    from medcap.eval._journal import read_csv_rows
+
+    if method not in SCORING_METHODS:
+        raise ValueError(f"vqa_scoring must be one of {list(SCORING_METHODS)}, got {method!r}")
+    raw_path = Path(raw_path)
+    rows = read_csv_rows(raw_path)
+    if not rows:
+        log.warning("%s holds no rows: nothing to score", raw_path)
+        return {"accuracy": float("nan"), "per_modality": {}, "rows": 0}
+    columns = list(rows[0].keys()) + list(SCORE_COLUMNS)
+    tag = "" if method == "letter" else "-loglik"
+    partial = raw_path.with_name(f"{raw_path.stem}{tag}-scored.partial.csv")
+    journal = CsvJournal(None, columns, partial=partial)
+    if len(journal) > len(rows) or any(
+        a.get("instruction") != b.get("instruction") for a, b in zip(journal.rows(), rows)
+    ):
+        raise ValueError(f"{partial} does not match {raw_path}; move it away to score again")
+    if method == "letter":
+        score_letter(engine, rows, journal, progress=progress)
+    else:
+        if image_loader is None:
+            raise ValueError("loglik scoring needs an image_loader")
+        score_loglik(engine, rows, journal, image_loader, progress=progress)
+    scored = journal.rows()
+    acc, per = accuracy_by_modality(scored)
+    final = raw_path.with_name(f"{raw_path.stem}{tag}-{acc:.4f}.csv")
+    journal.finish(final)
+    outputs = save_modality_report(final, acc, per, method=method)
+    print_modality_report(acc, per, title=f"{final.name}")
+    return {"accuracy": acc, "per_modality": per, "rows": len(scored), "scored_path": str(final), **outputs}
+
+
+def print_modality_report(acc: float, per: Dict[str, Dict[str, float]], title: str = "") -> None:
+    lines = [f"accuracy per modality{(' (' + title + ')') if title else ''}:"]
+    for g, p in per.items():
+        lines.append(f"  {g:<40s} {p['accuracy']:.4f}  ({p['correct']}/{p['n']})")
+    lines.append(f"  {'macro accuracy':<40s} {acc:.4f}")
+    print("\n".join(lines), flush=True)
+
+
+def save_modality_report(scored_path: Path, acc: float, per: Dict[str, Dict[str, float]], *, method: str) -> Dict[str, str]:
+    """``{scored}-modality.csv`` / ``.json`` / ``.png`` next to the scored file."""
+    # Built by name: with_suffix would take ".4567-modality" for the suffix.
+    stem = scored_path.stem + "-modality"
+    csv_path = write_csv_atomic(
+        scored_path.with_name(stem + ".csv"),
+        ["modality_type", "n", "correct", "accuracy"],
+        [{"modality_type": g, "n": p["n"], "correct": p["correct"], "accuracy": f"{p['accuracy']:.6f}"} for g, p in per.items()],
+    )
+    json_path = scored_path.with_name(stem + ".json")
+    json_path.write_text(
+        json.dumps({"scoring": method, "macro_accuracy": acc, "per_modality": per}, indent=1, ensure_ascii=False), encoding="utf-8"
+    )
+    png_path = scored_path.with_name(stem + ".png")
+    draw_modality_chart(png_path, acc, per, title=scored_path.stem)
+    return {"modality_csv": str(csv_path), "modality_json": str(json_path), "modality_png": str(png_path)}
+
+
+def draw_modality_chart(path: Path, acc: float, per: Dict[str, Dict[str, float]], title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    names = list(per)
+    vals = [per[n]["accuracy"] for n in names]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.5))
+    bars = ax.bar(range(len(names)), vals, color="#4C72B0")
+    for b, n in zip(bars, names):
+        ax.text(b.get_x() + b.get_width() / 2, b.get_height() + 0.01, f"{per[n]['accuracy']:.2f}\nn={per[n]['n']}",
+                ha="center", va="bottom", fontsize=8)
+    ax.axhline(acc, color="#C44E52", linestyle="--", label=f"macro accuracy {acc:.4f}")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,127 @@
+"""A model, its tokenizer and the sampling settings, bundled for the evaluation
+code: prompts in, stripped texts out, batched, one random stream per row."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from medcap.generation._generate import generate, generate_reference
+from medcap.generation._prompt import build_prompt, decode_text
+from medcap.generation._sampling import is_greedy, make_generators, row_seed
+from medcap.generation._score import score_options
+
+
+class GenerationEngine:
+    """Batched text generation over a :class:`~medcap.models.MedcapModel`.
+
+    Each row carries a ``key`` (e.g. its question id); with sampling, row ``key``
+    draws from a generator seeded by ``row_seed(seed, key)``, so its text does not
+    depend on the batch it happens to share. ``use_cache=False`` takes the
+    reference's slow path (batch 1, no KV cache).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        *,
+        batch_size: int = 8,
+        temperature: float = 0.0,
+        top_k: Optional[int] = None,
+        seed: int = 0,
+        use_cache: bool = True,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+        self.temperature = float(temperature or 0.0)
+        self.top_k = None if top_k is None else int(top_k)
+        self.seed = int(seed or 0)
+        self.use_cache = bool(use_cache)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return int(self.model.num_image_tokens)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.decoder.norm.scale.device
+
+    def prompt(self, question_or_messages, *, has_image: bool = True) -> List[int]:
+        return build_prompt(
+            self.tokenizer, question_or_messages, num_image_tokens=self.num_image_tokens, has_image=has_image
+        )
+
+    def generate_tokens(
+        self,
+        prompts: Sequence[Sequence[int]],
+        images: Sequence[Optional[torch.Tensor]],
+        max_new_tokens: Union[int, Sequence[int]],
+        keys: Sequence[str],
+    ) -> List[List[int]]:
+        n = len(prompts)
+        if len(images) != n or len(keys) != n:
+            raise ValueError("prompts, images and keys must have the same length")
+        budgets = [int(max_new_tokens)] * n if isinstance(max_new_tokens, int) else [int(x) for x in max_new_tokens]
+        greedy = is_greedy(self.temperature, self.top_k)
+        seeds = [row_seed(self.seed, k) for k in keys]
+        out: List[List[int]] = []
+        if not self.use_cache:
+            for p, img, m, s in zip(prompts, images, budgets, seeds):
+                gen = None if greedy else make_generators([s], self.device)[0]
+                out.append(
+                    generate_reference(
+                        self.model, self.tokenizer, p, img, max_new_tokens=m,
+                        temperature=self.temperature, top_k=self.top_k, generator=gen,
+                    )
+                )
+            return out
+        for lo in range(0, n, self.batch_size):
+            hi = min(n, lo + self.batch_size)
+            imgs = [im for im in images[lo:hi] if im is not None]
+            batch_images = torch.stack(imgs) if imgs else None  # [n_img, 3, H, W]
+            gens = None if greedy else make_generators(seeds[lo:hi], self.device)
+            out.extend(
+                generate(
+                    self.model, self.tokenizer, prompts[lo:hi], batch_images,
+                    max_new_tokens=budgets[lo:hi], temperature=self.temperature, top_k=self.top_k,
+                    generators=gens,
+                )
+            )
+        return out
+
+    def generate_texts(
+        self,
+        prompts: Sequence[Sequence[int]],
+        images: Sequence[Optional[torch.Tensor]],
+        max_new_tokens: Union[int, Sequence[int]],
+        keys: Sequence[str],
+    ) -> List[str]:
+        """Texts generated for ``prompts`` (each cut at its first special token, stripped)."""
+        return [decode_text(self.tokenizer, t) for t in self.generate_tokens(prompts, images, max_new_tokens, keys)]
+
+    def score_options(
+        self,
+        prompts: Sequence[Sequence[int]],
+        images: Sequence[Optional[torch.Tensor]],
+        options: Sequence[Sequence[str]],
+        *,
+        reduction: str = "sum",
+    ) -> List[List[float]]:
+        """Log-likelihood of each option after its prompt, ``batch_size`` prompts per forward."""
+        out: List[List[float]] = []
+        for lo in range(0, len(prompts), self.batch_size):
+            hi = min(len(prompts), lo + self.batch_size)
+            imgs = [im for im in images[lo:hi] if im is not None]
+            out.extend(
+                score_options(
+                    self.model, self.tokenizer, prompts[lo:hi], torch.stack(imgs) if imgs else None,
+                    options[lo:hi], reduction=reduction,
+                )
+            )
+        return out
