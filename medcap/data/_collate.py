@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
-from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
+
+from medcap.data._tokenize import CROSS_ENTROPY_IGNORE_IDX
 
 
 def collate_image_chat(

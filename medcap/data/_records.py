@@ -125,6 +125,54 @@ def _is_json_lines(path: Path, data: bytes) -> bool:
     return not data.lstrip().startswith(b"[")
 
 
+_WS = re.compile(r"\s*")
+
+
+def _list_spans(text: str) -> List[bytes]:
+    """The raw bytes of every item of a JSON list, by one pass of the stdlib decoder.
+
+    Each item is decoded once (that is what checks the syntax) and thrown away;
+    its source text is kept, so nothing is re-serialised and the record a worker
+    later parses is exactly what the file says.
+    """
+    dec = json.JSONDecoder()
+    i = _WS.match(text, 0).end()
+    if text[i : i + 1] != "[":
+        if text[i : i + 1] == "{":
+            obj = json.loads(text)
+            if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+                return [json.dumps(x, ensure_ascii=False).encode("utf-8") for x in obj["data"]]
+        raise ValueError("the file does not start with '['")
+    out: List[bytes] = []
+    i += 1
+    n = len(text)
+    expect_item = True
+    while True:
+        i = _WS.match(text, i).end()
+        if i >= n:
+            raise ValueError("unexpected end of file inside the list")
+        c = text[i]
+        if c == "]":
+            if out and expect_item:
+                raise ValueError(f"trailing comma before ']' at char {i}")
+            tail = _WS.match(text, i + 1).end()
+            if tail != n:
+                raise ValueError(f"extra data after the list at char {tail}")
+            return out
+        if c == ",":
+            if expect_item:
+                raise ValueError(f"unexpected ',' at char {i}")
+            expect_item = True
+            i += 1
+            continue
+        if not expect_item:
+            raise ValueError(f"expected ',' or ']' at char {i}")
+        _, end = dec.raw_decode(text, i)
+        out.append(text[i:end].encode("utf-8"))
+        i = end
+        expect_item = False
+
+
 def read_index(source) -> RecordIndex:
     """Build the index of one file, several files, or a folder of .json/.jsonl files.
 
@@ -145,22 +193,14 @@ def read_index(source) -> RecordIndex:
                     origins.append((fi, ln))
             continue
         try:
-            items = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            spans = _list_spans(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
             raise ValueError(
-                f"cannot read dataset file {str(path)!r}: not valid JSON ({e}). A .json file must hold one "
+                f"cannot read dataset file {str(path)!r}: not a valid JSON list ({e}). A .json file must hold one "
                 "JSON list of records; use .jsonl for one record per line (a bad line is then one bad sample)."
             ) from e
-        if isinstance(items, dict) and isinstance(items.get("data"), list):
-            items = items["data"]
-        if not isinstance(items, list):
-            raise ValueError(f"dataset file {str(path)!r} must hold a JSON list of records, got {type(items).__name__}")
-        # Re-serialising is the only per-record work at construction, and it is what
-        # lets forked workers share one buffer (see the module docstring).
-        dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-        for k, item in enumerate(items):
-            blobs.append(dumps(item).encode("utf-8"))
-            origins.append((fi, k))
+        blobs.extend(spans)
+        origins.extend((fi, k) for k in range(len(spans)))
     return RecordIndex(blobs, origins, files)
 
 

@@ -26,10 +26,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
-from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, Message
-
 from medcap.data._records import IMAGE_MARKER, Turn
 from medcap.data._skip import BadSample
+
+CROSS_ENTROPY_IGNORE_IDX = -100  # = torchtune.data.CROSS_ENTROPY_IGNORE_IDX; not imported, to keep tools light
+
+
+def _message(role: str, content: str):
+    from torchtune.data import Message
+
+    return Message(role=role, content=content)
 
 
 @dataclass
@@ -59,10 +65,10 @@ def _tokenize_turn(tokenizer, turn: Turn, num_image_tokens: int, add_end: bool) 
     """Tokens of one turn and, when it holds the image, the offset of its placeholders."""
     text = turn.text.strip()
     if IMAGE_MARKER not in text or turn.role != "user":
-        toks = tokenizer.tokenize_message(Message(role=turn.role, content=text), add_end_tokens=add_end)
+        toks = tokenizer.tokenize_message(_message(turn.role, text), add_end_tokens=add_end)
         return toks, None
     pre, post = text.split(IMAGE_MARKER, 1)
-    header = tokenizer.tokenize_message(Message(role=turn.role, content=""), add_end_tokens=False)
+    header = tokenizer.tokenize_message(_message(turn.role, ""), add_end_tokens=False)
     start = len(header) + len(_encode(tokenizer, pre))
     toks = header + _encode(tokenizer, pre) + [tokenizer.image_id] * num_image_tokens + _encode(tokenizer, post)
     if add_end:
@@ -98,7 +104,7 @@ def tokenize_conversation(
         is_answer = turn.role == "assistant"
         if is_answer:
             # The header is not the answer: only body tokens count as "something to learn".
-            header_len = len(tokenizer.tokenize_message(Message(role=turn.role, content=""), add_end_tokens=False))
+            header_len = len(tokenizer.tokenize_message(_message(turn.role, ""), add_end_tokens=False))
             flags = [False] * header_len + [True] * (len(toks) - header_len)
         else:
             flags = [False] * len(toks)
