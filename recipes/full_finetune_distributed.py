@@ -51,6 +51,17 @@ class FullFinetuneRecipeDistributed(FinetuneRecipeBase):
             self._env.broadcast_params(model.vision.parameters())
         return forward
 
+    def train(self):
+        summary = super().train()
+        # The point of this recipe: one vision model, whatever the number of ranks.
+        if not self._env.replicas_identical(self._model.vision.parameters()):
+            raise RuntimeError("the ranks' vision weights differ after training: gradients were not synchronised")
+        if self._env.distributed and self._env.is_main:
+            logging.getLogger("medcap.training").info(
+                "vision weights identical on all %d ranks", self._env.world_size
+            )
+        return summary
+
     def cleanup(self) -> None:
         super().cleanup()
         self._env.shutdown()

@@ -114,6 +114,20 @@ class DistEnv:
             for p in params:
                 dist.broadcast(p.data, src=src)
 
+    def replicas_identical(self, params: Iterable[nn.Parameter]) -> bool:
+        """True when every rank holds bit-identical copies of ``params`` (rank 0's
+        copy is broadcast and compared; one result for all ranks)."""
+        if not self.distributed:
+            return True
+        differ = 0.0
+        with torch.no_grad():
+            for p in params:
+                ref = p.detach().clone()
+                dist.broadcast(ref, src=0)
+                if not torch.equal(ref, p.detach()):
+                    differ = 1.0
+        return self.max_scalar(differ) == 0.0
+
     def all_gather_object(self, obj: Any) -> List[Any]:
         if not self.distributed:
             return [obj]
