@@ -216,15 +216,23 @@ def load_image(
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     """BiomedCLIP's eval geometry: shorter side to ``size`` (bicubic), centre crop ``size`` x ``size``.
 
-    An image already ``size`` x ``size`` is returned untouched (the reference's shortcut).
+    Same arithmetic as torchvision's ``Resize(size)`` + ``CenterCrop(size)`` on PIL
+    images (the longer side is truncated, the crop offset rounded), written on PIL
+    alone so that the preprocessing tool does not import torch. An image already
+    ``size`` x ``size`` is returned untouched (the reference's shortcut).
     """
-    from torchvision.transforms import functional as F
-    from torchvision.transforms import InterpolationMode
-
     if img.size == (size, size):
         return img
-    img = F.resize(img, size, interpolation=InterpolationMode.BICUBIC)
-    return F.center_crop(img, [size, size])
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left = int(round((new_w - size) / 2.0))
+    top = int(round((new_h - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
 
 
 def pad_to_square(img: Image.Image, fill: Tuple[int, int, int] = BACKGROUND) -> Image.Image:
@@ -253,13 +261,16 @@ class ImageTransform:
         self.std = tuple(std or BIOMEDCLIP_STD)
 
     def __call__(self, img: Image.Image):
-        from torchvision.transforms import functional as F
+        import torch
 
         if img.mode != "RGB":
             img = to_rgb(img)
         img = resize_center_crop(img, self.image_size)
-        t = F.to_tensor(img)  # [3, S, S] in 0..1
-        return F.normalize(t, self.mean, self.std)
+        t = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [H, W, 3] -> [3, S, S]
+        t = t.to(torch.float32).div(255)
+        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
+        return (t - mean) / std
 
     def __repr__(self) -> str:
         return f"ImageTransform(image_size={self.image_size})"

@@ -69,6 +69,16 @@ class SkipLog:
         self._lock = threading.Lock()
         self._log = logger or log
 
+    def __getstate__(self):
+        # Locks do not pickle; spawn-started DataLoader workers pickle the dataset holding us.
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def add(self, index: int, reason: str) -> bool:
         """Record one skipped sample; returns True when the index is new."""
         index = int(index)

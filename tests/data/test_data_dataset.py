@@ -315,3 +315,24 @@ def test_chat_dataset_alias_takes_torchtune_arguments(tok, tmp_path, dh):
         chat_dataset(tok, source=str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="bad_samples"):
         image_chat_dataset(tok, source=str(path), bad_samples="ignore")
+
+
+def test_prompt_mode_leaves_the_assistant_turn_open(tok, special):
+    from medcap.data import Turn, tokenize_conversation
+
+    t = tokenize_conversation(tok, [Turn("user", "<image>"), Turn("assistant", "")], num_image_tokens=N,
+                              add_end_tokens=False)
+    exp = _expected(special, [("user", [None]), ("assistant", [])])
+    assert t.tokens == exp[:-2]  # no <|eot_id|> after the open turn, no <|end_of_text|>
+    assert t.image_starts == [1 + 8]
+
+
+def test_dataset_pickles_for_spawned_workers(tok, tmp_path, dh):
+    import pickle
+
+    ds = _ds(tok, tmp_path, dh, [dh.rec(gpt="one."), dh.rec(image="gone.png")])
+    ds.skip_log.add(1, "image not found: gone.png")
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone[0]["tokens"] == ds[0]["tokens"]
+    torch.testing.assert_close(clone[0]["image"], ds[0]["image"])
+    assert clone.skip_log.count == 1 and clone[1]["index"] == 0

@@ -200,3 +200,14 @@ def test_transform_shortcut_for_exact_size(dh):
     std = torch.tensor(BIOMEDCLIP_STD)[:, None, None]
     expected = (torch.from_numpy(raw).permute(2, 0, 1).float() / 255 - mean) / std
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("w, h", [(37, 23), (23, 37), (101, 25), (24, 25), (10, 10), (24, 24)])
+def test_resize_center_crop_matches_torchvision_exactly(dh, w, h):
+    from torchvision import transforms as T
+
+    from medcap.data import resize_center_crop
+
+    img = Image.fromarray(dh.rgb_array(w, h, w + h), "RGB")
+    ref = T.Compose([T.Resize(24, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(24)])(img)
+    np.testing.assert_array_equal(np.asarray(resize_center_crop(img, 24)), np.asarray(ref))
