@@ -266,11 +266,11 @@ class ImageTransform:
         if img.mode != "RGB":
             img = to_rgb(img)
         img = resize_center_crop(img, self.image_size)
-        t = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [H, W, 3] -> [3, S, S]
-        t = t.to(torch.float32).div(255)
-        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-        return (t - mean) / std
+        # numpy rather than torch ops: single-threaded, so DataLoader workers do not
+        # fight over intra-op threads; the same float32 operations as ToTensor+Normalize.
+        a = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255)  # [S, S, 3]
+        a = (a - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))  # [3, S, S]
 
     def __repr__(self) -> str:
         return f"ImageTransform(image_size={self.image_size})"
