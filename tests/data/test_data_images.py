@@ -211,3 +211,37 @@ def test_resize_center_crop_matches_torchvision_exactly(dh, w, h):
     img = Image.fromarray(dh.rgb_array(w, h, w + h), "RGB")
     ref = T.Compose([T.Resize(24, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(24)])(img)
     np.testing.assert_array_equal(np.asarray(resize_center_crop(img, 24)), np.asarray(ref))
+
+
+def test_dicom_color_and_multiframe(tmp_path, dh):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    def write(path, arr, photometric, samples, bits, frames=1):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.Rows, ds.Columns = arr.shape[-3:-1] if samples == 3 else arr.shape[-2:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = samples, photometric
+        ds.BitsAllocated = ds.BitsStored = bits
+        ds.HighBit, ds.PixelRepresentation = bits - 1, 0
+        if samples == 3:
+            ds.PlanarConfiguration = 0
+        if frames > 1:
+            ds.NumberOfFrames = frames
+        ds.PixelData = arr.tobytes()
+        ds.save_as(str(path), enforce_file_format=True)
+        return path
+
+    rgb = dh.rgb_array(12, 10, 11)
+    out = load_image(write(tmp_path / "c.dcm", rgb, "RGB", 3, 8))
+    np.testing.assert_array_equal(_arr(out), rgb)
+
+    frames = np.stack([np.full((8, 9), v, np.uint16) for v in (100, 900, 500)])
+    frames[0, 0, 0] = 0  # frame 0: 0 at one pixel, 100 elsewhere
+    got = _arr(load_image(write(tmp_path / "m.dcm", frames.astype("<u2"), "MONOCHROME2", 1, 16, frames=3)))
+    assert got.shape == (8, 9, 3) and got[0, 0, 0] == 0 and got[1:, 1:, 0].min() == 255  # the first frame
