@@ -69,7 +69,7 @@ class ParsedRecord:
 class RecordIndex:
     """Raw JSON bytes of every record, in order; ``index[i]`` parses record ``i``."""
 
-    def __init__(self, blobs: Sequence[bytes], origins: Sequence[str], files: Sequence[Path]):
+    def __init__(self, blobs: Sequence[bytes], origins: Sequence[Tuple[int, int]], files: Sequence[Path]):
         lengths = np.fromiter((len(b) for b in blobs), dtype=np.int64, count=len(blobs))
         self._offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
         np.cumsum(lengths, out=self._offsets[1:])
