@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.medcap-installed
 
-.PHONY: setup test test-all demo java bench clean
+.PHONY: setup test test-gpu demo java bench clean
 
 setup: $(STAMP) java
 
@@ -20,10 +20,10 @@ java:
 	@bash scripts/ensure_java.sh
 
 test: setup
-	$(PY) -m pytest -q -x --timeout=900
+	$(PY) -m pytest -q --timeout=900
 
-test-all: setup
-	$(PY) -m pytest -q --timeout=1800 -m ''
+test-gpu: setup
+	$(PY) -m pytest -q --timeout=1800 -m gpu
 
 demo: setup
 	$(VENV)/bin/medcap demo $(DEMO_ARGS)
