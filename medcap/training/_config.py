@@ -1,8 +1,17 @@
 """Config checks and the settings both recipes read, in one place so they cannot drift.
 
 The configs keep the reference's keys (torchtune's full fine-tune keys plus
-``vision`` and ``vision_checkpoint``); a few of ours are optional with defaults
-(checkpoint interval and format, ``group_by_length``, ``num_workers``, ...).
+``vision`` and ``vision_checkpoint``). Optional keys of ours, with defaults:
+
+* ``checkpoint_format``: ``safetensors`` (default) or ``pt`` (the reference's dict).
+* ``save_last_every_seconds`` (28800, the reference's 8 h; null: never by time) and
+  ``save_last_every_steps`` (null): when ``meta_model_last`` + ``recipe_state.pt``
+  are written during training (also at every epoch end, and the weights at the end).
+* ``group_by_length`` (False): batches of similar length, random batch order.
+* ``num_workers`` (0): DataLoader worker processes.
+* ``stop_after_steps`` (null): stop after that many optimizer steps *without*
+  saving, as if the job were killed there (resume tests, time-boxed smoke runs).
+* ``log_every_n_steps`` (1), ``clip_grad_norm`` (null), ``lr_scheduler`` (none).
 """
 
 from __future__ import annotations

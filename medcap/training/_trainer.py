@@ -183,9 +183,7 @@ class Trainer:
         self.total_tokens = int(state["total_tokens"])
         self.skip_events = int(state.get("skip_events", 0))
         self._last_save_step = self.global_step
-        quiet = SkipLog(total=self.skip_log.total, logger=logging.getLogger("medcap.training.quiet"))
-        quiet.load_state_dict(state.get("skip_log", {}))
-        self.skip_log._reasons.update(quiet.reasons)  # known, not re-logged
+        self.skip_log.load_state_dict(state.get("skip_log", {}))  # known already: not logged again
         rngs = state["rng"]
         if len(rngs) == self.env.world_size:
             restore_rng_state(rngs[self.env.rank])
@@ -213,6 +211,9 @@ class Trainer:
         """Write ``{name}{suffix}`` (trainable weights only) and the resumable state.
         Collective (all ranks call it); rank 0 writes."""
         state = self.state_dict()
+        # Every rank tracks when the last save was, so that they agree on the next one.
+        self._last_save_time = time.monotonic()
+        self._last_save_step = self.global_step
         if not self.env.is_main:
             return None
         if epoch is None:
@@ -220,8 +221,6 @@ class Trainer:
         else:
             path = self._write_weights(name, epoch=epoch, completed_epochs=epoch + 1)
         save_recipe_state(self.s.checkpoint_dir / RECIPE_STATE_FILE, state)
-        self._last_save_time = time.monotonic()
-        self._last_save_step = self.global_step
         log.info("saved %s and %s (global step %d)", path, RECIPE_STATE_FILE, self.global_step)
         return path
 

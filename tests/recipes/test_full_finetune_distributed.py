@@ -83,6 +83,7 @@ def _reference_line(assets, out: Path):
         f"tokenizer.special_tokens_path={a['special_tokens_path']}", "checkpointer.checkpoint_files=[model.safetensors]",
         "model._component_=medcap.models.medcap_tiny", "model.vocab_size=268", "model.image_token_id=268",
         "model.num_image_tokens=4", "device=cpu", "dtype=fp32", "num_workers=0", "seed=0", "max_steps_per_epoch=3",
+        "save_last_every_steps=1",  # exercise the collective save (every rank's random state gathered)
     ]
 
 
@@ -133,6 +134,8 @@ def test_two_ranks_train_one_vision_model(train_assets, train_config, train_run,
     # rank 0 wrote the checkpoint, holding those weights
     state, meta = load_vision_checkpoint(tmp_path / "OUT" / "checkpoint" / "meta_model_0.safetensors")
     assert meta["global_step"] == 3
+    rs = torch.load(tmp_path / "OUT" / "checkpoint" / "recipe_state.pt", weights_only=True)
+    assert rs["global_step"] == 3 and rs["epoch"] == 1 and rs["world_size"] == 2 and len(rs["rng"]) == 2
     flat = {**{f"visual.{k}": v for k, v in state["visual"].items()}, **{f"projector.{k}": v for k, v in state["projector"].items()}}
     for k, v in r0["vision"].items():
         assert torch.equal(flat[k], v), k
