@@ -8,7 +8,8 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -114,7 +115,8 @@ class Trainer:
         self.total_tokens = 0
         self.skip_events = 0
         self.last_loss: Optional[float] = None
-        self.history: List[Dict[str, float]] = []  # per-step metrics of this process (for tests, benchmarks)
+        # The latest per-step metrics (for tests and benchmarks); bounded for long runs.
+        self.history: Deque[Dict[str, float]] = deque(maxlen=10_000)
         self._last_save_time = time.monotonic()
         self._last_save_step = 0
         self._last_written_step = -1  # global step of the current meta_model_last file
