@@ -74,7 +74,7 @@ def _turns(messages: Sequence[MessageLike]) -> Tuple[List[Turn], int]:
 
 def build_prompt(
     tokenizer,
-    question_or_messages: Union[str, Sequence[MessageLike]],
+    question_or_messages: Union[str, None, Sequence[MessageLike]],
     *,
     num_image_tokens: int,
     has_image: bool = True,
@@ -82,10 +82,11 @@ def build_prompt(
     """Token ids of a generation prompt, ending with an open assistant header.
 
     ``question_or_messages`` is a question (one user turn: the image when
-    ``has_image``, a blank line, the question) or a list of messages; a trailing
+    ``has_image``, a blank line, the question; ``None``: the image alone, a
+    captioning prompt) or a list of messages; a trailing
     assistant message with empty content is the open turn. At most one image.
     """
-    if isinstance(question_or_messages, str):
+    if question_or_messages is None or isinstance(question_or_messages, str):
         messages: List[MessageLike] = question_messages(question_or_messages, has_image=has_image)
     else:
         messages = list(question_or_messages)

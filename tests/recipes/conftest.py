@@ -84,3 +84,69 @@ def train_run():
 def train_recipe_module():
     """``train_recipe_module(name)`` -> the imported ``recipes/{name}.py``."""
     return _load_recipe_module
+
+
+# ----------------------------------------------------------------- generation (gen_*)
+
+
+@pytest.fixture(scope="session")
+def gen_assets(tmp_path_factory) -> Dict[str, Any]:
+    """Tiny LLM + tokenizer + 5 caption records, a vision checkpoint in the reference's
+    .pt format, and VQA-RAD / OmniMedVQA layouts under ``datasets`` (read-only)."""
+    import torch
+
+    from medcap.checkpointing import save_vision_checkpoint
+    from medcap.eval import make_omnimedvqa_layout, make_vqarad_layout
+    from medcap.models import medcap_tiny
+    from medcap.training.tiny_assets import make_tiny_training_assets
+
+    root = tmp_path_factory.mktemp("gen_assets")
+    assets = make_tiny_training_assets(root, samples=5)
+    torch.manual_seed(5)
+    model = medcap_tiny(**assets["model_kwargs"], num_image_tokens=4)
+    ckpt = root / "checkpoint" / "meta_model_last.pt"
+    ckpt.parent.mkdir(parents=True)
+    save_vision_checkpoint(model, ckpt)
+    datasets = root / "datasets"
+    omni = make_omnimedvqa_layout(datasets, per_modality=2, image_size=36)
+    vqarad = make_vqarad_layout(datasets, n_images=3, image_size=36)
+    return {**assets, "vision_checkpoint": str(ckpt), "datasets": str(datasets), "omni": omni, "vqarad": vqarad}
+
+
+@pytest.fixture(scope="session")
+def gen_config():
+    """Builder: ``gen_config(assets, out_dir, config_name="tiny/generate", **overrides)`` -> resolved
+    DictConfig of a generation config on the tiny assets (dotted keys as a dict)."""
+    from omegaconf import OmegaConf
+
+    def build(assets: Dict[str, Any], out_dir, config_name: str = "tiny/generate", **overrides):
+        cfg = OmegaConf.load(RECIPES / "configs" / f"{config_name}.yaml")
+        cfg.assets_dir = assets["assets_dir"]
+        cfg.output_dir = str(out_dir)
+        cfg.vision_checkpoint = assets["vision_checkpoint"]
+        cfg.progress = False
+        for key, value in overrides.items():
+            OmegaConf.update(cfg, key, value, force_add=True)
+        OmegaConf.resolve(cfg)
+        return cfg
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def gen_run():
+    """Runner: ``gen_run(cfg)`` -> (recipe, results) of ``recipes/generate.py``, in this process."""
+
+    def run(cfg):
+        mod = _load_recipe_module("generate")
+        r = mod.GenerateRecipe(cfg)
+        r.setup()
+        return r, r.run()
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def gen_recipe_module():
+    """The imported ``recipes/generate.py``."""
+    return _load_recipe_module("generate")

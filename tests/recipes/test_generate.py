@@ -1,0 +1,200 @@
+"""recipes/generate.py on the tiny model, in this process: each mode writes the
+reference's files, accuracies agree with a recount of the written rows, existing
+raw files are re-scored without generating, and the slow path agrees."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from medcap.eval import OMNIMEDVQA_MODALITIES, read_csv_rows
+from medcap.generation import GenerationEngine, question_from_instruction
+
+RAW = ["image", "instruction", "output", "generated"]
+OMNI_RAW = RAW + ["option_A", "option_B", "option_C", "option_D", "modality_type", "question_id"]
+
+
+def _recount(rows):
+    """Accuracy from the written rows alone: correct iff the prediction is an offered
+    option equal to the ground truth; mean over modalities of each one's accuracy."""
+    per = {}
+    for r in rows:
+        options = [r[f"option_{L}"] for L in "ABCD" if r[f"option_{L}"] != ""]
+        assert r["predict"] == "" or r["predict"] in options
+        ok = int(r["predict"] != "" and r["predict"] == r["output"])
+        assert int(r["correct"]) == ok
+        per.setdefault(r["modality_type"], []).append(ok)
+    return sum(sum(v) / len(v) for v in per.values()) / len(per)
+
+
+def _no_generation(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("an existing raw file must not be generated again")
+
+    monkeypatch.setattr(GenerationEngine, "generate_tokens", refuse)
+
+
+@pytest.mark.slow
+def test_omnimedvqa_letter_scoring_then_loglik_rescore(gen_assets, gen_config, gen_run, tmp_path, monkeypatch, capsys):
+    cfg = gen_config(gen_assets, tmp_path, test_omnimedvqa=True, vqa_type="no_cond_desc",
+                     dataset_source=gen_assets["datasets"], max_new_tokens=8)
+    recipe, res = gen_run(cfg)
+    assert recipe.ckpt == "meta_model_last"
+    raw = tmp_path / "omnimedvqa-no_cond_desc-raw-meta_model_last-0_1.csv"
+    rows = read_csv_rows(raw)
+    assert list(rows[0].keys()) == OMNI_RAW
+    assert len(rows) == gen_assets["omni"]["kept"] - gen_assets["omni"]["missing_images"]
+    assert {r["modality_type"] for r in rows} == set(OMNIMEDVQA_MODALITIES)
+    assert all(question_from_instruction(r["instruction"]).startswith("What finding is visible") for r in rows)
+    report = json.loads((tmp_path / "omnimedvqa-no_cond_desc-raw-meta_model_last-0_1.report.json").read_text())
+    assert report["missing_images"] == 1 and report["modality_key_instead_of_modality_type"] == 1
+    out = res["test_omnimedvqa"]
+    scored = read_csv_rows(out["scored_path"])
+    assert list(scored[0].keys()) == OMNI_RAW + ["predict_generated", "predict", "correct"]
+    acc = _recount(scored)
+    assert out["accuracy"] == pytest.approx(acc)
+    assert Path(out["scored_path"]).name == f"{raw.stem}-{acc:.4f}.csv"
+    for suffix in (".csv", ".json", ".png"):
+        assert Path(out["scored_path"]).with_name(Path(out["scored_path"]).stem + "-modality" + suffix).is_file()
+    assert "macro accuracy" in capsys.readouterr().out
+
+    # Re-run with the raw file present: no generation, re-scored by log-likelihood.
+    before = raw.read_bytes()
+    _no_generation(monkeypatch)
+    cfg2 = gen_config(gen_assets, tmp_path, test_omnimedvqa=True, vqa_type="no_cond_desc",
+                      dataset_source=gen_assets["datasets"], max_new_tokens=8, vqa_scoring="loglik")
+    _, res2 = gen_run(cfg2)
+    assert raw.read_bytes() == before
+    lrows = read_csv_rows(res2["test_omnimedvqa"]["scored_path"])
+    assert Path(res2["test_omnimedvqa"]["scored_path"]).name.startswith(f"{raw.stem}-loglik-")
+    for r in lrows:
+        scores = json.loads(r["predict_generated"])
+        options = {L: r[f"option_{L}"] for L in "ABCD" if r[f"option_{L}"] != ""}
+        assert set(scores) == set(options)
+        assert r["predict"] == options[max(scores, key=scores.get)]
+    lacc = _recount(lrows)
+    assert res2["test_omnimedvqa"]["accuracy"] == pytest.approx(lacc) and 0 < lacc
+
+
+def test_vqarad_files_and_slow_path_agree(gen_assets, gen_config, gen_run, tmp_path):
+    fast_dir, slow_dir = tmp_path / "fast", tmp_path / "slow"
+    common = dict(test_vqarad=True, vqa_type="cond_desc", dataset_source=gen_assets["datasets"], max_new_tokens=8)
+    gen_run(gen_config(gen_assets, fast_dir, batch_size=4, **common))
+    name = "vqarad-cond_desc-raw-meta_model_last.csv"
+    rows = read_csv_rows(fast_dir / name)
+    assert list(rows[0].keys()) == RAW
+    expected = gen_assets["vqarad"]["expected"]
+    assert [(Path(r["image"]).name, question_from_instruction(r["instruction"]), r["output"]) for r in rows] == expected
+    # enable_kv_cache=False: the reference's algorithm, one question at a time, no cache
+    # (debug: the first 3 questions, under output_dir/debug).
+    gen_run(gen_config(gen_assets, slow_dir, enable_kv_cache=False, debug=True, debug_samples=3, **common))
+    slow = read_csv_rows(slow_dir / "debug" / name)
+    assert slow == rows[:3]
+    assert not (slow_dir / name).exists()
+
+
+@pytest.mark.slow
+def test_metrics_mode_and_rescore(gen_assets, gen_config, gen_run, tmp_path, monkeypatch):
+    cfg = gen_config(gen_assets, tmp_path, test_metrics=True, dataset_source=gen_assets["train_json"])
+    _, res = gen_run(cfg)
+    raw = tmp_path / "metrics-raw-meta_model_last.csv"
+    assert raw.read_bytes().startswith(b"\xef\xbb\xbf")  # UTF-8 with BOM, as the reference wrote it
+    rows = read_csv_rows(raw)
+    assert list(rows[0].keys()) == RAW and len(rows) == 5
+    records = json.loads(Path(gen_assets["train_json"]).read_text())
+    assert [r["output"] for r in rows] == [rec["conversations"][1]["value"] for rec in records]
+    metrics = (tmp_path / "metrics-meta_model_last.csv").read_text().splitlines()
+    assert [m.split(",")[0] for m in metrics] == ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
+    _no_generation(monkeypatch)
+    _, res2 = gen_run(cfg)
+    assert res2["test_metrics"]["scores"] == res["test_metrics"]["scores"]
+
+
+def test_single_shot_captions_and_answers(gen_assets, gen_config, gen_run, tmp_path, capsys):
+    imgs = sorted(str(p) for p in Path(gen_assets["train_json"]).parent.glob("images/*.png"))[:2]
+    _, res = gen_run(gen_config(gen_assets, tmp_path, image=",".join(imgs), prompt="What is shown?"))
+    assert [r["image"] for r in res["single"]] == imgs
+    out = capsys.readouterr().out
+    assert all(f"{p}: " in out for p in imgs)
+    _, res2 = gen_run(gen_config(gen_assets, tmp_path, images=imgs[:1]))
+    assert res2["single"][0]["prompt"] == ""
+
+
+def test_chunk_file_names(gen_assets, gen_config, gen_run, tmp_path):
+    # 16 questions, chunks of max(16 // 2, 50) = 50: chunk 1 of 2 is empty, and says so in its name.
+    _, res = gen_run(gen_config(gen_assets, tmp_path, test_omnimedvqa=True, vqa_type="omit",
+                                dataset_source=gen_assets["datasets"], test_chunk_idx=1, test_chunk=2))
+    assert Path(res["test_omnimedvqa"]["raw_path"]).name == "omnimedvqa-omit-raw-meta_model_last-1_2.csv"
+    assert read_csv_rows(res["test_omnimedvqa"]["raw_path"]) == []
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"test_vqarad": True, "vqa_type": "describe"}, "vqa_type"),
+        ({"test_vqarad": True, "quantizer": {"_component_": "x"}}, "quantizer"),
+        ({}, "nothing to do"),
+        ({"test_metrics": True, "dataset_conversation_style": "openai"}, "sharegpt"),
+        ({"test_omnimedvqa": True, "vqa_scoring": "judge"}, "vqa_scoring"),
+        ({"test_metrics": True, "vision": "clip"}, "vision"),
+    ],
+)
+def test_config_errors_are_clear(gen_assets, gen_config, gen_recipe_module, tmp_path, overrides, match):
+    mod = gen_recipe_module
+    with pytest.raises(ValueError, match=match):
+        mod.GenerateRecipe(gen_config(gen_assets, tmp_path, **overrides))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback when no GPU is present")
+def test_cuda_falls_back_to_cpu(gen_assets, gen_config, gen_recipe_module, tmp_path, caplog):
+    r = gen_recipe_module.GenerateRecipe(gen_config(gen_assets, tmp_path, device="cuda", test_metrics=True))
+    assert r.device == torch.device("cpu")
+    assert "no CUDA device" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_documented_command_killed_and_restarted_ends_with_the_same_files(gen_assets, gen_config, gen_run, tmp_path):
+    """`medcap run generate --config tiny/generate ...` killed with SIGKILL after a few
+    rows, then started again, writes what an uninterrupted run writes."""
+    args = dict(test_vqarad="True", vqa_type="no_cond_desc", batch_size="1", max_new_tokens="8",
+                dataset_source=gen_assets["datasets"], vision_checkpoint=gen_assets["vision_checkpoint"])
+    name = "vqarad-no_cond_desc-raw-meta_model_last.csv"
+    ref_dir = tmp_path / "ref"
+    gen_run(gen_config(gen_assets, ref_dir, **{k: (int(v) if v.isdigit() else v) for k, v in args.items()}))
+
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "medcap.cli", "run", "generate", "--config", "tiny/generate",
+           f"assets_dir={gen_assets['assets_dir']}", f"output_dir={out}", "progress=False",
+           *[f"{k}={v}" for k, v in args.items()]]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    partial = out / name.replace(".csv", ".partial.csv")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if partial.exists() and len(read_csv_rows(partial)) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the recipe it started
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.stderr.close()
+    n_before = len(read_csv_rows(partial))
+    assert 2 <= n_before < len(gen_assets["vqarad"]["expected"]) and not (out / name).exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming after" in done.stderr
+    assert (out / name).read_bytes() == (ref_dir / name).read_bytes()
+    assert not partial.exists()
