@@ -15,6 +15,16 @@ from medcap.eval._datasets import (
     read_vqarad,
     select_chunk,
 )
+from medcap.eval._judge import (
+    JUDGE_PROMPT,
+    Judge,
+    chat_loop,
+    eval_vqa,
+    is_right,
+    judge_main,
+    judge_prompt,
+    quantization_config,
+)
 from medcap.eval._journal import CsvJournal, JsonlCache, partial_path, read_csv_rows, write_csv_atomic
 from medcap.eval._metrics import METRIC_NAMES, JavaNotFoundError, caption_metrics, check_java, write_metrics_csv
 from medcap.eval._protocol import (
@@ -54,7 +64,9 @@ __all__ = [
     "CaptionItem",
     "CsvJournal",
     "ImageLoader",
+    "JUDGE_PROMPT",
     "JavaNotFoundError",
+    "Judge",
     "JsonlCache",
     "LETTER_INSTRUCTION",
     "LETTER_MAX_NEW_TOKENS",
@@ -72,6 +84,7 @@ __all__ = [
     "accuracy_by_modality",
     "answer_messages",
     "caption_metrics",
+    "chat_loop",
     "check_java",
     "check_vqa_type",
     "chunk_bounds",
@@ -79,10 +92,15 @@ __all__ = [
     "description_messages",
     "draw_modality_chart",
     "drop_missing_images",
+    "eval_vqa",
+    "is_right",
+    "judge_main",
+    "judge_prompt",
     "letter_prompt",
     "make_omnimedvqa_layout",
     "make_vqarad_layout",
     "partial_path",
+    "quantization_config",
     "read_caption_set",
     "read_csv_rows",
     "read_letter",
