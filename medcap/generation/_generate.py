@@ -168,7 +168,9 @@ def generate(
 
     if model.caches_are_setup():
         delete_kv_caches(model)
-    model.setup_caches(len(live), _model_dtype(model), decoder_max_seq_len=cache_len)
+    # torchtune allocates cache buffers on the default device: make it the model's.
+    with torch.device(device):
+        model.setup_caches(len(live), _model_dtype(model), decoder_max_seq_len=cache_len)
     try:
         logits = prefill(model, tokens, padding_mask, images, cache_len)  # [b, V]
         # Which cache positions each row may attend to; grows by one slot per step.
