@@ -39,7 +39,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--small", action="store_true",
                    help="with --device cuda: use the CPU sizes instead of the 8B ones (a smoke run of the cuda path)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (median reported)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice, or 1 when the load average exceeds the cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bandwidth-gbs", type=float, default=None,
                    help="GPU memory bandwidth in GB/s (default: from the GPU's name, see GPU_SPECS)")
@@ -52,6 +53,12 @@ def setup(args) -> tuple[torch.device, torch.dtype]:
     """The device and dtype a run uses: fp32 on the CPU (exact comparisons), bf16 on CUDA."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif args.device == "cpu" and _oversubscribed():
+        # Other processes hold the cores: OpenMP threads then wait for each other's
+        # time slices at every op, and small decode-step ops take milliseconds instead
+        # of microseconds (measured here: 5x slower with 2 threads than with 1).
+        torch.set_num_threads(1)
+        log("the machine is busy (load average above its cores): using 1 torch thread (--threads to override)")
     torch.manual_seed(args.seed)
     if args.device == "cuda":
         if not torch.cuda.is_available():
@@ -60,6 +67,13 @@ def setup(args) -> tuple[torch.device, torch.dtype]:
         return torch.device("cuda"), torch.bfloat16
     configure_cpu_allocator()
     return torch.device("cpu"), torch.float32
+
+
+def _oversubscribed() -> bool:
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:  # pragma: no cover - not on Linux
+        return False
 
 
 def real_sizes(args) -> bool:
@@ -309,21 +323,29 @@ def frozen_llm_step_flops(
     dims: LlamaDims,
     vision: VisionDims,
     batches: Sequence[tuple[int, int, int]],
+    *,
+    activation_checkpointing: bool = False,
+    vocab_recomputed: bool = False,
 ) -> Dict[str, float]:
     """Analytic FLOPs of training steps with the LLM frozen and the vision side trained.
 
     ``batches``: ``(rows, padded_length, logit_positions)`` per step. The LLM's weights
     get no gradient, but the gradient must reach the image embeddings at its input,
-    so its backward costs one more matmul pass (activation gradients only):
-    body 2x(2 P) per token, attention 1x forward + 2x backward, vocabulary
-    projection 2x(2 V d) per logit position; the vision side 3x its forward.
+    so its backward is one more matmul pass (activation gradients only): the body
+    costs 2 passes of 2 P FLOPs per token (3 with activation checkpointing, which
+    runs each layer's forward again in backward); attention 1 forward + 2 backward
+    (+1 recomputed); the vocabulary projection 2 passes of 2 V d per logit position
+    (+1 when its chunks are recomputed in backward); the vision side 3x its forward.
     """
+    body_passes = 3.0 if activation_checkpointing else 2.0
+    attn_passes = 4.0 if activation_checkpointing else 3.0
+    vocab_passes = 3.0 if vocab_recomputed else 2.0
     body = attn = vocab = vis = 0.0
     for rows, length, logit_pos in batches:
         tokens = rows * length
-        body += 4.0 * dims.body_matmul_params() * tokens
-        attn += 3.0 * rows * attention_flops(dims, length, length)
-        vocab += 4.0 * dims.output_params() * logit_pos
+        body += body_passes * 2.0 * dims.body_matmul_params() * tokens
+        attn += attn_passes * rows * attention_flops(dims, length, length)
+        vocab += vocab_passes * 2.0 * dims.output_params() * logit_pos
         vis += 3.0 * rows * vision.forward_flops()
     total = body + attn + vocab + vis
     return {
@@ -333,6 +355,8 @@ def frozen_llm_step_flops(
         "vocab_projection": vocab,
         "vision": vis,
         "vocab_share": vocab / total if total else 0.0,
+        "attention_share": attn / total if total else 0.0,
+        "vision_share": vis / total if total else 0.0,
     }
 
 
