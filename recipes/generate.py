@@ -205,6 +205,8 @@ class GenerateRecipe:
                 test_chunk_idx=None if idx is None else int(idx), test_chunk=int(cfg.get("test_chunk", 50)),
                 scoring=cfg.get("vqa_scoring", "letter"), **common,
             )
+        if debug:
+            _show_rows(results)
         log.info("done in %.1f s", time.perf_counter() - t0)
         return results
 
@@ -222,6 +224,19 @@ class GenerateRecipe:
             print(f"{p}: {t}", flush=True)
             out.append({"image": p, "prompt": prompt or "", "generated": t})
         return out
+
+
+def _show_rows(results: Dict[str, Any], n: int = 2) -> None:
+    """debug: print the first prompts and outputs of each suite's raw file."""
+    from medcap.eval import read_csv_rows
+
+    for suite, res in results.items():
+        path = res.get("raw_path") if isinstance(res, dict) else None
+        if not path or not Path(path).exists():
+            continue
+        for row in read_csv_rows(path)[:n]:
+            print(f"[{suite}] prompt:\n{row['instruction']}\n[{suite}] generated: {row['generated']!r} "
+                  f"(reference: {row['output']!r})", flush=True)
 
 
 def _images_of(cfg: DictConfig) -> List[str]:

@@ -98,6 +98,8 @@ def run_test_metrics(
         for i, (row, it) in enumerate(zip(done, todo)):
             if row["output"] != it.reference:
                 raise ValueError(f"{journal.path} does not belong to this run (row {i} differs); move it away to start over")
+        if done:
+            log.info("%s: resuming after %d of %d rows", journal.path, len(done), len(todo))
         bar = tqdm(total=len(todo), initial=len(done), desc=raw_path.stem, disable=not progress, unit="img")
         pending = todo[len(done) :]
         for lo in range(0, len(pending), engine.batch_size):
