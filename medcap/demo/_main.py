@@ -1,0 +1,436 @@
+"""``medcap demo``: the whole idea of medcap, end to end, offline, on a small world it makes itself.
+
+Stages (each skipped when it already finished with the same settings, so a
+stopped demo continues where it stopped; ``--force`` redoes everything):
+
+=====================  =====================================================================
+world                  synthetic images, captions, OmniMedVQA-layout questions (train/test)
+tokenizer              byte-level BPE learnt on the demo's text, written in tiktoken format
+lm                     text-only pretraining of a tiny Llama-3.1 LM, saved in HF format
+train                  ``medcap run full_finetune_single_device --config demo/train``
+eval_trained_captions  ``medcap run generate --config demo/generate test_metrics=True``
+eval_trained_vqa       ``medcap run generate --config demo/generate test_omnimedvqa=True``
+eval_control_captions  the same two with ``vision_checkpoint=null``: an untrained vision side
+eval_control_vqa
+report                 ``summary.json`` and ``report.png``
+=====================  =====================================================================
+
+Every stage's command line is printed and stored in ``summary.json``; appending
+``key=value`` to it reruns that stage with the change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+STAGES: Tuple[str, ...] = (
+    "world",
+    "tokenizer",
+    "lm",
+    "train",
+    "eval_trained_captions",
+    "eval_trained_vqa",
+    "eval_control_captions",
+    "eval_control_vqa",
+    "report",
+)
+RECIPE_STAGES = {
+    "train": "full_finetune_single_device",
+    "eval_trained_captions": "generate",
+    "eval_trained_vqa": "generate",
+    "eval_control_captions": "generate",
+    "eval_control_vqa": "generate",
+}
+TARGETS = {"CIDEr": 1.0, "macro_accuracy": 0.8}
+DEFAULT_OUT = "datasets/demo"
+
+
+@dataclass
+class DemoSettings:
+    """Everything that shapes the demo's results (``key=value`` on the command line)."""
+
+    seed: int = 0
+    n_train: int = 3000  # training images (captions)
+    n_test: int = 240  # held-out images (captions and questions)
+    questions_per_image: int = 2
+    image_size: int = 64
+    num_image_tokens: int = 8  # placeholders per image in the JSON files (the configs' model.num_image_tokens)
+    bpe_merges: int = 244  # 256 + 244 + 12 special tokens = vocabulary 512, as demo/*.yaml say
+    lm_layers: int = 4
+    lm_dim: int = 128
+    lm_steps: int = 400
+    lm_batch_size: int = 48
+    lm_lr: float = 3e-3
+    train_epochs: int = 4
+    train_max_steps_per_epoch: Optional[int] = None
+    eval_batch_size: int = 64
+    threads: int = 0  # torch threads in every stage; 0: automatic
+
+    @classmethod
+    def quick(cls) -> "DemoSettings":
+        """Tiny sizes for a smoke run in about a minute (the results mean nothing)."""
+        return cls(
+            n_train=64, n_test=16, questions_per_image=1, lm_steps=12, lm_batch_size=16,
+            train_epochs=1, train_max_steps_per_epoch=2, eval_batch_size=16,
+        )
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _auto_threads() -> int:
+    """Torch threads for this machine. On a shared, busy machine one thread is much
+    faster than several that keep waiting for each other."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # pragma: no cover
+        load = 0.0
+    free = int(cores - load + 0.5)
+    return max(1, min(cores, free, 8))
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, default=str))
+    tmp.replace(path)
+
+
+def _say(msg: str) -> None:
+    print(f"[medcap demo] {msg}", flush=True)
+
+
+def _tee(cmd: List[str], log_path: Path, env: Dict[str, str]) -> int:
+    """Run ``cmd``, showing its output live and keeping a copy in ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        log.write(("$ " + shlex.join(cmd) + "\n").encode())
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        out = getattr(sys.stdout, "buffer", None)
+        try:
+            while True:
+                chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
+                if not chunk:
+                    break
+                log.write(chunk)
+                if out is not None:
+                    out.write(chunk)
+                    out.flush()
+                else:  # a captured stdout (tests): text only
+                    sys.stdout.write(chunk.decode(errors="replace"))
+        except KeyboardInterrupt:
+            proc.wait()
+            raise
+        return proc.wait()
+
+
+# ---------------------------------------------------------------------------- the demo
+
+
+@dataclass
+class Demo:
+    out: Path
+    settings: DemoSettings
+    force: bool = False
+    only: Optional[str] = None
+    overrides: Dict[str, List[str]] = field(default_factory=dict)  # extra key=value per recipe stage
+
+    def __post_init__(self):
+        self.out = Path(self.out).absolute()
+        self.threads = self.settings.threads or _auto_threads()
+        self.world = self.out / "world"
+        self.llm = self.out / "llm"
+        self.train_dir = self.out / "train"
+        self.stage_dir = self.out / "stages"
+        self.log_dir = self.out / "logs"
+        self.seconds: Dict[str, float] = {}
+
+    # -------------------------------------------------- stage bookkeeping
+    def _stage_settings(self, stage: str) -> Dict[str, Any]:
+        s = asdict(self.settings)
+        s.pop("threads")  # speed, not results
+        keys = {
+            "world": ["seed", "n_train", "n_test", "questions_per_image", "image_size", "num_image_tokens"],
+            "tokenizer": ["bpe_merges"],
+            "lm": ["seed", "lm_layers", "lm_dim", "lm_steps", "lm_batch_size", "lm_lr"],
+            "train": ["train_epochs", "train_max_steps_per_epoch"],
+        }.get(stage, ["eval_batch_size"])
+        return {k: s[k] for k in keys}
+
+    def _fingerprints(self) -> Dict[str, str]:
+        """A stage's fingerprint covers its settings and every earlier stage's, so a
+        changed world redoes everything after it."""
+        out, prev = {}, ""
+        for stage in STAGES:
+            extra = self.overrides.get(stage, [])
+            fp = _fingerprint([prev, stage, self._stage_settings(stage), extra])
+            # the evaluations depend on the training, not on each other
+            out[stage] = fp
+            if stage in ("world", "tokenizer", "lm", "train"):
+                prev = fp
+        return out
+
+    def _marker(self, stage: str) -> Path:
+        return self.stage_dir / f"{stage}.json"
+
+    def _done(self, stage: str, fp: str) -> Optional[Dict[str, Any]]:
+        m = self._marker(stage)
+        if not m.exists():
+            return None
+        try:
+            info = json.loads(m.read_text())
+        except json.JSONDecodeError:
+            return None
+        return info if info.get("fingerprint") == fp else None
+
+    # -------------------------------------------------- commands
+    def _demo_command(self, stage: str) -> str:
+        return shlex.join(["medcap", "demo", "--out", str(self.out), "--stage", stage])
+
+    def recipe_args(self, stage: str) -> List[str]:
+        """``RECIPE --config CONFIG key=value ...`` of a recipe stage."""
+        s = self.settings
+        d = str(self.out)
+        if stage == "train":
+            args = ["full_finetune_single_device", "--config", "demo/train", f"demo_dir={d}", f"epochs={s.train_epochs}"]
+            if s.train_max_steps_per_epoch:
+                args.append(f"max_steps_per_epoch={s.train_max_steps_per_epoch}")
+        else:
+            who = "trained" if "trained" in stage else "control"
+            vc = str(self.trained_checkpoint()) if who == "trained" else "null"
+            args = ["generate", "--config", "demo/generate", f"demo_dir={d}", f"vision_checkpoint={vc}",
+                    f"output_dir={self.out / 'eval' / who}", f"batch_size={s.eval_batch_size}"]
+            if stage.endswith("captions"):
+                args += ["test_metrics=True", f"dataset_source={self.world / 'test.json'}"]
+            else:
+                args += ["test_omnimedvqa=True", "vqa_type=no_cond_desc", f"dataset_source={self.world}"]
+        return args + self.overrides.get(stage, [])
+
+    def command(self, stage: str) -> str:
+        if stage in RECIPE_STAGES:
+            return shlex.join(["medcap", "run", *self.recipe_args(stage)])
+        return self._demo_command(stage)
+
+    def commands(self) -> Dict[str, str]:
+        return {stage: self.command(stage) for stage in STAGES}
+
+    def trained_checkpoint(self) -> Path:
+        return self.train_dir / "checkpoint" / "meta_model_last.safetensors"
+
+    # -------------------------------------------------- running
+    def run(self) -> Dict[str, Any]:
+        t_start = time.perf_counter()
+        fps = self._fingerprints()
+        todo = [self.only] if self.only else list(STAGES)
+        _say(f"output folder {self.out}; torch threads {self.threads}")
+        for k, stage in enumerate(todo, 1):
+            done = None if (self.force or self.only) else self._done(stage, fps[stage])
+            if done is not None and stage != "report":
+                self.seconds[stage] = float(done.get("seconds", 0.0))
+                _say(f"[{k}/{len(todo)}] {stage}: already done ({self.seconds[stage]:.0f} s), skipped")
+                continue
+            _say(f"[{k}/{len(todo)}] {stage}: {self.command(stage)}")
+            t0 = time.perf_counter()
+            getattr(self, f"_stage_{stage}" if stage in ("world", "tokenizer", "lm", "train", "report") else "_stage_eval")(stage)
+            secs = time.perf_counter() - t0
+            self.seconds[stage] = secs
+            _write_json(self._marker(stage), {"stage": stage, "fingerprint": fps[stage], "seconds": secs,
+                                              "command": self.command(stage), "finished": time.time()})
+            _say(f"[{k}/{len(todo)}] {stage}: done in {secs:.1f} s")
+        summary = self.summary_path().exists() and json.loads(self.summary_path().read_text()) or {}
+        _say(f"finished in {time.perf_counter() - t_start:.1f} s")
+        return summary
+
+    def summary_path(self) -> Path:
+        return self.out / "summary.json"
+
+    def _env(self) -> Dict[str, str]:
+        env = dict(os.environ)
+        env["OMP_NUM_THREADS"] = str(self.threads)
+        env["MKL_NUM_THREADS"] = str(self.threads)
+        # run the recipes against this checkout's medcap, wherever the command starts from
+        import medcap
+
+        root = str(Path(medcap.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        return env
+
+    def _run_recipe(self, stage: str) -> None:
+        from medcap.cli import build_run_command
+
+        cmd = build_run_command(self.recipe_args(stage))
+        rc = _tee(cmd, self.log_dir / f"{stage}.log", self._env())
+        if rc != 0:
+            raise RuntimeError(
+                f"stage {stage} failed (exit status {rc}); its output is in {self.log_dir / (stage + '.log')}. "
+                f"Fix the cause and run `medcap demo --out {self.out}` again: finished stages are kept."
+            )
+
+    # -------------------------------------------------- stages
+    def _stage_world(self, stage: str) -> None:
+        from medcap.demo._world import write_world
+
+        write_world(self.world, self.settings)
+
+    def _stage_tokenizer(self, stage: str) -> None:
+        from medcap.demo._bpe import build_tokenizer
+
+        build_tokenizer(self.llm / "original", self.settings.bpe_merges)
+
+    def _stage_lm(self, stage: str) -> None:
+        import torch
+
+        from medcap.demo._lm import pretrain_and_save
+
+        torch.set_num_threads(self.threads)
+        pretrain_and_save(self.llm, self.settings)
+
+    def _stage_train(self, stage: str) -> None:
+        # A stopped training run continues from its last saved state.
+        state = self.train_dir / "checkpoint" / "recipe_state.pt"
+        extra = []
+        if state.exists() and not self.force:
+            extra = ["resume_from_checkpoint=True"]
+            _say(f"continuing the stopped training run ({state})")
+        elif self.train_dir.exists():
+            import shutil
+
+            shutil.rmtree(self.train_dir)
+        self.overrides.setdefault(stage, [])
+        saved = list(self.overrides[stage])
+        self.overrides[stage] = saved + extra
+        try:
+            self._run_recipe(stage)
+        finally:
+            self.overrides[stage] = saved
+        if not self.trained_checkpoint().exists():
+            raise RuntimeError(f"training finished but {self.trained_checkpoint()} is missing")
+
+    def _stage_eval(self, stage: str) -> None:
+        who = "trained" if "trained" in stage else "control"
+        out = self.out / "eval" / who
+        # Results files are reused by the suites; a forced or changed stage starts clean.
+        pattern = "metrics-*" if stage.endswith("captions") else "omnimedvqa-*"
+        for p in out.glob(pattern):
+            p.unlink()
+        self._run_recipe(stage)
+
+    def _stage_report(self, stage: str) -> None:
+        from medcap.demo._report import collect_summary, draw_report
+
+        summary = collect_summary(self)
+        _write_json(self.summary_path(), summary)
+        try:
+            draw_report(self, summary, self.out / "report.png")
+        except Exception as e:  # the numbers matter more than the picture
+            _say(f"report.png could not be drawn: {type(e).__name__}: {e}")
+        print_summary(summary)
+
+
+def print_summary(summary: Dict[str, Any]) -> None:
+    t, c = summary.get("trained", {}), summary.get("control", {})
+    lines = [
+        "",
+        "medcap demo results (held-out images)",
+        f"  {'':28s}{'trained':>10s}{'control':>10s}{'target':>10s}",
+        f"  {'CIDEr':28s}{t.get('CIDEr', float('nan')):>10.3f}{c.get('CIDEr', float('nan')):>10.3f}{'>= ' + str(TARGETS['CIDEr']):>10s}",
+        f"  {'OmniMedVQA macro accuracy':28s}{t.get('macro_accuracy', float('nan')):>10.3f}"
+        f"{c.get('macro_accuracy', float('nan')):>10.3f}{'>= ' + str(TARGETS['macro_accuracy']):>10s}",
+        f"  chance accuracy {summary.get('chance_accuracy', float('nan')):.3f}; "
+        f"targets met: {summary.get('targets_met')}",
+        f"  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary.get("seconds", {}).items()),
+        "",
+        "rerun any stage with its command (append key=value to change it):",
+    ]
+    for stage, cmd in summary.get("commands", {}).items():
+        lines.append(f"  {stage}:\n    {cmd}")
+    print("\n".join(lines), flush=True)
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def _parse_settings(pairs: Sequence[str], base: DemoSettings) -> Tuple[DemoSettings, Dict[str, List[str]]]:
+    """``key=value`` pairs: demo settings (``lm_steps=600``) or, for one recipe stage,
+    ``STAGE.key=value`` (``train.optimizer.lr=3e-3``)."""
+    types = {f.name: f.type for f in fields(DemoSettings)}
+    values: Dict[str, Any] = {}
+    overrides: Dict[str, List[str]] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"medcap demo: expected key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        stage, _, sub = key.partition(".")
+        if sub and stage in RECIPE_STAGES:
+            overrides.setdefault(stage, []).append(f"{sub}={value}")
+            continue
+        if key not in types:
+            raise SystemExit(
+                f"medcap demo: unknown setting {key!r}; settings are {sorted(types)}, or STAGE.key=value "
+                f"for the recipe stages {sorted(RECIPE_STAGES)}"
+            )
+        kind = str(types[key])
+        try:
+            if value.lower() in ("null", "none") and "Optional" in kind:
+                values[key] = None
+            elif "int" in kind:
+                values[key] = int(value)
+            elif "float" in kind:
+                values[key] = float(value)
+            else:
+                values[key] = value
+        except ValueError:
+            raise SystemExit(f"medcap demo: {key}={value!r} is not a valid {kind}") from None
+    return replace(base, **values), overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="medcap demo",
+        description="Run medcap end to end, offline, on a synthetic medical-like world: make the images, "
+        "a tokenizer and a text-only LM, train the vision side with the real training recipe, evaluate "
+        "captions and OmniMedVQA-style questions with the real generation recipe (and an untrained "
+        "control), and write summary.json and report.png.",
+        epilog="Settings: key=value (e.g. lm_steps=600 n_train=4000), or STAGE.key=value to pass a config "
+        "override to one recipe stage (e.g. train.optimizer.lr=3e-3).",
+    )
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage in about a minute")
+    p.add_argument("--force", action="store_true", help="redo every stage, even those already done")
+    p.add_argument("--stage", choices=STAGES, help="run only this stage (always redone)")
+    p.add_argument("settings", nargs="*", metavar="key=value")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    base = DemoSettings.quick() if args.quick else DemoSettings()
+    settings, overrides = _parse_settings(args.settings, base)
+    demo = Demo(Path(args.out), settings, force=args.force, only=args.stage, overrides=overrides)
+    try:
+        demo.run()
+    except KeyboardInterrupt:
+        _say("interrupted; run the same command again to continue")
+        return 130
+    except RuntimeError as e:
+        _say(f"error: {e}")
+        return 1
+    return 0

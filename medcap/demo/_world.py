@@ -1,0 +1,375 @@
+"""A synthetic, medical-looking image world for the offline demo.
+
+Every image shows one *finding* on a background whose look identifies its
+*modality* (named with OmniMedVQA's own modality strings). A finding has a kind
+(its shape), a location (a quadrant), a size and an intensity (brighter or
+darker than its surroundings). A fixed grammar turns these attributes into a
+caption, so the caption is fully determined by the pixels, and multiple-choice
+questions about one attribute each are fully determined by the caption.
+
+Everything is deterministic given the seed: image ``i`` of a split is drawn
+from its own generator seeded by ``(seed, split, i)``, so the train and test
+splits never share an image and a re-run rebuilds the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+PLACEHOLDER_CHAR = "\u2460"  # '①', the reference's image placeholder character
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One imaging modality of the world."""
+
+    key: str  # OmniMedVQA's exact ``modality_type`` string
+    name: str  # the short name used in answers ("CT")
+    phrase: str  # how a caption opens ("CT scan")
+
+
+# OmniMedVQA spells its modalities this way (typos and the missing bracket included);
+# the evaluation keeps only questions whose modality_type is one of these strings.
+MODALITIES: Tuple[Modality, ...] = (
+    Modality("CT(Computed Tomography)", "CT", "CT scan"),
+    Modality("X-Ray", "X-ray", "Chest X-ray"),
+    Modality("MR (Mag-netic Resonance Imaging)", "MRI", "MRI scan"),
+    Modality("ultrasound", "ultrasound", "Ultrasound image"),
+    Modality("Dermoscopy", "dermoscopy", "Dermoscopy image"),
+    Modality("Fundus Photography", "fundus photography", "Fundus photograph"),
+    Modality("OCT (Optical Coherence Tomography", "OCT", "OCT scan"),
+    Modality("Microscopy Images", "microscopy", "Microscopy image"),
+)
+MODALITY_KEYS: Tuple[str, ...] = tuple(m.key for m in MODALITIES)
+
+KINDS: Tuple[str, ...] = ("nodule", "cyst", "mass", "calcification")
+LOCATIONS: Tuple[str, ...] = ("upper left", "upper right", "lower left", "lower right")
+SIZES: Tuple[str, ...] = ("small", "large")
+INTENSITIES: Tuple[str, ...] = ("bright", "dark")
+
+# (OmniMedVQA question_type, attribute, question text)
+QUESTION_TYPES: Tuple[Tuple[str, str, str], ...] = (
+    ("Modality Recognition", "modality", "What imaging modality was used to take this image?"),
+    ("Disease Diagnosis", "kind", "What kind of finding is seen in the image?"),
+    ("Anatomy Identification", "location", "Where is the lesion located?"),
+    ("Lesion Grading", "size", "How large is the lesion?"),
+    ("Other Biological Attributes", "intensity", "How does the lesion appear compared with its surroundings?"),
+)
+
+DATASET_NAME = "MedcapDemo"
+
+# Lesion geometry, as fractions of the image side. The centre sits 0.11-0.14 of the
+# side away from both middle lines, so with the demo's 16-pixel patches on 64-pixel
+# images a lesion lies inside one of the four central patches: the ViT then reads
+# location from *which* patch holds it and kind, size and intensity from its content.
+LESION_OFFSET = (0.135, 0.155)
+RADIUS_SMALL = 0.07
+RADIUS_LARGE = 0.12
+SPLIT_SEEDS = {"train": 1, "test": 2}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The attributes of one image; the caption and answers follow from them."""
+
+    modality: str  # a Modality.key
+    kind: str
+    location: str
+    size: str
+    intensity: str
+
+    @property
+    def modality_info(self) -> Modality:
+        return MODALITIES[MODALITY_KEYS.index(self.modality)]
+
+    def answer(self, attribute: str) -> str:
+        if attribute == "modality":
+            return self.modality_info.name
+        return getattr(self, attribute)
+
+
+def caption(f: Finding) -> str:
+    """The grammar: 'CT scan showing a large bright nodule in the upper left region.'"""
+    return f"{f.modality_info.phrase} showing a {f.size} {f.intensity} {f.kind} in the {f.location} region."
+
+
+def options_for(attribute: str, f: Finding, rng: np.random.Generator) -> List[str]:
+    """The answer options of a question (the right one among them), shuffled."""
+    right = f.answer(attribute)
+    if attribute == "modality":
+        others = [m.name for m in MODALITIES if m.name != right]
+        pool = [right] + list(rng.choice(others, size=3, replace=False))
+    else:
+        pool = list({"kind": KINDS, "location": LOCATIONS, "size": SIZES, "intensity": INTENSITIES}[attribute])
+    order = rng.permutation(len(pool))
+    return [str(pool[i]) for i in order]
+
+
+# ---------------------------------------------------------------------------- images
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in [0, 1]: random values on a coarse grid, bilinearly upsampled."""
+    grid = rng.random((cells + 1, cells + 1))
+    x = np.linspace(0, cells, size)
+    i = np.minimum(x.astype(int), cells - 1)
+    t = x - i
+    rows = grid[i] * (1 - t)[:, None] + grid[i + 1] * t[:, None]  # [size, cells+1]
+    return rows[:, i] * (1 - t)[None, :] + rows[:, i + 1] * t[None, :]  # [size, size]
+
+
+def _background(key: str, rng: np.random.Generator, s: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The modality's look: an RGB float image in [0, 1] and the mask of the
+    'tissue' where a finding may sit."""
+    yy, xx = np.mgrid[0:s, 0:s] / (s - 1)  # [s, s] each, in [0, 1]
+    noise = _smooth_noise(rng, s, 6)
+    fine = rng.random((s, s))
+    full = np.ones((s, s), bool)
+    if key.startswith("CT"):
+        # a grey body ellipse with a bright rim (bone) on black
+        r = ((xx - 0.5) / 0.48) ** 2 + ((yy - 0.5) / 0.44) ** 2
+        g = np.where(r < 1, 0.45 + 0.1 * noise, 0.02)
+        g = np.where((r > 0.82) & (r < 1), 0.85, g)
+        return np.repeat(g[..., None], 3, -1), r < 0.8
+    if key == "X-Ray":
+        # vertical gradient with horizontal rib bands
+        ribs = 0.12 * (np.sin(yy * 2 * math.pi * 5 + rng.random() * 6) > 0.6)
+        g = 0.25 + 0.25 * np.abs(xx - 0.5) * 2 + ribs + 0.06 * noise
+        return np.repeat(g[..., None], 3, -1), full
+    if key.startswith("MR"):
+        # a soft, evenly grey head with a darker ring of fluid
+        r = ((xx - 0.5) / 0.46) ** 2 + ((yy - 0.5) / 0.48) ** 2
+        g = np.where(r < 1, 0.5 + 0.15 * noise, 0.0)
+        g = np.where((r > 0.75) & (r < 0.9), 0.25, g)
+        return np.repeat(g[..., None], 3, -1), r < 0.72
+    if key == "ultrasound":
+        # a speckled fan on black
+        ang = np.arctan2(xx - 0.5, yy + 0.3)
+        rad = np.hypot(xx - 0.5, yy + 0.3)
+        fan = (np.abs(ang) < 0.8) & (rad < 1.2)
+        g = np.where(fan, 0.3 + 0.25 * fine * noise + 0.1 * noise, 0.0)
+        return np.repeat(g[..., None], 3, -1), fan
+    if key == "Dermoscopy":
+        # skin tone with a vignette
+        base = np.array([0.85, 0.62, 0.5])
+        vign = 1 - 0.5 * (((xx - 0.5) ** 2 + (yy - 0.5) ** 2) * 2)
+        img = base[None, None] * (vign * (0.9 + 0.1 * noise))[..., None]
+        return img, full
+    if key == "Fundus Photography":
+        # an orange disc with dark red vessels on black
+        r = np.hypot(xx - 0.5, yy - 0.5)
+        disc = r < 0.49
+        img = np.zeros((s, s, 3))
+        img[disc] = [0.8, 0.35, 0.1]
+        phase = rng.random() * 6
+        vessels = (np.abs(np.sin((xx * 3 + yy * 2) * 4 + phase)) < 0.12) & disc
+        img[vessels] = [0.5, 0.1, 0.05]
+        img *= (0.9 + 0.1 * noise)[..., None]
+        return img, r < 0.46
+    if key.startswith("OCT"):
+        # horizontal retinal layers, wavy
+        wave = 0.06 * np.sin(xx * 2 * math.pi + rng.random() * 6)
+        layers = np.sin((yy + wave) * 2 * math.pi * 4)
+        g = 0.35 + 0.2 * layers + 0.08 * noise
+        img = np.stack([g * 0.8, g * 0.9, g], -1)
+        return img, full
+    if key == "Microscopy Images":
+        # pink tissue with purple nuclei
+        img = np.empty((s, s, 3))
+        img[:] = [0.9, 0.7, 0.82]
+        img *= (0.92 + 0.08 * noise)[..., None]
+        for _ in range(14):
+            cy, cx = rng.random(2) * s
+            m = (yy * (s - 1) - cy) ** 2 + (xx * (s - 1) - cx) ** 2 < (s / 32) ** 2
+            img[m] = [0.55, 0.4, 0.7]
+        return img, full
+    raise KeyError(key)
+
+
+def _lesion_mask(kind: str, cy: float, cx: float, radius: float, s: int, rng: np.random.Generator) -> np.ndarray:
+    yy, xx = np.mgrid[0:s, 0:s].astype(float)
+    d = np.hypot(yy - cy, xx - cx)
+    if kind == "nodule":  # a filled disc
+        return d <= radius
+    if kind == "cyst":  # a ring with a hollow centre
+        return (d <= radius) & (d >= radius * 0.55)
+    if kind == "mass":  # a filled, flat ellipse
+        return ((yy - cy) / (radius * 0.5)) ** 2 + ((xx - cx) / (radius * 1.2)) ** 2 <= 1
+    if kind == "calcification":  # a cluster of separate specks
+        m = np.zeros((s, s), bool)
+        for k in range(4):
+            a = 2 * math.pi * k / 4 + math.pi / 4 + rng.normal(0, 0.15)
+            py, px = cy + radius * 0.7 * math.sin(a), cx + radius * 0.7 * math.cos(a)
+            m |= np.hypot(yy - py, xx - px) <= max(1.0, radius * 0.22)
+        return m
+    raise KeyError(kind)
+
+
+def render(f: Finding, rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """Draw one image of finding ``f`` as uint8 ``[size, size, 3]``."""
+    img, tissue = _background(f.modality, rng, size)
+    radius = size * (RADIUS_SMALL if f.size == "small" else RADIUS_LARGE) * (0.95 + 0.1 * rng.random())
+    vert, horiz = f.location.split()
+    # the lesion centre: inside its quadrant, away from the image's middle lines
+    lo, hi = LESION_OFFSET
+    cy = size * (0.5 - (lo + (hi - lo) * rng.random()) * (1 if vert == "upper" else -1)) - 0.5
+    cx = size * (0.5 - (lo + (hi - lo) * rng.random()) * (1 if horiz == "left" else -1)) - 0.5
+    mask = _lesion_mask(f.kind, cy, cx, radius, size, rng)
+    local = img[mask].mean(0) if mask.any() else img.mean((0, 1))
+    if f.intensity == "bright":
+        color = np.clip(local + 0.45, 0.75, 1.0)
+    else:
+        color = np.clip(local - 0.45, 0.0, 0.12)
+    img = img.copy()
+    img[mask] = color
+    img += rng.normal(0, 0.025, img.shape)  # sensor noise, so no two images are alike
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------- splits
+
+
+def sample_finding(rng: np.random.Generator, modalities: Sequence[str]) -> Finding:
+    return Finding(
+        modality=str(modalities[rng.integers(len(modalities))]),
+        kind=str(KINDS[rng.integers(len(KINDS))]),
+        location=str(LOCATIONS[rng.integers(len(LOCATIONS))]),
+        size=str(SIZES[rng.integers(len(SIZES))]),
+        intensity=str(INTENSITIES[rng.integers(len(INTENSITIES))]),
+    )
+
+
+def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, SPLIT_SEEDS[split], index])
+
+
+def make_split(
+    root: str | Path,
+    split: str,
+    n: int,
+    *,
+    image_dir: str = "images",
+    seed: int = 0,
+    image_size: int = 64,
+    modalities: Sequence[str] = MODALITY_KEYS,
+) -> List[Dict]:
+    """Draw ``n`` images of ``split`` ("train" or "test") into ``root/image_dir/``.
+
+    Modalities are balanced (image ``i`` has modality ``i % len(modalities)``).
+    Returns one record per image: ``image`` (path relative to ``root``),
+    ``caption`` and the finding's attributes.
+    """
+    from PIL import Image
+
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
+    bad = [m for m in modalities if m not in MODALITY_KEYS]
+    if bad:
+        raise ValueError(f"unknown modalities {bad}; choose from {list(MODALITY_KEYS)}")
+    out = Path(root)
+    img_dir = out / image_dir
+    img_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        rng = _image_rng(seed, split, i)
+        f = sample_finding(rng, modalities)
+        f = Finding(modalities[i % len(modalities)], f.kind, f.location, f.size, f.intensity)
+        rel = f"{image_dir}/{split}_{i:05d}.png"
+        Image.fromarray(render(f, rng, image_size), "RGB").save(out / rel)
+        records.append({"image": rel, "caption": caption(f), **asdict(f)})
+    return records
+
+
+def sharegpt_records(records: Sequence[Dict], image_root: str | Path, num_placeholders: int) -> List[Dict]:
+    """Caption samples in the reference's sharegpt layout (placeholders only in the human turn)."""
+    root = str(Path(image_root).resolve())
+    return [
+        {
+            "conversations": [
+                {"from": "human", "value": PLACEHOLDER_CHAR * num_placeholders},
+                {"from": "gpt", "value": r["caption"]},
+            ],
+            "image": r["image"],
+            "meta": f"dir={root}",
+        }
+        for r in records
+    ]
+
+
+def omnimedvqa_questions(
+    records: Sequence[Dict], *, seed: int = 0, per_image: int = 2, image_prefix: str = ""
+) -> List[Dict]:
+    """Multiple-choice questions in OmniMedVQA's JSON layout, ``per_image`` per image,
+    each about a different attribute. ``image_prefix`` is prepended to the image path
+    (paths are relative to the ``OmniMedVQA/`` folder)."""
+    out = []
+    for i, r in enumerate(records):
+        rng = np.random.default_rng([seed, 7, i])
+        f = Finding(r["modality"], r["kind"], r["location"], r["size"], r["intensity"])
+        for qi in rng.choice(len(QUESTION_TYPES), size=min(per_image, len(QUESTION_TYPES)), replace=False):
+            qtype, attribute, question = QUESTION_TYPES[qi]
+            opts = options_for(attribute, f, rng)
+            q = {
+                "question_id": f"{DATASET_NAME}_{i:05d}_{attribute}",
+                "dataset": DATASET_NAME,
+                "question_type": qtype,
+                "question": question,
+                "gt_answer": f.answer(attribute),
+                "image_path": image_prefix + r["image"],
+            }
+            for letter, opt in zip("ABCD", opts):
+                q[f"option_{letter}"] = opt
+            q["modality_type"] = f.modality
+            out.append(q)
+    return out
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Write JSON atomically (a half-written file never looks finished)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
+    tmp.replace(path)
+    return path
+
+
+def write_world(out_dir: str | Path, settings) -> Dict[str, str]:
+    """Write the demo's world under ``out_dir`` (``settings``: a ``DemoSettings``):
+
+    * ``train.json``: sharegpt captions of the training images (``images/train/``);
+    * ``OmniMedVQA/Images/MedcapDemo/``: the held-out test images, which serve both
+      ``test.json`` (sharegpt captions, for ``test_metrics``) and
+      ``OmniMedVQA/QA_information/Open-access/MedcapDemo.json`` (questions, for
+      ``test_omnimedvqa`` with ``dataset_source`` = ``out_dir``);
+    * ``world.json``: the attributes of every image, for the report.
+    """
+    out = Path(out_dir)
+    n_ph = settings.num_image_tokens
+    from tqdm import tqdm
+
+    bar = tqdm(total=2, desc="world", unit="split")
+    train = make_split(out, "train", settings.n_train, seed=settings.seed, image_size=settings.image_size,
+                       image_dir="images/train")
+    bar.update(1)
+    omni = out / "OmniMedVQA"
+    test = make_split(omni, "test", settings.n_test, seed=settings.seed, image_size=settings.image_size,
+                      image_dir=f"Images/{DATASET_NAME}")
+    bar.update(1)
+    bar.close()
+    paths = {
+        "train": write_json(out / "train.json", sharegpt_records(train, out, n_ph)),
+        "test": write_json(out / "test.json", sharegpt_records(test, omni, n_ph)),
+        "questions": write_json(
+            omni / "QA_information" / "Open-access" / f"{DATASET_NAME}.json",
+            omnimedvqa_questions(test, seed=settings.seed, per_image=settings.questions_per_image),
+        ),
+        "world": write_json(out / "world.json", {"train": train, "test": test}),
+    }
+    return {k: str(v) for k, v in paths.items()}
