@@ -40,8 +40,10 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                    help="with --device cuda: use the CPU sizes instead of the 8B ones (a smoke run of the cuda path)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (median reported)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice, or 1 when the load average exceeds the cores)")
+                   help="torch CPU threads (CPU default: 1, steady on a shared machine; 2 to use both cores of an idle one)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="auto: float32 on the CPU (exact comparisons), bfloat16 on CUDA")
     p.add_argument("--bandwidth-gbs", type=float, default=None,
                    help="GPU memory bandwidth in GB/s (default: from the GPU's name, see GPU_SPECS)")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -53,27 +55,20 @@ def setup(args) -> tuple[torch.device, torch.dtype]:
     """The device and dtype a run uses: fp32 on the CPU (exact comparisons), bf16 on CUDA."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    elif args.device == "cpu" and _oversubscribed():
-        # Other processes hold the cores: OpenMP threads then wait for each other's
-        # time slices at every op, and small decode-step ops take milliseconds instead
-        # of microseconds (measured here: 5x slower with 2 threads than with 1).
+    elif args.device == "cpu":
+        # One thread unless asked: on a shared machine, OpenMP threads wait for each
+        # other's time slices at every op, and a decode step's small ops take
+        # milliseconds instead of microseconds (measured here: 2 threads 5x slower than
+        # 1 under load). One thread keeps the figures steady; --threads 2 on a quiet box.
         torch.set_num_threads(1)
-        log("the machine is busy (load average above its cores): using 1 torch thread (--threads to override)")
     torch.manual_seed(args.seed)
     if args.device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda asked for, but torch sees no CUDA device (run with --device cpu)")
         torch.backends.cuda.matmul.allow_tf32 = True
-        return torch.device("cuda"), torch.bfloat16
+        return torch.device("cuda"), torch.float32 if args.dtype == "float32" else torch.bfloat16
     configure_cpu_allocator()
-    return torch.device("cpu"), torch.float32
-
-
-def _oversubscribed() -> bool:
-    try:
-        return os.getloadavg()[0] > (os.cpu_count() or 1)
-    except OSError:  # pragma: no cover - not on Linux
-        return False
+    return torch.device("cpu"), torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
 
 
 def real_sizes(args) -> bool:
@@ -381,6 +376,12 @@ GPU_SPECS: Dict[str, Dict[str, float]] = {
 }
 
 
+def wants_limits(args, device: torch.device) -> bool:
+    """Limits are reported on CUDA, and on the CPU when ``--bandwidth-gbs`` or
+    ``--peak-tflops`` give the machine's own figures."""
+    return device.type == "cuda" or bool(args.bandwidth_gbs or args.peak_tflops)
+
+
 def gpu_limits(args, device: torch.device) -> Dict[str, Any]:
     """Memory bandwidth (bytes/s) and bf16 peak (FLOP/s): from the arguments, else
     from the first ``GPU_SPECS`` name found in the device's name (longest names first)."""
@@ -406,7 +407,8 @@ def gpu_limits(args, device: torch.device) -> Dict[str, Any]:
 
 
 def build_model(dims: LlamaDims, *, num_image_tokens: int, device: torch.device, dtype: torch.dtype,
-                seed: int, real_vision: bool = False, max_seq_len: int = 4096, vision: Optional[dict] = None):
+                seed: int, real_vision: bool = False, max_seq_len: int = 4096, vision: Optional[dict] = None,
+                image_token_id: Optional[int] = None):
     """A Llama-3.1-architecture :class:`MedcapModel` with random weights, built
     directly on ``device`` in ``dtype`` (an 8B model is never materialised in fp32
     on the host). ``real_vision`` gives BiomedCLIP's tower and the 4096-wide projector."""
@@ -442,7 +444,7 @@ def build_model(dims: LlamaDims, *, num_image_tokens: int, device: torch.device,
                 embed_dim=dims.embed_dim,
                 num_image_tokens=num_image_tokens,
                 projector_hidden_dim=hidden,
-                image_token_id=dims.vocab_size,
+                image_token_id=dims.vocab_size if image_token_id is None else image_token_id,
             )
     finally:
         torch.set_default_dtype(prev)

@@ -45,6 +45,7 @@ from _common import (
     decode_weight_bytes,
     emit,
     gpu_limits,
+    wants_limits,
     interleaved,
     log,
     machine_info,
@@ -337,7 +338,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     result["outputs_compared"] = {n: sorted(outputs[n]) for n in names}
     result["distinct_tokens_in_outputs"] = len({t for d in outputs.values() for o in d.values() for t in o})
 
-    if device.type == "cuda":
+    if wants_limits(args, device):
         lim = gpu_limits(args, device)
         wbytes = decode_weight_bytes(dims, torch.finfo(dtype).bits // 8)
         result["limits"] = {**lim, "weight_bytes_per_decode_step": wbytes}

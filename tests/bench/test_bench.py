@@ -20,7 +20,7 @@ import _common  # noqa: E402
 
 def _run(script: str, *args: str) -> dict:
     proc = subprocess.run(
-        [sys.executable, str(BENCH / script), "--quick", "--threads", "1", *args],
+        [sys.executable, str(BENCH / script), "--quick", *args],
         capture_output=True, text=True, timeout=600, cwd=BENCH.parent,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
