@@ -80,7 +80,10 @@ def prefill(
 def decode_one_token(model: nn.Module, token: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """One cached step: ``token [b, 1]`` at positions ``pos [b, 1]`` with ``mask
     [b, 1, cache_len]`` -> logits ``[b, V]``."""
-    h = model.hidden_states(token, mask=mask, input_pos=pos)  # [b, 1, d]
+    # Decoded tokens come from the vocabulary, never the image id (one past it), so the
+    # placeholder check and the masked splice would only cost a host sync per step.
+    embeds = model.tok_embeddings(token)  # [b, 1, d]
+    h = model.hidden_states(token, embeds=embeds, mask=mask, input_pos=pos)  # [b, 1, d]
     return model.logits(h[:, -1])
 
 
