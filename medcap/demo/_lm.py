@@ -82,8 +82,9 @@ def random_finding(rng: np.random.Generator, modalities: Sequence[str]) -> Findi
     )
 
 
-def conversation(task: str, f: Finding, rng: np.random.Generator) -> List[Dict[str, str]]:
-    """One pretraining conversation (role/content dicts) of ``task`` about finding ``f``."""
+def conversation(task: str, f: Finding, rng: np.random.Generator, shuffle_options: bool = False) -> List[Dict[str, str]]:
+    """One pretraining conversation (role/content dicts) of ``task`` about finding ``f``
+    (``shuffle_options``: as the world's questions, see ``options_for``)."""
     from medcap.eval import letter_prompt
 
     if task == "describe":
@@ -97,7 +98,7 @@ def conversation(task: str, f: Finding, rng: np.random.Generator) -> List[Dict[s
             {"role": "assistant", "content": f.answer(attribute)},
         ]
     if task == "choose":
-        opts = options_for(attribute, f, rng)
+        opts = options_for(attribute, f, rng, shuffle=shuffle_options)
         # "our answer" is any one of the options, so the LM learns to name the option
         # the answer says, not to guess the right one
         pick = int(rng.integers(len(opts)))
@@ -121,11 +122,15 @@ def corpus_texts(modalities: Sequence[str], n: int = 600, seed: int = 0) -> List
 
 
 def sample_tasks(
-    n: int, modalities: Sequence[str], rng: np.random.Generator, weights: Sequence[float] = (0.35, 0.35, 0.3)
+    n: int,
+    modalities: Sequence[str],
+    rng: np.random.Generator,
+    weights: Sequence[float] = (0.3, 0.3, 0.4),
+    shuffle_options: bool = False,
 ) -> List[List[Dict[str, str]]]:
     p = np.asarray(weights, float) / np.sum(weights)
     tasks = rng.choice(len(TASKS), size=n, p=p)
-    return [conversation(TASKS[t], random_finding(rng, modalities), rng) for t in tasks]
+    return [conversation(TASKS[t], random_finding(rng, modalities), rng, shuffle_options) for t in tasks]
 
 
 def tokenize_for_lm(tokenizer, conversations: Sequence[List[Dict[str, str]]]):
@@ -182,6 +187,8 @@ def pretrain(
     batch_size: int = 64,
     lr: float = 3e-3,
     seed: int = 0,
+    shuffle_options: bool = False,
+    weights: Sequence[float] = (0.3, 0.3, 0.4),
     progress: bool = True,
     log: Optional[Callable[[int, float], None]] = None,
 ):
@@ -202,7 +209,7 @@ def pretrain(
     losses: List[float] = []
     bar = tqdm(range(steps), desc="LM pretraining (text only)", disable=not progress, unit="step")
     for step in bar:
-        pairs = tokenize_for_lm(tokenizer, sample_tasks(batch_size, modalities, rng))
+        pairs = tokenize_for_lm(tokenizer, sample_tasks(batch_size, modalities, rng, weights, shuffle_options))
         tokens, labels = _batch(pairs, tokenizer.pad_id)
         loss = lm_loss(decoder, tokens, labels)
         opt.zero_grad(set_to_none=True)
@@ -266,14 +273,16 @@ def greedy_reply(decoder, tokenizer, messages: Sequence[Dict[str, str]], max_new
     return tokenizer.decode(out).strip()
 
 
-def evaluate_text(decoder, tokenizer, modalities: Sequence[str], n: int = 60, seed: int = 99) -> Dict[str, float]:
+def evaluate_text(
+    decoder, tokenizer, modalities: Sequence[str], n: int = 60, seed: int = 99, shuffle_options: bool = False
+) -> Dict[str, float]:
     """Exact-match rate of each task on fresh text conversations (the LM alone)."""
     rng = np.random.default_rng([seed, 17])
     out = {}
     for task in TASKS:
         hits = 0
         for _ in range(n):
-            conv = conversation(task, random_finding(rng, modalities), rng)
+            conv = conversation(task, random_finding(rng, modalities), rng, shuffle_options)
             hits += int(greedy_reply(decoder, tokenizer, conv[:-1]) == conv[-1]["content"])
         out[task] = hits / n
     return out
@@ -302,11 +311,12 @@ def pretrain_and_save(llm_dir: str | Path, settings, *, progress: bool = True) -
     t0 = time.perf_counter()
     decoder, losses = pretrain(
         tok, sizes, MODALITY_KEYS, steps=settings.lm_steps, batch_size=settings.lm_batch_size,
-        lr=settings.lm_lr, seed=settings.seed, progress=progress,
+        lr=settings.lm_lr, seed=settings.seed, shuffle_options=bool(settings.shuffle_options), progress=progress,
     )
     train_seconds = time.perf_counter() - t0
     save_hf(decoder, sizes, llm)
-    checks = evaluate_text(decoder, tok, MODALITY_KEYS, n=20 if settings.lm_steps >= 100 else 2)
+    checks = evaluate_text(decoder, tok, MODALITY_KEYS, n=20 if settings.lm_steps >= 100 else 2,
+                           shuffle_options=bool(settings.shuffle_options))
     log = {"sizes": asdict(sizes), "steps": settings.lm_steps, "batch_size": settings.lm_batch_size,
            "train_seconds": train_seconds, "losses": losses, "text_exact_match": checks}
     (llm / "pretrain.json").write_text(json.dumps(log, indent=1))

@@ -60,18 +60,19 @@ class DemoSettings:
     """Everything that shapes the demo's results (``key=value`` on the command line)."""
 
     seed: int = 0
-    n_train: int = 3000  # training images (captions)
+    n_train: int = 5000  # training images (captions)
     n_test: int = 240  # held-out images (captions and questions)
     questions_per_image: int = 2
+    shuffle_options: int = 0  # 1: shuffled options as in OmniMedVQA (too hard for the tiny LM's letter mapping)
     image_size: int = 64
     num_image_tokens: int = 8  # placeholders per image in the JSON files (the configs' model.num_image_tokens)
     bpe_merges: int = 244  # 256 + 244 + 12 special tokens = vocabulary 512, as demo/*.yaml say
     lm_layers: int = 4
     lm_dim: int = 128
-    lm_steps: int = 400
-    lm_batch_size: int = 48
+    lm_steps: int = 300
+    lm_batch_size: int = 32
     lm_lr: float = 3e-3
-    train_epochs: int = 4
+    train_epochs: int = 8
     train_max_steps_per_epoch: Optional[int] = None
     eval_batch_size: int = 64
     threads: int = 0  # torch threads in every stage; 0: automatic
@@ -151,6 +152,7 @@ class Demo:
     settings: DemoSettings
     force: bool = False
     only: Optional[str] = None
+    quick: bool = False
     overrides: Dict[str, List[str]] = field(default_factory=dict)  # extra key=value per recipe stage
 
     def __post_init__(self):
@@ -168,9 +170,10 @@ class Demo:
         s = asdict(self.settings)
         s.pop("threads")  # speed, not results
         keys = {
-            "world": ["seed", "n_train", "n_test", "questions_per_image", "image_size", "num_image_tokens"],
+            "world": ["seed", "n_train", "n_test", "questions_per_image", "image_size", "num_image_tokens",
+                      "shuffle_options"],
             "tokenizer": ["bpe_merges"],
-            "lm": ["seed", "lm_layers", "lm_dim", "lm_steps", "lm_batch_size", "lm_lr"],
+            "lm": ["seed", "lm_layers", "lm_dim", "lm_steps", "lm_batch_size", "lm_lr", "shuffle_options"],
             "train": ["train_epochs", "train_max_steps_per_epoch"],
         }.get(stage, ["eval_batch_size"])
         return {k: s[k] for k in keys}
@@ -203,7 +206,17 @@ class Demo:
 
     # -------------------------------------------------- commands
     def _demo_command(self, stage: str) -> str:
-        return shlex.join(["medcap", "demo", "--out", str(self.out), "--stage", stage])
+        """``medcap demo --stage STAGE`` with the settings this demo runs with (those
+        that differ from the defaults), so that the line reruns exactly this stage."""
+        base = DemoSettings.quick() if self.quick else DemoSettings()
+        args = ["medcap", "demo", "--out", str(self.out)] + (["--quick"] if self.quick else []) + ["--stage", stage]
+        for f in fields(DemoSettings):
+            v = getattr(self.settings, f.name)
+            if v != getattr(base, f.name) and f.name != "threads":
+                args.append(f"{f.name}={'null' if v is None else v}")
+        for st, extra in self.overrides.items():
+            args += [f"{st}.{o}" for o in extra]
+        return shlex.join(args)
 
     def recipe_args(self, stage: str) -> List[str]:
         """``RECIPE --config CONFIG key=value ...`` of a recipe stage."""
@@ -345,17 +358,22 @@ class Demo:
         print_summary(summary)
 
 
+def _f(v: Any) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def print_summary(summary: Dict[str, Any]) -> None:
     t, c = summary.get("trained", {}), summary.get("control", {})
     lines = [
         "",
         "medcap demo results (held-out images)",
         f"  {'':28s}{'trained':>10s}{'control':>10s}{'target':>10s}",
-        f"  {'CIDEr':28s}{t.get('CIDEr', float('nan')):>10.3f}{c.get('CIDEr', float('nan')):>10.3f}{'>= ' + str(TARGETS['CIDEr']):>10s}",
-        f"  {'OmniMedVQA macro accuracy':28s}{t.get('macro_accuracy', float('nan')):>10.3f}"
-        f"{c.get('macro_accuracy', float('nan')):>10.3f}{'>= ' + str(TARGETS['macro_accuracy']):>10s}",
-        f"  chance accuracy {summary.get('chance_accuracy', float('nan')):.3f}; "
-        f"targets met: {summary.get('targets_met')}",
+        f"  {'CIDEr':28s}{_f(t.get('CIDEr')):>10s}{_f(c.get('CIDEr')):>10s}{'>= ' + str(TARGETS['CIDEr']):>10s}",
+        f"  {'OmniMedVQA macro accuracy':28s}{_f(t.get('macro_accuracy')):>10s}"
+        f"{_f(c.get('macro_accuracy')):>10s}{'>= ' + str(TARGETS['macro_accuracy']):>10s}",
+        f"  {'caption exact match':28s}{_f(t.get('caption_exact_match')):>10s}{_f(c.get('caption_exact_match')):>10s}",
+        f"  chance: accuracy {_f(summary.get('chance_accuracy'))}, CIDEr {_f(summary.get('chance_CIDEr'))} "
+        f"(captions of other test images); targets met: {summary.get('targets_met')}",
         f"  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary.get("seconds", {}).items()),
         "",
         "rerun any stage with its command (append key=value to change it):",
@@ -424,7 +442,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     base = DemoSettings.quick() if args.quick else DemoSettings()
     settings, overrides = _parse_settings(args.settings, base)
-    demo = Demo(Path(args.out), settings, force=args.force, only=args.stage, overrides=overrides)
+    demo = Demo(Path(args.out), settings, force=args.force, only=args.stage, quick=args.quick, overrides=overrides)
     try:
         demo.run()
     except KeyboardInterrupt:

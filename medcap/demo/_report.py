@@ -38,16 +38,55 @@ def read_eval(folder: Path) -> Dict[str, Any]:
         out["captioning"] = read_metrics_csv(m)
         out["CIDEr"] = out["captioning"].get("CIDEr", float("nan"))
         out["metrics_file"] = str(m)
+        out["caption_exact_match"] = caption_exact_match(folder)
     j = _one(folder, "omnimedvqa-*-modality.json")
     if j is not None:
         data = json.loads(j.read_text(encoding="utf-8"))
         out["macro_accuracy"] = float(data["macro_accuracy"])
         out["per_modality"] = {k: float(v["accuracy"]) for k, v in data["per_modality"].items()}
         out["vqa_file"] = str(j)
+        out["scoring"] = data.get("scoring")
         scored = j.with_name(j.name[: -len("-modality.json")] + ".csv")
         if scored.exists():
             out["per_question_type"] = _accuracy_by_question_type(scored)
     return out
+
+
+def caption_exact_match(folder: Path) -> Optional[float]:
+    """Share of test images whose generated caption equals the reference exactly."""
+    raw = _one(folder, "metrics-raw-*.csv")
+    if raw is None:
+        return None
+    with open(raw, encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return sum(r["output"].strip() == r["generated"].strip() for r in rows) / len(rows) if rows else None
+
+
+def chance_cider(test_json: Path, seed: int = 0) -> Optional[float]:
+    """CIDEr of every test caption scored against the caption of another test image
+    (a fixed derangement): what a model that ignores the image scores on this world's
+    templated captions. pycocoevalcap's PTB tokenizer and CIDEr, as test_metrics."""
+    import random
+
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    recs = json.loads(test_json.read_text(encoding="utf-8"))
+    refs = [r["conversations"][1]["value"] for r in recs]
+    if len(refs) < 2:
+        return None
+    order = list(range(len(refs)))
+    random.Random(seed).shuffle(order)
+    cands = [refs[order[(order.index(i) + 1) % len(order)]] for i in range(len(refs))]  # never itself
+    tok = PTBTokenizer()
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gts = tok.tokenize({i: [{"caption": r}] for i, r in enumerate(refs)})
+        res = tok.tokenize({i: [{"caption": c}] for i, c in enumerate(cands)})
+        score, _ = Cider().compute_score(gts, res)
+    return float(score)
 
 
 def _accuracy_by_question_type(scored_csv: Path) -> Dict[str, float]:
@@ -100,6 +139,11 @@ def collect_summary(demo) -> Dict[str, Any]:
     chance = chance_accuracy(questions) if questions.exists() else float("nan")
     lm_log = demo.llm / "pretrain.json"
     lm = json.loads(lm_log.read_text()) if lm_log.exists() else {}
+    try:
+        cider_chance = chance_cider(demo.world / "test.json") if (demo.world / "test.json").exists() else None
+    except Exception as e:  # Java missing, ...: the baseline is extra, the run's metrics are not
+        print(f"chance CIDEr not computed: {type(e).__name__}: {e}", flush=True)
+        cider_chance = None
     met = bool(
         trained.get("CIDEr", 0) >= TARGETS["CIDEr"] and trained.get("macro_accuracy", 0) >= TARGETS["macro_accuracy"]
     )
@@ -113,6 +157,7 @@ def collect_summary(demo) -> Dict[str, Any]:
         "targets": TARGETS,
         "targets_met": met,
         "chance_accuracy": _clean(chance),
+        "chance_CIDEr": cider_chance,
         "lm_text_exact_match": lm.get("text_exact_match"),
         "lm_sizes": lm.get("sizes"),
         "seconds": seconds,

@@ -30,7 +30,7 @@ class Modality:
     """One imaging modality of the world."""
 
     key: str  # OmniMedVQA's exact ``modality_type`` string
-    name: str  # the short name used in answers ("CT")
+    name: str  # the name used in answers and options ("CT"); the caption contains it
     phrase: str  # how a caption opens ("CT scan")
 
 
@@ -40,13 +40,15 @@ MODALITIES: Tuple[Modality, ...] = (
     Modality("CT(Computed Tomography)", "CT", "CT scan"),
     Modality("X-Ray", "X-ray", "Chest X-ray"),
     Modality("MR (Mag-netic Resonance Imaging)", "MRI", "MRI scan"),
-    Modality("ultrasound", "ultrasound", "Ultrasound image"),
-    Modality("Dermoscopy", "dermoscopy", "Dermoscopy image"),
-    Modality("Fundus Photography", "fundus photography", "Fundus photograph"),
+    Modality("ultrasound", "Ultrasound", "Ultrasound image"),
+    Modality("Dermoscopy", "Dermoscopy", "Dermoscopy image"),
+    Modality("Fundus Photography", "Fundus photography", "Fundus photography"),
     Modality("OCT (Optical Coherence Tomography", "OCT", "OCT scan"),
-    Modality("Microscopy Images", "microscopy", "Microscopy image"),
+    Modality("Microscopy Images", "Microscopy", "Microscopy image"),
 )
 MODALITY_KEYS: Tuple[str, ...] = tuple(m.key for m in MODALITIES)
+# Modality questions offer the four modalities of the answer's family.
+MODALITY_GROUPS: Tuple[Tuple[str, ...], ...] = (MODALITY_KEYS[:4], MODALITY_KEYS[4:])
 
 KINDS: Tuple[str, ...] = ("nodule", "cyst", "mass", "calcification")
 LOCATIONS: Tuple[str, ...] = ("upper left", "upper right", "lower left", "lower right")
@@ -69,8 +71,8 @@ DATASET_NAME = "MedcapDemo"
 # images a lesion lies inside one of the four central patches: the ViT then reads
 # location from *which* patch holds it and kind, size and intensity from its content.
 LESION_OFFSET = (0.135, 0.155)
-RADIUS_SMALL = 0.07
-RADIUS_LARGE = 0.12
+RADIUS_SMALL = 0.085
+RADIUS_LARGE = 0.14
 SPLIT_SEEDS = {"train": 1, "test": 2}
 
 
@@ -99,16 +101,30 @@ def caption(f: Finding) -> str:
     return f"{f.modality_info.phrase} showing a {f.size} {f.intensity} {f.kind} in the {f.location} region."
 
 
-def options_for(attribute: str, f: Finding, rng: np.random.Generator) -> List[str]:
-    """The answer options of a question (the right one among them), shuffled."""
+def options_for(attribute: str, f: Finding, rng: np.random.Generator, shuffle: bool = False) -> List[str]:
+    """The answer options of a question about ``attribute`` (the right one among them).
+
+    By default they come in a fixed order per question type (modality questions offer
+    the four modalities of the answer's family), so the letter of an answer is always
+    the same: the demo's tiny LM then learns the reference's letter-mapping chat from
+    a few hundred examples. ``shuffle=True`` draws three other modalities at random and
+    shuffles every list, as OmniMedVQA does; mapping an answer to its letter then means
+    matching text across the prompt, which the 8B LLM does and the tiny LM does not
+    learn within the demo's time.
+    """
     right = f.answer(attribute)
     if attribute == "modality":
-        others = [m.name for m in MODALITIES if m.name != right]
-        pool = [right] + list(rng.choice(others, size=3, replace=False))
+        if shuffle:
+            others = [m.name for m in MODALITIES if m.name != right]
+            pool = [right] + [str(x) for x in rng.choice(others, size=3, replace=False)]
+        else:
+            group = next(g for g in MODALITY_GROUPS if f.modality in g)
+            pool = [MODALITIES[MODALITY_KEYS.index(k)].name for k in group]
     else:
         pool = list({"kind": KINDS, "location": LOCATIONS, "size": SIZES, "intensity": INTENSITIES}[attribute])
-    order = rng.permutation(len(pool))
-    return [str(pool[i]) for i in order]
+    if shuffle:
+        pool = [pool[i] for i in rng.permutation(len(pool))]
+    return [str(x) for x in pool]
 
 
 # ---------------------------------------------------------------------------- images
@@ -198,15 +214,15 @@ def _lesion_mask(kind: str, cy: float, cx: float, radius: float, s: int, rng: np
     if kind == "nodule":  # a filled disc
         return d <= radius
     if kind == "cyst":  # a ring with a hollow centre
-        return (d <= radius) & (d >= radius * 0.55)
+        return (d <= radius) & (d >= radius * 0.5)
     if kind == "mass":  # a filled, flat ellipse
         return ((yy - cy) / (radius * 0.5)) ** 2 + ((xx - cx) / (radius * 1.2)) ** 2 <= 1
     if kind == "calcification":  # a cluster of separate specks
         m = np.zeros((s, s), bool)
         for k in range(4):
             a = 2 * math.pi * k / 4 + math.pi / 4 + rng.normal(0, 0.15)
-            py, px = cy + radius * 0.7 * math.sin(a), cx + radius * 0.7 * math.cos(a)
-            m |= np.hypot(yy - py, xx - px) <= max(1.0, radius * 0.22)
+            py, px = cy + radius * 0.75 * math.sin(a), cx + radius * 0.75 * math.cos(a)
+            m |= np.hypot(yy - py, xx - px) <= max(1.2, radius * 0.25)
         return m
     raise KeyError(kind)
 
@@ -303,7 +319,7 @@ def sharegpt_records(records: Sequence[Dict], image_root: str | Path, num_placeh
 
 
 def omnimedvqa_questions(
-    records: Sequence[Dict], *, seed: int = 0, per_image: int = 2, image_prefix: str = ""
+    records: Sequence[Dict], *, seed: int = 0, per_image: int = 2, image_prefix: str = "", shuffle_options: bool = False
 ) -> List[Dict]:
     """Multiple-choice questions in OmniMedVQA's JSON layout, ``per_image`` per image,
     each about a different attribute. ``image_prefix`` is prepended to the image path
@@ -314,7 +330,7 @@ def omnimedvqa_questions(
         f = Finding(r["modality"], r["kind"], r["location"], r["size"], r["intensity"])
         for qi in rng.choice(len(QUESTION_TYPES), size=min(per_image, len(QUESTION_TYPES)), replace=False):
             qtype, attribute, question = QUESTION_TYPES[qi]
-            opts = options_for(attribute, f, rng)
+            opts = options_for(attribute, f, rng, shuffle=shuffle_options)
             q = {
                 "question_id": f"{DATASET_NAME}_{i:05d}_{attribute}",
                 "dataset": DATASET_NAME,
@@ -368,7 +384,8 @@ def write_world(out_dir: str | Path, settings) -> Dict[str, str]:
         "test": write_json(out / "test.json", sharegpt_records(test, omni, n_ph)),
         "questions": write_json(
             omni / "QA_information" / "Open-access" / f"{DATASET_NAME}.json",
-            omnimedvqa_questions(test, seed=settings.seed, per_image=settings.questions_per_image),
+            omnimedvqa_questions(test, seed=settings.seed, per_image=settings.questions_per_image,
+                                 shuffle_options=bool(settings.shuffle_options)),
         ),
         "world": write_json(out / "world.json", {"train": train, "test": test}),
     }

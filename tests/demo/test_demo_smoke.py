@@ -1,0 +1,66 @@
+"""A smoke run of the whole demo at tiny sizes (``medcap demo --quick``): every stage
+runs through the real recipes, summary.json holds every key, and a second run
+resumes (skips every finished stage)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+
+import pytest
+
+from medcap.demo import STAGES, main
+
+pytestmark = [pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    if shutil.which("java") is None:
+        pytest.skip("Java is needed for the captioning metrics (scripts/ensure_java.sh)")
+    out = tmp_path_factory.mktemp("demo")
+    rc = main(["--out", str(out), "--quick"])
+    assert rc == 0
+    return out
+
+
+def test_summary_has_every_key(quick_demo):
+    s = json.loads((quick_demo / "summary.json").read_text())
+    for who in ("trained", "control"):
+        assert set(s[who]) >= {"captioning", "CIDEr", "macro_accuracy", "per_modality", "caption_exact_match"}
+        assert set(s[who]["captioning"]) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
+        assert 0.0 <= s[who]["macro_accuracy"] <= 1.0
+    assert set(s["seconds"]) == set(STAGES) | {"total"}
+    assert abs(s["seconds"]["total"] - sum(v for k, v in s["seconds"].items() if k != "total")) < 0.5
+    assert set(s["commands"]) == set(STAGES)
+    assert {"targets", "targets_met", "chance_accuracy", "chance_CIDEr", "settings"} <= set(s)
+    # chance of the quick world's questions (2 or 4 options) lies between 1/4 and 1/2
+    assert 0.25 <= s["chance_accuracy"] <= 0.5
+    assert (quick_demo / "report.png").stat().st_size > 10_000
+
+
+def test_commands_rerun_their_stage(quick_demo):
+    """Each recipe stage's command is a `medcap run` line whose config and keys resolve,
+    and the demo's own stages point back at `medcap demo --stage`."""
+    from medcap.cli import build_run_command
+
+    s = json.loads((quick_demo / "summary.json").read_text())
+    for stage, cmd in s["commands"].items():
+        argv = shlex.split(cmd)
+        if argv[1] == "run":
+            full = build_run_command(argv[2:] + ["seed=3"])  # appending an override still parses
+            assert full[-1] == "seed=3" and f"demo_dir={quick_demo}" in full
+        else:
+            assert argv[:2] == ["medcap", "demo"] and argv[argv.index("--stage") + 1] == stage
+            assert "--quick" in argv
+
+
+def test_second_run_skips_finished_stages(quick_demo, capsys):
+    before = (quick_demo / "summary.json").stat().st_mtime_ns
+    assert main(["--out", str(quick_demo), "--quick"]) == 0
+    out = capsys.readouterr().out
+    for stage in STAGES[:-1]:
+        assert f"{stage}: already done" in out
+    # the report is always rewritten, from the kept results
+    assert (quick_demo / "summary.json").stat().st_mtime_ns >= before

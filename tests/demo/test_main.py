@@ -1,0 +1,76 @@
+"""The demo's command line: settings, per-stage overrides, commands and resume bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+from medcap.demo import STAGES, Demo, DemoSettings
+from medcap.demo._main import _parse_settings, build_parser
+
+
+def test_settings_and_stage_overrides():
+    s, over = _parse_settings(["lm_steps=7", "lm_lr=0.01", "train_max_steps_per_epoch=null",
+                               "train.optimizer.lr=3e-3"], DemoSettings())
+    assert s.lm_steps == 7 and s.lm_lr == 0.01 and s.train_max_steps_per_epoch is None
+    assert over == {"train": ["optimizer.lr=3e-3"]}
+    with pytest.raises(SystemExit, match="unknown setting"):
+        _parse_settings(["lm_stepz=3"], DemoSettings())
+    with pytest.raises(SystemExit, match="not a valid"):
+        _parse_settings(["lm_steps=many"], DemoSettings())
+    with pytest.raises(SystemExit, match="key=value"):
+        _parse_settings(["lm_steps"], DemoSettings())
+
+
+def test_commands(tmp_path):
+    d = Demo(tmp_path / "d", DemoSettings.quick(), quick=True, overrides={"train": ["optimizer.lr=3e-3"]})
+    cmds = d.commands()
+    assert list(cmds) == list(STAGES)
+    train = shlex.split(cmds["train"])
+    assert train[:4] == ["medcap", "run", "full_finetune_single_device", "--config"]
+    assert "epochs=1" in train and "optimizer.lr=3e-3" in train and f"demo_dir={d.out}" in train
+    ctrl = shlex.split(cmds["eval_control_vqa"])
+    assert "vision_checkpoint=null" in ctrl and "test_omnimedvqa=True" in ctrl
+    trained = shlex.split(cmds["eval_trained_captions"])
+    assert f"vision_checkpoint={d.trained_checkpoint()}" in trained and "test_metrics=True" in trained
+    lm = shlex.split(cmds["lm"])
+    assert lm[:2] == ["medcap", "demo"] and "--quick" in lm and lm[lm.index("--stage") + 1] == "lm"
+    assert "train.optimizer.lr=3e-3" in lm  # the settings travel with every stage's command
+    # a command parses back into the same settings
+    args = build_parser().parse_args(lm[2:])
+    s, over = _parse_settings(args.settings, DemoSettings.quick())
+    assert s == d.settings and over == d.overrides
+
+
+def test_fingerprints_chain(tmp_path):
+    a = Demo(tmp_path, DemoSettings())._fingerprints()
+    b = Demo(tmp_path, DemoSettings(lm_steps=5))._fingerprints()
+    # the LM changed: everything from the LM on is redone, the world and tokenizer are kept
+    assert a["world"] == b["world"] and a["tokenizer"] == b["tokenizer"]
+    assert all(a[s] != b[s] for s in STAGES[2:])
+    c = Demo(tmp_path, DemoSettings(threads=1))._fingerprints()
+    assert c == a  # speed settings do not invalidate results
+
+
+def test_failed_stage_is_reported_and_resumable(tmp_path, capsys, monkeypatch):
+    from medcap.demo import _main
+
+    d = Demo(tmp_path, DemoSettings.quick(), quick=True)
+    calls = []
+    monkeypatch.setattr(Demo, "_stage_world", lambda self, stage: calls.append(stage))
+
+    def boom(self, stage):
+        raise RuntimeError("stage tokenizer failed (exit status 1)")
+
+    monkeypatch.setattr(Demo, "_stage_tokenizer", boom)
+    with pytest.raises(RuntimeError):
+        d.run()
+    assert json.loads((tmp_path / "stages" / "world.json").read_text())["stage"] == "world"
+    assert not (tmp_path / "stages" / "tokenizer.json").exists()
+    # a new run skips the finished world stage
+    monkeypatch.setattr(Demo, "_stage_tokenizer", lambda self, stage: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert _main.main(["--out", str(tmp_path), "--quick"]) == 130
+    assert calls == ["world"]
+    assert "world: already done" in capsys.readouterr().out

@@ -1,0 +1,179 @@
+"""The demo's synthetic world: deterministic, in OmniMedVQA's layout, held-out images unseen."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medcap.demo import (
+    DATASET_NAME,
+    KINDS,
+    LOCATIONS,
+    MODALITY_KEYS,
+    DemoSettings,
+    Finding,
+    caption,
+    render,
+    write_world,
+)
+
+# OmniMedVQA's own spellings, typed out here rather than imported, so a typo in the
+# package cannot agree with itself.
+OMNIMEDVQA_MODALITIES = {
+    "CT(Computed Tomography)",
+    "X-Ray",
+    "Dermoscopy",
+    "Fundus Photography",
+    "OCT (Optical Coherence Tomography",
+    "ultrasound",
+    "MR (Mag-netic Resonance Imaging)",
+    "Microscopy Images",
+}
+
+
+def _settings(**kw) -> DemoSettings:
+    base = dict(n_train=24, n_test=16, questions_per_image=2, image_size=32)
+    base.update(kw)
+    return DemoSettings(**base)
+
+
+def _digest(folder: Path) -> dict:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.suffix in (".png", ".json") and p.name not in ("train.json", "test.json")
+    }  # the sharegpt files name the (absolute) folder they were written to
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    paths = write_world(out, _settings())
+    return out, paths
+
+
+def test_deterministic_and_seed_dependent(world, tmp_path):
+    out, _ = world
+    again = tmp_path / "again"
+    write_world(again, _settings())
+    assert _digest(out) == _digest(again)
+    other = tmp_path / "other"
+    write_world(other, _settings(seed=1))
+    a, b = _digest(out), _digest(other)
+    changed = [k for k in a if k.endswith(".png") and a[k] != b.get(k)]
+    assert len(changed) == sum(1 for k in a if k.endswith(".png"))
+
+
+def test_modalities_are_omnimedvqa_strings(world):
+    assert set(MODALITY_KEYS) <= OMNIMEDVQA_MODALITIES
+    assert 4 <= len(MODALITY_KEYS) <= 8
+    out, paths = world
+    qs = json.loads(Path(paths["questions"]).read_text())
+    assert {q["modality_type"] for q in qs} == set(MODALITY_KEYS)
+
+
+def test_omnimedvqa_layout(world):
+    out, paths = world
+    qa_dir = out / "OmniMedVQA" / "QA_information" / "Open-access"
+    assert Path(paths["questions"]).parent == qa_dir
+    qs = json.loads(Path(paths["questions"]).read_text())
+    assert len(qs) == 16 * 2
+    required = {"question_id", "dataset", "question_type", "question", "gt_answer", "image_path",
+                "option_A", "option_B", "modality_type"}
+    ids = set()
+    for q in qs:
+        assert required <= set(q), q
+        assert q["dataset"] == DATASET_NAME
+        opts = [q[f"option_{L}"] for L in "ABCD" if f"option_{L}" in q]
+        assert len(opts) in (2, 4) and len(set(opts)) == len(opts)
+        assert opts.count(q["gt_answer"]) == 1
+        # image paths are relative to the OmniMedVQA folder and exist there
+        assert not Path(q["image_path"]).is_absolute()
+        assert (out / "OmniMedVQA" / q["image_path"]).is_file()
+        ids.add(q["question_id"])
+    assert len(ids) == len(qs)
+    # the generation recipe's reader takes every question
+    from medcap.eval import read_omnimedvqa
+
+    items, report = read_omnimedvqa(out)
+    assert report["kept"] == len(qs)
+
+
+def test_answers_follow_from_the_caption(world):
+    """Every answer is written in its image's caption (so describing is enough to answer)."""
+    out, paths = world
+    meta = json.loads(Path(paths["world"]).read_text())
+    by_image = {r["image"]: r for r in meta["test"]}
+    for q in json.loads(Path(paths["questions"]).read_text()):
+        rec = by_image[q["image_path"]]
+        cap = rec["caption"]
+        f = Finding(rec["modality"], rec["kind"], rec["location"], rec["size"], rec["intensity"])
+        assert cap == caption(f)
+        assert q["gt_answer"] in cap
+
+
+def test_sharegpt_files_read_by_the_dataset_code(world):
+    """train.json and test.json parse with medcap's own reader, placeholders and images included."""
+    from medcap.data import PLACEHOLDER_CHAR, parse_record
+
+    out, paths = world
+    for name, n in (("train", 24), ("test", 16)):
+        recs = json.loads(Path(paths[name]).read_text())
+        assert len(recs) == n
+        for r in recs:
+            assert r["conversations"][0]["value"] == PLACEHOLDER_CHAR * DemoSettings().num_image_tokens
+            assert r["meta"].startswith("dir=")
+            parsed = parse_record(r, json_dir=Path(paths[name]).parent)
+            assert parsed.image_path.is_file()
+            assert Image.open(parsed.image_path).size == (32, 32)
+
+
+def test_held_out_images_are_unseen(world):
+    out, paths = world
+    train = {hashlib.sha256(Image.open(p).tobytes()).hexdigest() for p in (out / "images" / "train").glob("*.png")}
+    test = {hashlib.sha256(Image.open(p).tobytes()).hexdigest()
+            for p in (out / "OmniMedVQA" / "Images" / DATASET_NAME).glob("*.png")}
+    assert len(train) == 24 and len(test) == 16
+    assert not train & test
+    meta = json.loads(Path(paths["world"]).read_text())
+    assert not {r["image"] for r in meta["train"]} & {r["image"] for r in meta["test"]}
+
+
+def test_attributes_change_the_pixels():
+    """Each attribute is visible: changing it alone changes the lesion's pixels."""
+    base = Finding(MODALITY_KEYS[0], KINDS[0], LOCATIONS[0], "large", "bright")
+    img = render(base, np.random.default_rng(0), 64).astype(int)
+    for change in (dict(kind=KINDS[1]), dict(location=LOCATIONS[3]), dict(size="small"), dict(intensity="dark"),
+                   dict(modality=MODALITY_KEYS[4])):
+        f = Finding(**{**base.__dict__, **change})
+        other = render(f, np.random.default_rng(0), 64).astype(int)
+        assert np.abs(other - img).max() > 100, change
+
+
+@pytest.mark.parametrize("location", LOCATIONS)
+def test_lesion_sits_in_its_quadrant(location):
+    """A bright lesion on CT: the bright pixels inside the body (away from the bright
+    rim) lie in the quadrant the caption names."""
+    f = Finding("CT(Computed Tomography)", "nodule", location, "large", "bright")
+    img = render(f, np.random.default_rng(3), 64).astype(float).mean(-1) / 255
+    yy, xx = np.mgrid[0:64, 0:64]
+    inner = np.hypot(yy - 31.5, xx - 31.5) < 20
+    ys, xs = np.nonzero((img > 0.7) & inner)
+    assert ys.size > 10
+    vert, horiz = location.split()
+    assert (ys.mean() < 31.5) == (vert == "upper")
+    assert (xs.mean() < 31.5) == (horiz == "left")
+
+
+def test_bad_split_and_modality_are_clear(tmp_path):
+    from medcap.demo import make_split
+
+    with pytest.raises(ValueError, match="split"):
+        make_split(tmp_path, "valid", 1)
+    with pytest.raises(ValueError, match="unknown modalities"):
+        make_split(tmp_path, "train", 1, modalities=["PET"])
