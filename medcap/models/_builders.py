@@ -9,7 +9,7 @@ from torchtune.models.llama3_1 import llama3_1
 
 from medcap.models._fusion import MedcapModel
 from medcap.models._tokenizer import IMAGE_TOKEN
-from medcap.models._vision import VisionEncoder, biomedclip_tower, projector, tiny_tower
+from medcap.models._vision import VisionEncoder, biomedclip_tower, load_open_clip_visual, projector, tiny_tower
 
 # One value owns the number of image tokens; configs pass it to both the
 # data transform and the model.
@@ -96,8 +96,13 @@ def medcap_tiny(
     vision_dim: int = 24,
     projector_hidden_dim: int = 64,
     vision: str = "biomedclip",
+    vision_pretrained: Optional[str] = None,
 ) -> MedcapModel:
-    """A Llama-3.1-architecture decoder and a ViT of BiomedCLIP's design at small sizes."""
+    """A Llama-3.1-architecture decoder and a ViT of BiomedCLIP's design at small sizes.
+
+    ``vision_pretrained`` (an open_clip checkpoint whose tower has these sizes) is
+    accepted so that configs written for the real model keep working when only
+    ``model._component_`` is overridden."""
     check_vision(vision)
     decoder = llama3_1(
         vocab_size=vocab_size,
@@ -116,6 +121,8 @@ def medcap_tiny(
         heads=vision_heads,
         output_dim=vision_dim,
     )
+    if vision_pretrained:
+        load_open_clip_visual(visual, vision_pretrained)
     return medcap_fusion(
         decoder=decoder,
         visual=visual,
