@@ -8,9 +8,11 @@ template the recipes use:
 1. **describe** - a user turn holds a terse note of a finding ("CT small bright
    nodule upper left"); the assistant answers with the full caption. Later the
    trained vision side puts soft image tokens where the note stood.
-2. **answer** - after such a description, a question about one attribute is
-   answered with that attribute's words (the reference's ``no_cond_desc``
-   second step: [image, description, question] -> answer).
+2. **answer** - after a description, a question about one attribute is
+   answered with that attribute's words, read from the description (the
+   reference's ``no_cond_desc`` second step: [image, description, question] ->
+   answer). The first turn holds an unrelated note here, so the LM learns to
+   trust the description, which at test time is its own caption of the image.
 3. **choose** - the reference's scoring chat: "Question / Our answer / A. B. C. D.
    / respond with only the letter" -> the letter of the option our answer names.
 
@@ -37,7 +39,7 @@ from medcap.demo._world import (
     INTENSITIES,
     KINDS,
     LOCATIONS,
-    MODALITIES,
+    MODALITY_KEYS,
     QUESTION_TYPES,
     SIZES,
     Finding,
@@ -91,9 +93,15 @@ def conversation(task: str, f: Finding, rng: np.random.Generator, shuffle_option
         return [{"role": "user", "content": note(f)}, {"role": "assistant", "content": caption(f)}]
     _, attribute, question = QUESTION_TYPES[rng.integers(len(QUESTION_TYPES))]
     if task == "answer":
+        # The note is of another, random finding and the description is not learnt
+        # here: the answer must come from the description. At test time the
+        # description is the model's own caption of the image, and the image tokens
+        # were trained for captioning only, so reading the answer from the caption
+        # is what carries over.
+        other = random_finding(rng, MODALITY_KEYS)
         return [
-            {"role": "user", "content": note(f)},
-            {"role": "assistant", "content": caption(f)},
+            {"role": "user", "content": note(other)},
+            {"role": "assistant", "content": caption(f), "learn": False},
             {"role": "user", "content": question},
             {"role": "assistant", "content": f.answer(attribute)},
         ]
@@ -141,7 +149,23 @@ def tokenize_for_lm(tokenizer, conversations: Sequence[List[Dict[str, str]]]):
     out = []
     for conv in conversations:
         t = tokenize_conversation(tokenizer, [Turn(m["role"], m["content"]) for m in conv], num_image_tokens=1)
-        out.append((t.tokens, make_labels(t, num_image_tokens=1)))
+        labels = make_labels(t, num_image_tokens=1)
+        # assistant turns marked learn=False are context only: mask their run of
+        # unmasked positions (header, body, end), the k-th run being the k-th turn
+        skip = [not m.get("learn", True) for m in conv if m["role"] == "assistant"]
+        run, i = -1, 0
+        while i < len(labels):
+            if not t.mask[i]:
+                run += 1
+                j = i
+                while j < len(labels) and not t.mask[j]:
+                    j += 1
+                if run < len(skip) and skip[run]:
+                    labels[i:j] = [-100] * (j - i)
+                i = j
+            else:
+                i += 1
+        out.append((t.tokens, labels))
     return out
 
 

@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 STAGES: Tuple[str, ...] = (
     "world",
@@ -153,6 +153,7 @@ class Demo:
     force: bool = False
     only: Optional[str] = None
     quick: bool = False
+    start: Optional[str] = None  # redo this stage and every later one
     overrides: Dict[str, List[str]] = field(default_factory=dict)  # extra key=value per recipe stage
 
     def __post_init__(self):
@@ -164,6 +165,7 @@ class Demo:
         self.stage_dir = self.out / "stages"
         self.log_dir = self.out / "logs"
         self.seconds: Dict[str, float] = {}
+        self._may_resume = False
 
     # -------------------------------------------------- stage bookkeeping
     def _stage_settings(self, stage: str) -> Dict[str, Any]:
@@ -185,9 +187,8 @@ class Demo:
         for stage in STAGES:
             extra = self.overrides.get(stage, [])
             fp = _fingerprint([prev, stage, self._stage_settings(stage), extra])
-            # the evaluations depend on the training, not on each other
             out[stage] = fp
-            if stage in ("world", "tokenizer", "lm", "train"):
+            if stage in ("world", "tokenizer", "lm", "train"):  # the evaluations depend on these, not on each other
                 prev = fp
         return out
 
@@ -218,6 +219,24 @@ class Demo:
             args += [f"{st}.{o}" for o in extra]
         return shlex.join(args)
 
+    def model_overrides(self) -> List[str]:
+        """``model.*`` overrides for sizes that differ from the demo configs' (which
+        hold the defaults of :class:`DemoSettings`)."""
+        s, base = self.settings, DemoSettings()
+        out: List[str] = []
+        if s.bpe_merges != base.bpe_merges:
+            vocab = 256 + s.bpe_merges + 12  # bytes + merges + special tokens; <|image|> one past
+            out += [f"model.vocab_size={vocab}", f"model.image_token_id={vocab}"]
+        if s.num_image_tokens != base.num_image_tokens:
+            out.append(f"model.num_image_tokens={s.num_image_tokens}")
+        if s.lm_layers != base.lm_layers:
+            out.append(f"model.num_layers={s.lm_layers}")
+        if s.lm_dim != base.lm_dim:
+            out += [f"model.embed_dim={s.lm_dim}", f"model.intermediate_dim={2 * s.lm_dim}"]
+        if s.image_size != base.image_size:
+            out += [f"model.image_size={s.image_size}", f"model.patch_size={s.image_size // 2}"]
+        return out
+
     def recipe_args(self, stage: str) -> List[str]:
         """``RECIPE --config CONFIG key=value ...`` of a recipe stage."""
         s = self.settings
@@ -235,7 +254,7 @@ class Demo:
                 args += ["test_metrics=True", f"dataset_source={self.world / 'test.json'}"]
             else:
                 args += ["test_omnimedvqa=True", "vqa_type=no_cond_desc", f"dataset_source={self.world}"]
-        return args + self.overrides.get(stage, [])
+        return args + self.model_overrides() + self.overrides.get(stage, [])
 
     def command(self, stage: str) -> str:
         if stage in RECIPE_STAGES:
@@ -254,13 +273,20 @@ class Demo:
         fps = self._fingerprints()
         todo = [self.only] if self.only else list(STAGES)
         _say(f"output folder {self.out}; torch threads {self.threads}")
+        redo = set(STAGES[STAGES.index(self.start):]) if self.start else set()
         for k, stage in enumerate(todo, 1):
-            done = None if (self.force or self.only) else self._done(stage, fps[stage])
+            done = None if (self.force or self.only or stage in redo) else self._done(stage, fps[stage])
             if done is not None and stage != "report":
                 self.seconds[stage] = float(done.get("seconds", 0.0))
                 _say(f"[{k}/{len(todo)}] {stage}: already done ({self.seconds[stage]:.0f} s), skipped")
                 continue
             _say(f"[{k}/{len(todo)}] {stage}: {self.command(stage)}")
+            started = self.stage_dir / f"{stage}.started.json"
+            # an interrupted stage with the same settings may continue (training does)
+            self._may_resume = not (self.force or self.only or stage in redo) and started.exists() and (
+                json.loads(started.read_text()).get("fingerprint") == fps[stage]
+            )
+            _write_json(started, {"stage": stage, "fingerprint": fps[stage]})
             t0 = time.perf_counter()
             getattr(self, f"_stage_{stage}" if stage in ("world", "tokenizer", "lm", "train", "report") else "_stage_eval")(stage)
             secs = time.perf_counter() - t0
@@ -286,10 +312,10 @@ class Demo:
         env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         return env
 
-    def _run_recipe(self, stage: str) -> None:
+    def _run_recipe(self, stage: str, extra: Sequence[str] = ()) -> None:
         from medcap.cli import build_run_command
 
-        cmd = build_run_command(self.recipe_args(stage))
+        cmd = build_run_command(self.recipe_args(stage) + list(extra))
         rc = _tee(cmd, self.log_dir / f"{stage}.log", self._env())
         if rc != 0:
             raise RuntimeError(
@@ -320,20 +346,14 @@ class Demo:
         # A stopped training run continues from its last saved state.
         state = self.train_dir / "checkpoint" / "recipe_state.pt"
         extra = []
-        if state.exists() and not self.force:
+        if state.exists() and self._may_resume:
             extra = ["resume_from_checkpoint=True"]
             _say(f"continuing the stopped training run ({state})")
         elif self.train_dir.exists():
             import shutil
 
             shutil.rmtree(self.train_dir)
-        self.overrides.setdefault(stage, [])
-        saved = list(self.overrides[stage])
-        self.overrides[stage] = saved + extra
-        try:
-            self._run_recipe(stage)
-        finally:
-            self.overrides[stage] = saved
+        self._run_recipe(stage, extra)
         if not self.trained_checkpoint().exists():
             raise RuntimeError(f"training finished but {self.trained_checkpoint()} is missing")
 
@@ -434,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage in about a minute")
     p.add_argument("--force", action="store_true", help="redo every stage, even those already done")
     p.add_argument("--stage", choices=STAGES, help="run only this stage (always redone)")
+    p.add_argument("--from", dest="start", choices=STAGES, help="redo this stage and every later one")
     p.add_argument("settings", nargs="*", metavar="key=value")
     return p
 
@@ -442,7 +463,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     base = DemoSettings.quick() if args.quick else DemoSettings()
     settings, overrides = _parse_settings(args.settings, base)
-    demo = Demo(Path(args.out), settings, force=args.force, only=args.stage, quick=args.quick, overrides=overrides)
+    demo = Demo(Path(args.out), settings, force=args.force, only=args.stage, quick=args.quick,
+                start=args.start, overrides=overrides)
     try:
         demo.run()
     except KeyboardInterrupt:

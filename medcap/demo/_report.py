@@ -174,9 +174,11 @@ def _caption_rows(folder: Path, n: int) -> List[Dict[str, str]]:
         return []
     with open(raw, encoding="utf-8-sig", newline="") as f:
         rows = list(csv.DictReader(f))
-    # spread the examples over the modalities
-    step = max(1, len(rows) // max(1, n))
-    return rows[::step][:n]
+    # spread the examples over the images (and so, as images cycle through them, the modalities)
+    if n >= len(rows):
+        return rows
+    step = len(rows) // n
+    return [rows[(k * step + k) % len(rows)] for k in range(n)]
 
 
 def draw_report(demo, summary: Dict[str, Any], path: Path) -> Path:

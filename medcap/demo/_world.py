@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -214,7 +214,7 @@ def _lesion_mask(kind: str, cy: float, cx: float, radius: float, s: int, rng: np
     if kind == "nodule":  # a filled disc
         return d <= radius
     if kind == "cyst":  # a ring with a hollow centre
-        return (d <= radius) & (d >= radius * 0.5)
+        return (d <= radius) & (d >= radius * 0.6)
     if kind == "mass":  # a filled, flat ellipse
         return ((yy - cy) / (radius * 0.5)) ** 2 + ((xx - cx) / (radius * 1.2)) ** 2 <= 1
     if kind == "calcification":  # a cluster of separate specks

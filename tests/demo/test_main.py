@@ -74,3 +74,25 @@ def test_failed_stage_is_reported_and_resumable(tmp_path, capsys, monkeypatch):
     assert _main.main(["--out", str(tmp_path), "--quick"]) == 130
     assert calls == ["world"]
     assert "world: already done" in capsys.readouterr().out
+
+
+def test_configs_hold_the_default_sizes():
+    """demo/train.yaml and demo/generate.yaml describe the same model, and it is the one
+    DemoSettings' defaults build (so the default commands need no model overrides)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "demo"
+    train, gen = (OmegaConf.load(root / f"{n}.yaml") for n in ("train", "generate"))
+    assert OmegaConf.to_container(train.model) == OmegaConf.to_container(gen.model)
+    s = DemoSettings()
+    m = train.model
+    assert m.vocab_size == m.image_token_id == 256 + s.bpe_merges + 12
+    assert (m.num_image_tokens, m.num_layers, m.embed_dim, m.intermediate_dim) == (
+        s.num_image_tokens, s.lm_layers, s.lm_dim, 2 * s.lm_dim)
+    assert (m.image_size, m.patch_size) == (s.image_size, s.image_size // 2)
+    assert Demo(Path("/tmp/x"), s).model_overrides() == []
+    over = Demo(Path("/tmp/x"), DemoSettings(lm_dim=64, bpe_merges=200, image_size=48)).model_overrides()
+    assert {"model.vocab_size=468", "model.image_token_id=468", "model.embed_dim=64", "model.intermediate_dim=128",
+            "model.image_size=48", "model.patch_size=24"} == set(over)
