@@ -111,8 +111,13 @@ def _encoder_sizes(encoder: nn.Module) -> Dict[str, int]:
 # saving
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then ``os.replace`` it in."""
+def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> Path:
+    """Write through a temporary file in the same folder, fsync it, then ``os.replace`` it in.
+
+    ``write`` gets the temporary file's name; if it (or anything after it) fails, the
+    temporary file is removed and ``path`` keeps its previous content.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -125,6 +130,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    return path
 
 
 def _plain(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -192,13 +198,13 @@ def save_vision_checkpoint(
         )
 
     if suffix in LEGACY_SUFFIXES:
-        _atomic_write(path, lambda tmp: torch.save(state, tmp))
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
         return path
 
     flat = {f"{part}.{k}": t for part in _PARTS for k, t in state[part].items()}
     text = json.dumps(meta, indent=1, sort_keys=True, default=str)
-    _atomic_write(path, lambda tmp: save_file(flat, tmp, metadata={"format": "pt", _HEADER_KEY: text}))
-    _atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata={"format": "pt", _HEADER_KEY: text}))
+    atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
     return path
 
 

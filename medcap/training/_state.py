@@ -9,35 +9,18 @@ Everything is plain tensors and containers: the file loads with
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
 
+# one implementation for every atomic file write; re-exported here for medcap.training's users
+from medcap.checkpointing import atomic_write
+
 RECIPE_STATE_FILE = "recipe_state.pt"
 STATE_FORMAT_VERSION = 1
-
-
-def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> Path:
-    """Write through a temporary file in the same folder, fsync it, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def capture_rng_state() -> Dict[str, Any]:
