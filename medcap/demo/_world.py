@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -274,10 +274,12 @@ def make_split(
     seed: int = 0,
     image_size: int = 64,
     modalities: Sequence[str] = MODALITY_KEYS,
+    on_image: Optional[Callable[[], None]] = None,
 ) -> List[Dict]:
     """Draw ``n`` images of ``split`` ("train" or "test") into ``root/image_dir/``.
 
-    Modalities are balanced (image ``i`` has modality ``i % len(modalities)``).
+    Modalities are balanced (image ``i`` has modality ``i % len(modalities)``);
+    ``on_image`` is called after each image (progress).
     Returns one record per image: ``image`` (path relative to ``root``),
     ``caption`` and the finding's attributes.
     """
@@ -299,6 +301,8 @@ def make_split(
         rel = f"{image_dir}/{split}_{i:05d}.png"
         Image.fromarray(render(f, rng, image_size), "RGB").save(out / rel)
         records.append({"image": rel, "caption": caption(f), **asdict(f)})
+        if on_image is not None:
+            on_image()
     return records
 
 
@@ -370,14 +374,12 @@ def write_world(out_dir: str | Path, settings) -> Dict[str, str]:
     n_ph = settings.num_image_tokens
     from tqdm import tqdm
 
-    bar = tqdm(total=2, desc="world", unit="split")
+    bar = tqdm(total=settings.n_train + settings.n_test, desc="world: drawing images", unit="img", mininterval=0.5)
     train = make_split(out, "train", settings.n_train, seed=settings.seed, image_size=settings.image_size,
-                       image_dir="images/train")
-    bar.update(1)
+                       image_dir="images/train", on_image=lambda: bar.update(1))
     omni = out / "OmniMedVQA"
     test = make_split(omni, "test", settings.n_test, seed=settings.seed, image_size=settings.image_size,
-                      image_dir=f"Images/{DATASET_NAME}")
-    bar.update(1)
+                      image_dir=f"Images/{DATASET_NAME}", on_image=lambda: bar.update(1))
     bar.close()
     paths = {
         "train": write_json(out / "train.json", sharegpt_records(train, out, n_ph)),
