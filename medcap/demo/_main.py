@@ -275,6 +275,10 @@ class Demo:
         todo = [self.only] if self.only else list(STAGES)
         _say(f"output folder {self.out}; torch threads {self.threads}")
         redo = set(STAGES[STAGES.index(self.start):]) if self.start else set()
+        if any(s.endswith("_captions") for s in todo):
+            from medcap.eval import check_java
+
+            check_java()  # the captioning metrics need Java: say so now, not after the training
         for k, stage in enumerate(todo, 1):
             done = None if (self.force or self.only or stage in redo) else self._done(stage, fps[stage])
             if done is not None and stage != "report":
@@ -472,7 +476,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         _say("interrupted; run the same command again to continue")
         return 130
-    except RuntimeError as e:
+    except (RuntimeError, FileNotFoundError, ValueError) as e:
         _say(f"error: {e}")
+        if isinstance(e, FileNotFoundError) and args.stage:
+            _say(f"(--stage {args.stage} needs the earlier stages' files: run `medcap demo --out {args.out}` first)")
         return 1
     return 0
