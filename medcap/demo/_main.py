@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 STAGES: Tuple[str, ...] = (
     "world",
@@ -293,7 +293,7 @@ class Demo:
             )
             _write_json(started, {"stage": stage, "fingerprint": fps[stage]})
             t0 = self._stage_t0 = time.perf_counter()
-            getattr(self, f"_stage_{stage}" if stage in ("world", "tokenizer", "lm", "train", "report") else "_stage_eval")(stage)
+            self._runner(stage)(stage)
             secs = time.perf_counter() - t0
             self.seconds[stage] = secs
             _write_json(self._marker(stage), {"stage": stage, "fingerprint": fps[stage], "seconds": secs,
@@ -302,6 +302,10 @@ class Demo:
         summary = self.summary_path().exists() and json.loads(self.summary_path().read_text()) or {}
         _say(f"finished in {time.perf_counter() - t_start:.1f} s")
         return summary
+
+    def _runner(self, stage: str) -> Callable[[str], None]:
+        """The method that runs ``stage`` (the four evaluations share one)."""
+        return getattr(self, "_stage_eval" if stage.startswith("eval_") else f"_stage_{stage}")
 
     def summary_path(self) -> Path:
         return self.out / "summary.json"
