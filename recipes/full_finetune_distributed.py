@@ -18,7 +18,6 @@ as the single-device recipe, in ``medcap.training``.
 """
 
 import logging
-import os
 import sys
 
 import torch
@@ -30,6 +29,7 @@ from medcap.training import (
     FinetuneRecipeBase,
     TrainForward,
     init_distributed_env,
+    run_finetune,
     shard_frozen_decoder,
 )
 
@@ -69,13 +69,7 @@ class FullFinetuneRecipeDistributed(FinetuneRecipeBase):
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    # torchrun ranks other than 0 report only problems
-    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    recipe = FullFinetuneRecipeDistributed(cfg=cfg)
-    recipe.setup(cfg=cfg)
-    recipe.train()
-    recipe.cleanup()
+    run_finetune(FullFinetuneRecipeDistributed, cfg)
 
 
 if __name__ == "__main__":

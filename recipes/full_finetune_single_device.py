@@ -21,14 +21,12 @@ What it does, step by step (the shared logic lives in ``medcap.training``):
   continues exactly where a stopped run left off.
 """
 
-import logging
-import os
 import sys
 
 from omegaconf import DictConfig
 from torchtune import config
 
-from medcap.training import DistEnv, FinetuneRecipeBase, single_device_env
+from medcap.training import DistEnv, FinetuneRecipeBase, run_finetune, single_device_env
 
 
 class FullFinetuneRecipeSingleDevice(FinetuneRecipeBase):
@@ -43,13 +41,7 @@ class FullFinetuneRecipeSingleDevice(FinetuneRecipeBase):
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    # torchrun ranks other than 0 report only problems
-    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    recipe = FullFinetuneRecipeSingleDevice(cfg=cfg)
-    recipe.setup(cfg=cfg)
-    recipe.train()
-    recipe.cleanup()
+    run_finetune(FullFinetuneRecipeSingleDevice, cfg)
 
 
 if __name__ == "__main__":

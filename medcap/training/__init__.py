@@ -21,7 +21,7 @@ from medcap.training._optim import (
     build_optimizer,
     trainable_named_parameters,
 )
-from medcap.training._recipe import FinetuneRecipeBase
+from medcap.training._recipe import FinetuneRecipeBase, run_finetune
 from medcap.training._sampler import ResumableBatchSampler
 from medcap.training._setup import (
     sample_lengths,
@@ -72,6 +72,7 @@ __all__ = [
     "resolve_dataset_config",
     "resolve_loss_config",
     "restore_rng_state",
+    "run_finetune",
     "sample_lengths",
     "save_recipe_state",
     "setup_data",

@@ -9,7 +9,8 @@ path, so the two recipes cannot drift apart.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional
+import os
+from typing import Any, Dict, Optional, Type
 
 import torch
 from omegaconf import DictConfig
@@ -153,3 +154,14 @@ class FinetuneRecipeBase:
 
     def cleanup(self) -> None:
         self._metric_logger.close()
+
+
+def run_finetune(recipe_cls: Type[FinetuneRecipeBase], cfg: DictConfig) -> None:
+    """The body of each fine-tuning recipe's ``recipe_main``: logging, setup, train, cleanup."""
+    # torchrun ranks other than 0 report only problems
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    recipe = recipe_cls(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    recipe.train()
+    recipe.cleanup()
