@@ -1,5 +1,5 @@
 """Session-wide fixtures any test area may use: a tiny HF-format Llama with its
-tokenizer, and a builder of tiny fused models loaded from it."""
+tokenizer, a builder of tiny fused models loaded from it, and ``one_thread``."""
 
 from __future__ import annotations
 
@@ -46,3 +46,14 @@ def tiny_model(tiny_llm):
         return model
 
     return build
+
+
+@pytest.fixture
+def one_thread():
+    """Toy-sized ops run far faster on one thread than on cores shared with other jobs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -25,6 +25,22 @@ def _load_recipe_module(name: str):
     return mod
 
 
+def _tiny_config(config_name: str, assets: Dict[str, Any], out_dir, settings: Dict[str, Any], overrides: Dict[str, Any]):
+    """``recipes/configs/{config_name}.yaml`` on the tiny assets: ``settings`` (plain keys)
+    first, then the dotted ``overrides`` (which may replace them), resolved."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(RECIPES / "configs" / f"{config_name}.yaml")
+    cfg.assets_dir = assets["assets_dir"]
+    cfg.output_dir = str(out_dir)
+    for key, value in settings.items():
+        cfg[key] = value
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def train_assets(tmp_path_factory) -> Dict[str, Any]:
     """Tiny LLM + tokenizer + 8 good image-caption records (read-only)."""
@@ -46,16 +62,9 @@ def train_config():
     """Builder: ``train_config(config_name, assets, out_dir, **overrides)`` -> resolved DictConfig
     of ``recipes/configs/{config_name}.yaml`` on the tiny assets; override keys use dots
     (pass them as a dict: ``**{"optimizer.lr": 1e-2}``)."""
-    from omegaconf import OmegaConf
 
     def build(config_name: str, assets: Dict[str, Any], out_dir, **overrides):
-        cfg = OmegaConf.load(RECIPES / "configs" / f"{config_name}.yaml")
-        cfg.assets_dir = assets["assets_dir"]
-        cfg.output_dir = str(out_dir)
-        for key, value in overrides.items():
-            OmegaConf.update(cfg, key, value, force_add=True)
-        OmegaConf.resolve(cfg)
-        return cfg
+        return _tiny_config(config_name, assets, out_dir, {}, overrides)
 
     return build
 
@@ -117,18 +126,10 @@ def gen_assets(tmp_path_factory) -> Dict[str, Any]:
 def gen_config():
     """Builder: ``gen_config(assets, out_dir, config_name="tiny/generate", **overrides)`` -> resolved
     DictConfig of a generation config on the tiny assets (dotted keys as a dict)."""
-    from omegaconf import OmegaConf
 
     def build(assets: Dict[str, Any], out_dir, config_name: str = "tiny/generate", **overrides):
-        cfg = OmegaConf.load(RECIPES / "configs" / f"{config_name}.yaml")
-        cfg.assets_dir = assets["assets_dir"]
-        cfg.output_dir = str(out_dir)
-        cfg.vision_checkpoint = assets["vision_checkpoint"]
-        cfg.progress = False
-        for key, value in overrides.items():
-            OmegaConf.update(cfg, key, value, force_add=True)
-        OmegaConf.resolve(cfg)
-        return cfg
+        settings = {"vision_checkpoint": assets["vision_checkpoint"], "progress": False}
+        return _tiny_config(config_name, assets, out_dir, settings, overrides)
 
     return build
 

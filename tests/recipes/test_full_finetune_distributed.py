@@ -57,16 +57,8 @@ if __name__ == "__main__":
 import pytest  # noqa: E402  (the script side above needs none of the test imports)
 import torch  # noqa: E402
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Toy-sized ops run far faster on one thread than on cores shared with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one_thread (tests/conftest.py): toy-sized ops run far faster on one thread on shared cores
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 
 def _reference_line(assets, out: Path):

@@ -18,18 +18,10 @@ from medcap.checkpointing import load_vision_checkpoint, load_vision_weights
 from medcap.data import collate_image_chat
 from medcap.models import medcap_tiny
 
-pytestmark = pytest.mark.integration
+# one_thread (tests/conftest.py): toy-sized ops run far faster on one thread on shared cores
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 SINGLE = "tiny/full_finetune_single_device"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Toy-sized ops run far faster on one thread than on cores shared with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _vision_state(model):
