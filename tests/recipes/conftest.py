@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import pytest
 
@@ -87,6 +87,28 @@ def train_run():
         return r, summary
 
     return run
+
+
+@pytest.fixture(scope="session")
+def train_launch_args():
+    """``train_launch_args(assets, out)`` -> the data, tokenizer, checkpointer and output
+    arguments of the reference's section 7 launch lines, then the overrides that swap in
+    the tiny stand-ins for Llama-3.1-8B on the CPU (shared by both recipes' launch tests)."""
+
+    def args(assets: Dict[str, Any], out) -> List[str]:
+        a = assets
+        return [
+            "dataset._component_=torchtune.datasets.chat_dataset", f"dataset.source={a['train_json']}",
+            "dataset.conversation_style=sharegpt", "dataset.max_seq_len=1000",
+            f"tokenizer.path={a['tokenizer_path']}", f"checkpointer.checkpoint_dir={a['checkpoint_dir']}",
+            f"checkpointer.output_dir={out}/checkpoint", f"metric_logger.log_dir={out}/log", f"output_dir={out}",
+            # the tiny stand-ins for Llama-3.1-8B, on the CPU
+            f"tokenizer.special_tokens_path={a['special_tokens_path']}", "checkpointer.checkpoint_files=[model.safetensors]",
+            "model._component_=medcap.models.medcap_tiny", "model.vocab_size=268", "model.image_token_id=268",
+            "model.num_image_tokens=4", "device=cpu", "dtype=fp32", "num_workers=0",
+        ]
+
+    return args
 
 
 @pytest.fixture(scope="session")

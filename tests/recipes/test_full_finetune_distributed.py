@@ -61,29 +61,22 @@ import torch  # noqa: E402
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 
-def _reference_line(assets, out: Path):
+def _reference_line(assets, out: Path, launch_args):
     """Section 7's distributed line (tune run -> medcap run), with the tiny stand-ins."""
-    a = assets
     return [
         "--nproc_per_node", "2", "full_finetune_distributed", "--config", "llama3_1/8B_full",
         "epochs=1", "batch_size=1", "gradient_accumulation_steps=1", "optimizer.lr=1e-3", "vision=biomedclip",
-        "dataset._component_=torchtune.datasets.chat_dataset", f"dataset.source={a['train_json']}",
-        "dataset.conversation_style=sharegpt", "dataset.max_seq_len=1000",
-        f"tokenizer.path={a['tokenizer_path']}", f"checkpointer.checkpoint_dir={a['checkpoint_dir']}",
-        f"checkpointer.output_dir={out}/checkpoint", f"metric_logger.log_dir={out}/log", f"output_dir={out}",
-        # tiny stand-ins for Llama-3.1-8B, on the CPU
-        f"tokenizer.special_tokens_path={a['special_tokens_path']}", "checkpointer.checkpoint_files=[model.safetensors]",
-        "model._component_=medcap.models.medcap_tiny", "model.vocab_size=268", "model.image_token_id=268",
-        "model.num_image_tokens=4", "device=cpu", "dtype=fp32", "num_workers=0", "seed=0", "max_steps_per_epoch=3",
+        *launch_args(assets, out),
+        "seed=0", "max_steps_per_epoch=3",
         "save_last_every_steps=1",  # exercise the collective save (every rank's random state gathered)
     ]
 
 
-def test_two_ranks_train_one_vision_model(train_assets, train_config, train_run, tmp_path):
+def test_two_ranks_train_one_vision_model(train_assets, train_config, train_run, train_launch_args, tmp_path):
     from medcap.checkpointing import load_vision_checkpoint
     from medcap.cli import build_run_command
 
-    argv = _reference_line(train_assets, tmp_path / "OUT")
+    argv = _reference_line(train_assets, tmp_path / "OUT", train_launch_args)
     cmd = build_run_command(argv)
     # `medcap run` resolves the reference's names to our files (not torchtune's built-ins) ...
     recipe_i = next(i for i, c in enumerate(cmd) if c.endswith(".py"))

@@ -175,7 +175,7 @@ def test_checkpoints_load_through_medcap_checkpointing(train_assets, train_confi
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "no TensorBoard event file"
 
 
-def test_reference_launch_line_runs_through_medcap_run(train_assets, tmp_path):
+def test_reference_launch_line_runs_through_medcap_run(train_assets, train_launch_args, tmp_path):
     """Section 7's single-device line with `tune run` -> `medcap run`, on the 8B config
     (PagedAdamW8bit stepped in backward, activation checkpointing) with the model,
     tokenizer and checkpointer overridden to the tiny assets, on the CPU."""
@@ -185,14 +185,7 @@ def test_reference_launch_line_runs_through_medcap_run(train_assets, tmp_path):
         sys.executable, "-m", "medcap.cli", "run", "full_finetune_single_device",
         "--config", "llama3_1/8B_full_single_device",
         "epochs=1", "batch_size=4", "gradient_accumulation_steps=1", "optimizer.lr=2e-5", "vision=biomedclip",
-        "dataset._component_=torchtune.datasets.chat_dataset", f"dataset.source={a['train_json']}",
-        "dataset.conversation_style=sharegpt", "dataset.max_seq_len=1000",
-        f"tokenizer.path={a['tokenizer_path']}", f"checkpointer.checkpoint_dir={a['checkpoint_dir']}",
-        f"checkpointer.output_dir={out}/checkpoint", f"metric_logger.log_dir={out}/log", f"output_dir={out}",
-        # the tiny stand-ins for Llama-3.1-8B
-        f"tokenizer.special_tokens_path={a['special_tokens_path']}", "checkpointer.checkpoint_files=[model.safetensors]",
-        "model._component_=medcap.models.medcap_tiny", "model.vocab_size=268", "model.image_token_id=268",
-        "model.num_image_tokens=4", "device=cpu", "dtype=fp32", "num_workers=0",
+        *train_launch_args(a, out),  # the reference's data/tokenizer/checkpointer args + the tiny stand-ins
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
