@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
@@ -101,6 +101,36 @@ def _batches(seq: Sequence, size: int):
         yield seq[lo : lo + size]
 
 
+def load_batch_images(
+    batch: Sequence[Any],
+    image_of: Callable[[Any], Optional[str]],
+    image_loader: Callable[[str], torch.Tensor],
+    skipped: JsonlCache,
+    noun: str,
+    logger: logging.Logger,
+) -> Tuple[List[Any], List[Optional[torch.Tensor]]]:
+    """Load the image of each item of ``batch`` (``image_of(it)``: its path, or None for
+    none). Items whose image cannot be read are recorded in ``skipped`` (key -> reason,
+    so a resumed run does not try them again), reported once on ``logger`` and left out.
+
+    Returns ``(kept, images)``, aligned.
+    """
+    kept: List[Any] = []
+    images: List[Optional[torch.Tensor]] = []
+    bad: Dict[str, str] = {}
+    for it in batch:
+        path = image_of(it)
+        try:
+            images.append(None if path is None else image_loader(path))
+            kept.append(it)
+        except BadSample as e:
+            bad[it.key] = e.reason
+    if bad:
+        logger.warning("skipping %d %s whose image cannot be read, e.g. %s", len(bad), noun, next(iter(bad.values())))
+        skipped.put_many(bad)
+    return kept, images
+
+
 def check_resume(done: Sequence[Dict[str, str]], todo: Sequence[VQAItem], path: Path) -> None:
     """The rows already written must be the first items of this run, in order."""
     for i, (row, it) in enumerate(zip(done, todo)):
@@ -153,22 +183,9 @@ def run_vqa(
     bar = tqdm(total=len(todo), initial=len(done), desc=f"{raw_path.stem}", disable=not progress, unit="q")
     pending = list(todo[len(done) :])
     for batch in _batches(pending, engine.batch_size):
-        images: List[Optional[torch.Tensor]] = []
-        kept: List[VQAItem] = []
-        bad: Dict[str, str] = {}
-        for it in batch:
-            if not with_image:
-                kept.append(it)
-                images.append(None)
-                continue
-            try:
-                images.append(image_loader(it.image))
-                kept.append(it)
-            except BadSample as e:
-                bad[it.key] = e.reason
-        if bad:
-            log.warning("skipping %d question(s) whose image cannot be read, e.g. %s", len(bad), next(iter(bad.values())))
-            skipped.put_many(bad)
+        kept, images = load_batch_images(
+            batch, (lambda it: it.image) if with_image else (lambda it: None), image_loader, skipped, "question(s)", log
+        )
         descs = _describe(engine, kept, images, vqa_type, descriptions, max_seq_len=max_seq_len, max_new_tokens=max_new_tokens)
         prompts = [engine.prompt(answer_messages(vqa_type, d, it.question), has_image=with_image) for it, d in zip(kept, descs)]
         answers = engine.generate_texts(prompts, images, answer_budget, [f"answer:{it.key}" for it in kept])

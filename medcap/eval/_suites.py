@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from tqdm import tqdm
 
-from medcap.data import BadSample, image_transform, load_image
+from medcap.data import image_transform, load_image
 from medcap.eval._datasets import (
     drop_missing_images,
     read_caption_set,
@@ -37,7 +37,7 @@ from medcap.eval._datasets import (
 )
 from medcap.eval._journal import CsvJournal, read_csv_rows
 from medcap.eval._metrics import caption_metrics, check_java, write_metrics_csv
-from medcap.eval._protocol import RAW_COLUMNS, check_vqa_type, run_vqa
+from medcap.eval._protocol import RAW_COLUMNS, check_vqa_type, load_batch_images, run_vqa
 from medcap.eval._scoring import score_file
 from medcap.generation import prompt_text
 
@@ -104,16 +104,7 @@ def run_test_metrics(
         pending = todo[len(done) :]
         for lo in range(0, len(pending), engine.batch_size):
             batch = pending[lo : lo + engine.batch_size]
-            kept, images, bad = [], [], {}
-            for it in batch:
-                try:
-                    images.append(None if it.image is None else image_loader(it.image))
-                    kept.append(it)
-                except BadSample as e:
-                    bad[it.key] = e.reason
-            if bad:
-                log.warning("skipping %d sample(s) whose image cannot be read, e.g. %s", len(bad), next(iter(bad.values())))
-                skipped.put_many(bad)
+            kept, images = load_batch_images(batch, lambda it: it.image, image_loader, skipped, "sample(s)", log)
             prompts = [engine.prompt(it.messages, has_image=it.image is not None) for it in kept]
             texts = engine.generate_texts(prompts, images, max_new_tokens, [f"caption:{it.key}" for it in kept])
             journal.append(
