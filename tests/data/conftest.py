@@ -79,17 +79,9 @@ def truncated_jpeg(path: Path) -> Path:
     return path
 
 
-def make_dicom(
-    path: Path,
-    arr: np.ndarray,
-    *,
-    photometric: str = "MONOCHROME2",
-    slope: Optional[float] = None,
-    intercept: Optional[float] = None,
-    center: Optional[float] = None,
-    width: Optional[float] = None,
-) -> Path:
-    """A DICOM file made with pydicom's public API (Secondary Capture, explicit VR LE)."""
+def dicom_dataset():
+    """An empty Secondary Capture pydicom ``Dataset`` (explicit VR LE file meta, fresh
+    SOP instance UID): the caller sets the image attributes and pixel data."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -101,6 +93,21 @@ def make_dicom(
     ds.file_meta = meta
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    return ds
+
+
+def make_dicom(
+    path: Path,
+    arr: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    slope: Optional[float] = None,
+    intercept: Optional[float] = None,
+    center: Optional[float] = None,
+    width: Optional[float] = None,
+) -> Path:
+    """A DICOM file made with pydicom's public API (Secondary Capture, explicit VR LE)."""
+    ds = dicom_dataset()
     ds.Modality = "OT"
     ds.Rows, ds.Columns = arr.shape
     ds.SamplesPerPixel = 1
@@ -133,5 +140,6 @@ def dh():
         rgb_array=rgb_array,
         save_rgb=save_rgb,
         truncated_jpeg=truncated_jpeg,
+        dicom_dataset=dicom_dataset,
         make_dicom=make_dicom,
     )

@@ -214,17 +214,8 @@ def test_resize_center_crop_matches_torchvision_exactly(dh, w, h):
 
 
 def test_dicom_color_and_multiframe(tmp_path, dh):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
     def write(path, arr, photometric, samples, bits, frames=1):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds = dh.dicom_dataset()
         ds.Rows, ds.Columns = arr.shape[-3:-1] if samples == 3 else arr.shape[-2:]
         ds.SamplesPerPixel, ds.PhotometricInterpretation = samples, photometric
         ds.BitsAllocated = ds.BitsStored = bits
