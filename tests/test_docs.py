@@ -1,146 +1,186 @@
-"""The commands in the user docs must keep working: every `medcap run` line resolves to
-medcap's recipe and config and names only keys that config has; every tool, `medcap`
-subcommand and `make` target shown exists and accepts the flags shown. (The tiny
-configs run these same recipes end to end in tests/recipes and in the demo.)"""
+"""The commands in the user docs cannot rot: every `medcap run` line (shell blocks and
+the Python launchers) must name a real recipe and config, and every `key=value` must
+be a key of that config (or an argument of the component it configures); every tool
+and `medcap` sub-command line must use flags that exist."""
 
 from __future__ import annotations
 
-import os
+import inspect
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import List, Tuple
 
 import pytest
-from omegaconf import OmegaConf
-
-from medcap import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [p for p in ("README.md", "README_FINETUNE.md", "README_TUTORIAL.md") if (ROOT / p).is_file()]
-_FENCE = re.compile(r"^```(\w*)\s*$")
-_MISSING = object()
+DOCS = ["README_FINETUNE.md", "README_TUTORIAL.md", "README.md"]
+SHELL_VARS = {
+    "LLAMA": "/models/llama", "PUBLISHED": "/results/meta_model_last.pt", "OUT": "/results/out",
+    "RESULT": "/results/out",
+}
 
 
-def _blocks(doc: str) -> Iterator[Tuple[str, str]]:
-    lang, buf = None, []
-    for line in (ROOT / doc).read_text().splitlines():
-        m = _FENCE.match(line.strip())
-        if m and lang is None:
-            lang, buf = m.group(1) or "text", []
-        elif line.strip() == "```" and lang is not None:
-            yield lang, "\n".join(buf)
-            lang = None
-        elif lang is not None:
-            buf.append(line)
+def _blocks(text: str) -> List[Tuple[str, str]]:
+    return re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S)
 
 
-def _shell_commands(text: str) -> List[str]:
-    """Logical command lines of a shell block: continuations joined, comments dropped."""
-    out, cur = [], ""
-    for raw in text.splitlines():
-        line = raw.rstrip()
-        if not cur and (not line.strip() or line.lstrip().startswith("#")):
+def _shell_commands(block: str) -> List[str]:
+    """Logical lines (continuations joined, comments dropped, $VARS filled in)."""
+    joined = re.sub(r"\\\n\s*", " ", block)
+    out = []
+    for line in joined.splitlines():
+        line = line.split(" #", 1)[0].strip() if not line.lstrip().startswith("#") else ""
+        if not line:
             continue
-        if line.endswith("\\"):
-            cur += line[:-1] + " "
-            continue
-        cur += line
-        out.append(cur.split(" #")[0].strip())
-        cur = ""
+        for k, v in SHELL_VARS.items():
+            line = line.replace(f"${k}", v)
+        out.append(line)
     return out
 
 
-def _words(command: str) -> List[str]:
-    # Shell variables stand for user paths; any non-empty value keeps the line's shape.
-    command = re.sub(r"\$\{?(\w+)\}?", r"/path/\1", command)
-    words = shlex.split(command)
-    while words and re.match(r"^\w+=", words[0]):  # leading VAR=value assignments
-        words.pop(0)
-    return words
+def _python_commands(block: str) -> List[str]:
+    """Run a launcher block with os.system captured; returns the commands it would run."""
+    ran: List[str] = []
+    import os
+
+    code = compile(block, "<launcher>", "exec")
+    saved = os.system
+    os.system = lambda cmd: ran.append(cmd) or 0
+    try:
+        exec(code, {"__name__": "__doc__", "print": lambda *a, **k: None})
+    finally:
+        os.system = saved
+    return ran
 
 
-def _doc_commands():
-    for doc in DOCS:
-        for lang, text in _blocks(doc):
-            if lang in ("bash", "sh", "shell", "console"):
-                for c in _shell_commands(text):
-                    if c.startswith("$ "):
-                        c = c[2:]
-                    yield doc, c
-            elif lang == "python" and "os.system" in text:
-                yield doc, ("python-launcher", text)
+def _is_synopsis(cmd: str) -> bool:
+    """A usage line such as ``medcap run RECIPE --config CONFIG [key=value ...]``."""
+    return "[key=value" in cmd or bool(re.search(r"\s(RECIPE|CONFIG)(\s|$)", cmd))
 
 
-COMMANDS = list(_doc_commands())
+def doc_commands() -> List[Tuple[str, str]]:
+    found = []
+    for name in DOCS:
+        path = ROOT / name
+        if not path.exists():
+            continue
+        for lang, block in _blocks(path.read_text()):
+            if lang == "python" and "os.system" in block:
+                cmds = _python_commands(block)
+            elif lang in ("bash", "sh", ""):
+                cmds = _shell_commands(block)
+            else:
+                continue
+            found += [(name, c) for c in cmds if re.search(r"(^|\s)(medcap|python) ", c) and not _is_synopsis(c)]
+    return found
 
 
-def _check_run_line(argv: List[str]) -> None:
-    cmd = cli.build_run_command(argv)
-    recipe = next(Path(w) for w in cmd if w.endswith(".py"))
-    assert recipe.is_file() and recipe.parent == cli.recipes_dir(), recipe
-    config = Path(cmd[cmd.index("--config") + 1])
+COMMANDS = doc_commands()
+
+
+def test_the_docs_have_commands():
+    names = {n for n, _ in COMMANDS}
+    assert {"README_FINETUNE.md", "README_TUTORIAL.md"} <= names
+    assert sum("medcap run" in c for _, c in COMMANDS) >= 8
+
+
+def _argv_after(cmd: str, word: str) -> List[str]:
+    toks = shlex.split(cmd)
+    # drop leading environment assignments (CUDA_VISIBLE_DEVICES=0 medcap run ...)
+    while toks and re.match(r"^[A-Z_]+=", toks[0]):
+        toks.pop(0)
+    i = toks.index(word)
+    return toks[i + 1:]
+
+
+def _config_key_ok(cfg, key: str) -> bool:
+    from omegaconf import OmegaConf
+
+    if OmegaConf.select(cfg, key, default="__missing__") != "__missing__":
+        return True
+    # not in the YAML: fine when it is an argument of the component of that section
+    parent, _, leaf = key.rpartition(".")
+    section = OmegaConf.select(cfg, parent) if parent else None
+    comp = section.get("_component_") if section is not None and hasattr(section, "get") else None
+    if not comp:
+        return False
+    from torchtune.config._utils import _get_component_from_path
+
+    fn = _get_component_from_path(comp)
+    return leaf in inspect.signature(fn).parameters
+
+
+@pytest.mark.parametrize("doc,cmd", [c for c in COMMANDS if " run " in c[1] and "medcap" in c[1]],
+                         ids=lambda v: v if v.endswith(".md") else v[:60])
+def test_medcap_run_lines(doc, cmd):
+    from omegaconf import OmegaConf
+
+    from medcap.cli import build_run_command
+
+    argv = [a for a in _argv_after(cmd, "run") if a != "--dry-run"]  # medcap run's own flag
+    full = build_run_command(argv)  # raises on an unknown recipe, config or torchrun option
+    config = Path(full[full.index("--config") + 1])
+    recipe = Path([a for a in full if a.endswith(".py")][0])
+    assert recipe.parent.name == "recipes" and config.is_file()
     cfg = OmegaConf.load(config)
-    overrides = cmd[cmd.index("--config") + 2:]
-    for ov in overrides:
-        assert "=" in ov, f"override without '=': {ov!r}"
-        key = ov.split("=", 1)[0].lstrip("~")
-        assert OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING, (
-            f"{config.name} has no key {key!r} (from the documented override {ov!r})"
-        )
+    overrides = [a for a in full[full.index("--config") + 2:] if "=" in a]
+    bad = [o for o in overrides if not _config_key_ok(cfg, o.split("=", 1)[0])]
+    assert not bad, f"{doc}: keys not in {config.name}: {bad}\n{cmd}"
 
 
-def _help(argv: List[str]) -> str:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    res = subprocess.run(argv + ["--help"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return res.stdout + res.stderr
+def _help_text(prog: List[str], capsys) -> str:
+    """``--help`` of a tool script or a ``medcap`` sub-command, run in this process
+    (torch is imported once for the whole module instead of once per command)."""
+    import runpy
 
+    capsys.readouterr()
+    saved = sys.argv
+    try:
+        if prog[0] == "medcap":
+            from medcap.cli import main
 
-def test_the_docs_show_commands():
-    assert "README.md" in DOCS
-    assert any(isinstance(c, str) and c.startswith("medcap run") for _, c in COMMANDS)
-
-
-@pytest.mark.parametrize("doc,command", COMMANDS, ids=[f"{d}:{i}" for i, (d, _) in enumerate(COMMANDS)])
-def test_documented_command(doc, command, monkeypatch):
-    if isinstance(command, tuple):  # the reference's small-Python-launcher style
-        ran: List[str] = []
-        monkeypatch.setattr(os, "system", lambda c: ran.append(c) or 0)
-        exec(compile(command[1], f"<{doc} launcher>", "exec"), {"__name__": "__doc_launcher__"})
-        assert ran, "the launcher ran no command"
-        for c in ran:
-            words = _words(c)
-            assert words[:2] == ["medcap", "run"], c
-            _check_run_line(words[2:])
-        return
-
-    words = _words(command)
-    if not words:  # a VAR=value line: the user's own paths
-        return
-    head = words[0]
-    if head == "medcap":
-        sub = words[1]
-        if sub == "run":
-            _check_run_line([w for w in words[2:] if w != "--dry-run"])
+            with pytest.raises(SystemExit) as e:
+                main([prog[1], "--help"])
         else:
-            assert sub in ("ls", "cp", "validate-data", "demo"), command
-            text = _help([sys.executable, "-m", "medcap.cli", sub]) if sub != "ls" else ""
-            for flag in (w.split("=")[0] for w in words[2:] if w.startswith("--")):
-                assert flag in text, f"`medcap {sub}` does not know {flag}"
-    elif head in ("python", "python3") and words[1].endswith(".py"):
-        script = ROOT / words[1]
-        assert script.is_file(), f"{words[1]} does not exist"
-        text = _help([sys.executable, str(script)])
-        for flag in (w.split("=")[0] for w in words[2:] if w.startswith("--")):
-            assert flag in text, f"{words[1]} does not know {flag}"
-    elif head == "make":
-        targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M)
-        for t in words[1:]:
-            if "=" not in t:
-                assert t in targets, f"no make target {t!r}"
-    elif head == "PYTHONPATH=./" or command.startswith("PYTHONPATH=./ tune run"):
-        _check_run_line(["/".join(["recipes", Path(words[2]).name])] + words[3:])
-    # other shell lines (cd, source, pip, torchrun ... ) are the user's own environment
+            sys.argv = [prog[0], "--help"]
+            sys.path.insert(0, str((ROOT / prog[0]).parent))  # as `python script.py` does
+            try:
+                with pytest.raises(SystemExit) as e:
+                    runpy.run_path(str(ROOT / prog[0]), run_name="__main__")
+            finally:
+                sys.path.pop(0)
+    finally:
+        sys.argv = saved
+    assert e.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+_HELP_CACHE = {}
+
+
+@pytest.mark.parametrize("doc,cmd", [c for c in COMMANDS if " run " not in c[1] or "medcap" not in c[1]],
+                         ids=lambda v: v if v.endswith(".md") else v[:60])
+def test_tool_lines(doc, cmd, capsys):
+    toks = shlex.split(cmd)
+    while toks and re.match(r"^[A-Z_]+=", toks[0]):
+        toks.pop(0)
+    if toks[0] == "python":
+        script = toks[1]
+        assert (ROOT / script).is_file(), f"{doc}: {script} does not exist"
+        prog, args = [script], toks[2:]
+    elif toks[0] == "medcap":
+        if toks[1] in ("ls", "cp"):
+            return  # exercised by tests/test_cli.py
+        prog, args = ["medcap", toks[1]], toks[2:]
+    else:
+        pytest.skip(f"not a medcap/python command: {cmd}")
+    flags = [a.split("=", 1)[0] for a in args if a.startswith("--")]
+    if not flags:
+        return  # nothing to check beyond the script existing (and --help could run it)
+    key = tuple(prog)
+    if key not in _HELP_CACHE:
+        _HELP_CACHE[key] = _help_text(prog, capsys)
+    missing = [f for f in flags if f not in _HELP_CACHE[key]]
+    assert not missing, f"{doc}: {missing} are not options of {' '.join(prog)}"
