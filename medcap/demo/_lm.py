@@ -36,15 +36,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from medcap.demo._world import (
-    INTENSITIES,
-    KINDS,
-    LOCATIONS,
     MODALITY_KEYS,
     QUESTION_TYPES,
-    SIZES,
     Finding,
     caption,
     options_for,
+    sample_finding,
 )
 
 TASKS = ("describe", "answer", "choose")
@@ -74,16 +71,6 @@ def note(f: Finding) -> str:
     return f"{f.modality_info.name} {f.size} {f.intensity} {f.kind} {f.location}"
 
 
-def random_finding(rng: np.random.Generator, modalities: Sequence[str]) -> Finding:
-    return Finding(
-        modality=str(modalities[rng.integers(len(modalities))]),
-        kind=str(KINDS[rng.integers(len(KINDS))]),
-        location=str(LOCATIONS[rng.integers(len(LOCATIONS))]),
-        size=str(SIZES[rng.integers(len(SIZES))]),
-        intensity=str(INTENSITIES[rng.integers(len(INTENSITIES))]),
-    )
-
-
 def conversation(task: str, f: Finding, rng: np.random.Generator, shuffle_options: bool = False) -> List[Dict[str, str]]:
     """One pretraining conversation (role/content dicts) of ``task`` about finding ``f``
     (``shuffle_options``: as the world's questions, see ``options_for``)."""
@@ -98,7 +85,7 @@ def conversation(task: str, f: Finding, rng: np.random.Generator, shuffle_option
         # description is the model's own caption of the image, and the image tokens
         # were trained for captioning only, so reading the answer from the caption
         # is what carries over.
-        other = random_finding(rng, MODALITY_KEYS)
+        other = sample_finding(rng, MODALITY_KEYS)
         return [
             {"role": "user", "content": note(other)},
             {"role": "assistant", "content": caption(f), "learn": False},
@@ -123,7 +110,7 @@ def corpus_texts(modalities: Sequence[str], n: int = 600, seed: int = 0) -> List
     rng = np.random.default_rng([seed, 11])
     out: List[str] = [LETTER_INSTRUCTION, "Describe the image.", "Describe the image to answer the question:"]
     for i in range(n):
-        f = random_finding(rng, modalities)
+        f = sample_finding(rng, modalities)
         for m in conversation(TASKS[i % len(TASKS)], f, rng):
             out.append(m["content"])
     return out
@@ -138,7 +125,7 @@ def sample_tasks(
 ) -> List[List[Dict[str, str]]]:
     p = np.asarray(weights, float) / np.sum(weights)
     tasks = rng.choice(len(TASKS), size=n, p=p)
-    return [conversation(TASKS[t], random_finding(rng, modalities), rng, shuffle_options) for t in tasks]
+    return [conversation(TASKS[t], sample_finding(rng, modalities), rng, shuffle_options) for t in tasks]
 
 
 def tokenize_for_lm(tokenizer, conversations: Sequence[List[Dict[str, str]]]):
@@ -306,7 +293,7 @@ def evaluate_text(
     for task in TASKS:
         hits = 0
         for _ in range(n):
-            conv = conversation(task, random_finding(rng, modalities), rng, shuffle_options)
+            conv = conversation(task, sample_finding(rng, modalities), rng, shuffle_options)
             hits += int(greedy_reply(decoder, tokenizer, conv[:-1]) == conv[-1]["content"])
         out[task] = hits / n
     return out

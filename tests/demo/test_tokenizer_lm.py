@@ -72,10 +72,10 @@ def test_round_trip_through_torchtune(demo_tokenizer):
 
 def test_conversations_are_consistent():
     rng = np.random.default_rng(0)
-    from medcap.demo._lm import random_finding
+    from medcap.demo._world import sample_finding
 
     for _ in range(50):
-        f = random_finding(rng, MODALITY_KEYS)
+        f = sample_finding(rng, MODALITY_KEYS)
         desc = conversation("describe", f, rng)
         assert desc[1]["content"].startswith(f.modality_info.phrase)
         ans = conversation("answer", f, rng)
