@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -148,15 +148,8 @@ def run_test_vqarad(
         log.info("%s exists: generation skipped", raw_path)
         return {"raw_path": str(raw_path), "rows": len(read_csv_rows(raw_path)), "skipped_generation": True}
     items, report = read_vqarad(dataset_source)
-    items, missing = drop_missing_images(items)
-    if limit is not None:
-        items = items[:limit]
-    report["missing_images"] = len(missing)
-    report["missing_image_examples"] = missing[:20]
-    _log_report("VQA-RAD", report)
-    _write_report(raw_path.with_name(raw_path.stem + ".report.json"), report)
-    rows = run_vqa(
-        engine, items, vqa_type=vqa_type, raw_path=raw_path, image_loader=image_loader,
+    rows = _answer_items(
+        engine, "VQA-RAD", items, report, raw_path, limit=limit, vqa_type=vqa_type, image_loader=image_loader,
         max_seq_len=max_seq_len, max_new_tokens=max_new_tokens, progress=progress, on_batch=on_batch,
     )
     print(f"wrote {raw_path} ({len(rows)} rows); judge it with: python tools/judge.py --exp eval_vqa --csv_path {raw_path}")
@@ -190,20 +183,29 @@ def run_test_omnimedvqa(
     if raw_path.exists():
         log.info("%s exists: generation skipped, re-scored", raw_path)
     else:
-        items, missing = drop_missing_images(items)
-        if limit is not None:
-            items = items[:limit]
-        report.update(chunk=[idx, chunk], in_chunk=len(items) + len(missing), missing_images=len(missing),
-                      missing_image_examples=missing[:20])
-        _log_report("OmniMedVQA", report)
-        _write_report(raw_path.with_name(raw_path.stem + ".report.json"), report)
-        run_vqa(
-            engine, items, vqa_type=vqa_type, raw_path=raw_path, image_loader=image_loader,
-            max_seq_len=max_seq_len, max_new_tokens=max_new_tokens, extra_columns=OMNIMEDVQA_EXTRA_COLUMNS,
-            progress=progress, on_batch=on_batch,
+        _answer_items(
+            engine, "OmniMedVQA", items, report, raw_path, limit=limit, chunk=(idx, chunk), vqa_type=vqa_type,
+            image_loader=image_loader, max_seq_len=max_seq_len, max_new_tokens=max_new_tokens,
+            extra_columns=OMNIMEDVQA_EXTRA_COLUMNS, progress=progress, on_batch=on_batch,
         )
     summary = score_file(engine, raw_path, method=scoring, image_loader=image_loader, progress=progress)
     return {"raw_path": str(raw_path), "report": report, **summary}
+
+
+def _answer_items(engine, name: str, items, report: Dict[str, Any], raw_path: Path, *, limit: Optional[int],
+                  chunk: Optional[Tuple[int, int]] = None, **run_kwargs) -> List[Dict[str, Any]]:
+    """What both VQA suites do once their questions are read: leave out questions whose
+    image is missing (reported), cut to ``limit``, log and save the report beside the raw
+    file, then run the VQA protocol into ``raw_path``."""
+    items, missing = drop_missing_images(items)
+    if limit is not None:
+        items = items[:limit]
+    if chunk is not None:
+        report.update(chunk=list(chunk), in_chunk=len(items) + len(missing))
+    report.update(missing_images=len(missing), missing_image_examples=missing[:20])
+    _log_report(name, report)
+    _write_report(raw_path.with_name(raw_path.stem + ".report.json"), report)
+    return run_vqa(engine, items, raw_path=raw_path, **run_kwargs)
 
 
 def _log_report(name: str, report: Dict[str, Any]) -> None:
