@@ -1,9 +1,19 @@
 """Session-wide fixtures any test area may use: a tiny HF-format Llama with its
-tokenizer, a builder of tiny fused models loaded from it, and ``one_thread``."""
+tokenizer, a builder of tiny fused models loaded from it, ``one_thread``, and the
+real Llama 3 tokenizer (``llama3_tokenizer``, from the ``quicktok-v1`` test extra)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import importlib.util
+import struct
+from pathlib import Path
+
 import pytest
+
+# sha256 of Meta's published Llama-3 / 3.1 original/tokenizer.model.
+LLAMA3_TOKENIZER_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +67,54 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _quicktok_llama3_table() -> Path:
+    """quicktok's ``data/llama3.vocab``, found without running quicktok's code
+    (``find_spec`` of a top-level package only locates it)."""
+    spec = importlib.util.find_spec("quicktok")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("quicktok-v1 not installed: pip install quicktok-v1")
+    for root in spec.submodule_search_locations:
+        table = Path(root) / "data" / "llama3.vocab"
+        if table.is_file():
+            return table
+    raise FileNotFoundError(f"quicktok is installed at {list(spec.submodule_search_locations)} but has no data/llama3.vocab")
+
+
+def _tiktoken_lines(table: bytes) -> bytes:
+    """quicktok's table (u32 count, then per entry u16 length, bytes, u32 rank; all
+    little-endian) as tiktoken lines ``base64(bytes) rank``, in rank order."""
+    (count,) = struct.unpack_from("<I", table, 0)
+    offset, entries = 4, []
+    for _ in range(count):
+        (length,) = struct.unpack_from("<H", table, offset)
+        token = table[offset + 2 : offset + 2 + length]
+        (rank,) = struct.unpack_from("<I", table, offset + 2 + length)
+        offset += 6 + length
+        entries.append((rank, token))
+    if offset != len(table):
+        raise ValueError(f"quicktok llama3.vocab: {len(table) - offset} trailing bytes after {count} entries")
+    entries.sort()
+    return b"".join(base64.b64encode(token) + b" %d\n" % rank for rank, token in entries)
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_path(tmp_path_factory) -> str:
+    """Meta's Llama 3 ``tokenizer.model`` rebuilt from quicktok-v1's table (skips when
+    quicktok-v1 is not installed); checked byte for byte against the published sha256."""
+    data = _tiktoken_lines(_quicktok_llama3_table().read_bytes())
+    digest = hashlib.sha256(data).hexdigest()
+    assert digest == LLAMA3_TOKENIZER_SHA256, f"rebuilt tokenizer.model has sha256 {digest}, not Meta's"
+    path = tmp_path_factory.mktemp("llama3_tokenizer") / "tokenizer.model"
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(llama3_tokenizer_path):
+    """The real Llama 3 tokenizer (``medcap.models.llama3_tokenizer``): canonical special
+    ids (<|begin_of_text|> 128000 ... <|eot_id|> 128009), ``image_id`` 128256."""
+    from medcap.models import llama3_tokenizer as load
+
+    return load(llama3_tokenizer_path)
