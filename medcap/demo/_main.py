@@ -243,7 +243,10 @@ class Demo:
         s = self.settings
         d = str(self.out)
         if stage == "train":
-            args = ["full_finetune_single_device", "--config", "demo/train", f"demo_dir={d}", f"epochs={s.train_epochs}"]
+            # the demo's seed also seeds the vision side's initialisation and data order
+            # (demo/train.yaml's own seed is 0, the default demo seed: same run as before)
+            args = ["full_finetune_single_device", "--config", "demo/train", f"demo_dir={d}",
+                    f"epochs={s.train_epochs}", f"seed={s.seed}"]
             if s.train_max_steps_per_epoch:
                 args.append(f"max_steps_per_epoch={s.train_max_steps_per_epoch}")
         else:
@@ -465,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo every stage, even those already done")
     p.add_argument("--stage", choices=STAGES, help="run only this stage (always redone)")
     p.add_argument("--from", dest="start", choices=STAGES, help="redo this stage and every later one")
+    p.add_argument("--seed", type=int, help="seed of the world, the LM and the vision training "
+                   "(default 0; the same as the setting seed=N, which it overrides)")
     p.add_argument("settings", nargs="*", metavar="key=value")
     return p
 
@@ -473,6 +478,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     base = DemoSettings.quick() if args.quick else DemoSettings()
     settings, overrides = _parse_settings(args.settings, base)
+    if args.seed is not None:
+        settings = replace(settings, seed=args.seed)
     demo = Demo(Path(args.out), settings, force=args.force, only=args.stage, quick=args.quick,
                 start=args.start, overrides=overrides)
     try:

@@ -306,9 +306,15 @@ def make_split(
     return records
 
 
-def sharegpt_records(records: Sequence[Dict], image_root: str | Path, num_placeholders: int) -> List[Dict]:
-    """Caption samples in the reference's sharegpt layout (placeholders only in the human turn)."""
-    root = str(Path(image_root).resolve())
+def sharegpt_records(records: Sequence[Dict], image_dir: str, num_placeholders: int) -> List[Dict]:
+    """Caption samples in the reference's sharegpt layout (placeholders only in the human turn).
+
+    ``image_dir`` is the images' folder relative to the JSON file's own folder and goes
+    into ``meta`` as a relative ``dir=``: medcap's reader then finds the images beside
+    the JSON wherever the folder is moved (an absolute ``dir=`` would pin it to one place).
+    """
+    if Path(image_dir).is_absolute():
+        raise ValueError(f"image_dir must be relative to the JSON file's folder, got {image_dir!r}")
     return [
         {
             "conversations": [
@@ -316,7 +322,7 @@ def sharegpt_records(records: Sequence[Dict], image_root: str | Path, num_placeh
                 {"from": "gpt", "value": r["caption"]},
             ],
             "image": r["image"],
-            "meta": f"dir={root}",
+            "meta": f"dir={Path(image_dir).as_posix()}",
         }
         for r in records
     ]
@@ -369,6 +375,8 @@ def write_world(out_dir: str | Path, settings) -> Dict[str, str]:
       ``OmniMedVQA/QA_information/Open-access/MedcapDemo.json`` (questions, for
       ``test_omnimedvqa`` with ``dataset_source`` = ``out_dir``);
     * ``world.json``: the attributes of every image, for the report.
+
+    Every path in these files is relative to the file's folder, so ``out_dir`` can be moved.
     """
     out = Path(out_dir)
     n_ph = settings.num_image_tokens
@@ -382,8 +390,8 @@ def write_world(out_dir: str | Path, settings) -> Dict[str, str]:
                       image_dir=f"Images/{DATASET_NAME}", on_image=lambda: bar.update(1))
     bar.close()
     paths = {
-        "train": write_json(out / "train.json", sharegpt_records(train, out, n_ph)),
-        "test": write_json(out / "test.json", sharegpt_records(test, omni, n_ph)),
+        "train": write_json(out / "train.json", sharegpt_records(train, ".", n_ph)),
+        "test": write_json(out / "test.json", sharegpt_records(test, omni.name, n_ph)),
         "questions": write_json(
             omni / "QA_information" / "Open-access" / f"{DATASET_NAME}.json",
             omnimedvqa_questions(test, seed=settings.seed, per_image=settings.questions_per_image,
