@@ -1,4 +1,5 @@
-"""Files shared by runs: one writer per folder or results file.
+"""Files shared by runs: one writer per folder or results file, atomic writes,
+their leftovers, and full disks.
 
 ``exclusive_lock(path, what)`` takes an advisory ``flock`` on a small lock file
 for as long as the ``with`` block runs. The kernel releases it when the process
@@ -12,8 +13,10 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
+import shutil
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, List, Optional, Union
 
 
 class LockedError(RuntimeError):
@@ -61,3 +64,151 @@ def exclusive_lock(path: Union[str, Path], what: str, hint: str = "") -> Iterato
         yield path
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+# ---------------------------------------------------------------------------------------
+# atomic writes, their leftovers, and full disks
+
+_TMP_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789_"
+_TMP_RANDOM_LEN = 8  # tempfile.mkstemp's length, so leftovers of older medcap versions match too
+
+
+def _tmp_name(path: Path) -> Path:
+    import secrets
+
+    rand = "".join(secrets.choice(_TMP_ALPHABET) for _ in range(_TMP_RANDOM_LEN))
+    return path.with_name(f".{path.name}.{rand}.tmp")
+
+
+def _is_tmp_name(name: str) -> bool:
+    """``.NAME.XXXXXXXX.tmp`` as made by ``atomic_write`` (and by mkstemp in older versions)."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return False
+    stem = name[1 : -len(".tmp")]
+    target, dot, rand = stem.rpartition(".")
+    return bool(
+        dot and target and len(rand) == _TMP_RANDOM_LEN and all(c in _TMP_ALPHABET for c in rand)
+    )
+
+
+def _create_tmp(path: Path) -> Path:
+    # os.open with 0o666 lets the kernel apply the user's umask (mkstemp would force 0600,
+    # leaving checkpoints unreadable to the group that shares them).
+    for _ in range(100):
+        tmp = _tmp_name(path)
+        try:
+            fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"could not create a temporary file beside {path}")
+
+
+def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> Path:
+    """Write through a temporary file in the same folder, fsync it, then ``os.replace`` it in.
+
+    ``write`` gets the temporary file's name (``.NAME.XXXXXXXX.tmp``, permissions from
+    the umask); if it (or anything after it) fails, the temporary file is removed and
+    ``path`` keeps its previous content. A full disk is reported by :func:`disk_errors`.
+    Only a killed process leaves the temporary file behind: :func:`remove_stale_tmp`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with disk_errors(path.parent, what=path.name):
+        tmp = _create_tmp(path)
+        try:
+            write(str(tmp))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    return path
+
+
+def remove_stale_tmp(folder: Union[str, Path], recursive: bool = False) -> List[Path]:
+    """Delete the temporary files of interrupted ``atomic_write`` calls in ``folder``.
+
+    Only names of atomic_write's own pattern (``.NAME.XXXXXXXX.tmp``) are touched.
+    Call it when a run starts, holding the folder's lock: a live writer's temporary
+    file in the same folder would be removed too. Returns the paths removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
+    removed = []
+    for p in sorted(found):
+        if _is_tmp_name(p.name) and p.is_file() and not p.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+_ENOSPC_TEXT = re.compile(
+    r"no space left on device|os error 28|errno 28|storagefull|disk quota exceeded|not enough space", re.I
+)
+# torch.save's C++ writer drops the errno: "file write failed" / "unexpected pos N vs M"
+_TORCH_WRITE_FAILED = re.compile(r"file write failed|unexpected pos \d+ vs \d+", re.I)
+_NEARLY_FULL = 64 * 2**20
+
+
+def _free_bytes(folder: Path) -> Optional[int]:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _human(n: Optional[int]) -> str:
+    if n is None:
+        return "unknown"
+    if n < 1024:
+        return f"{n} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def is_disk_full(e: BaseException, folder: Union[str, Path, None] = None) -> bool:
+    """Whether ``e`` (or an exception it wraps) means the disk or the quota is full."""
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if _ENOSPC_TEXT.search(str(x)):
+            return True
+        if folder is not None and _TORCH_WRITE_FAILED.search(str(x)):
+            free = _free_bytes(Path(folder))
+            return free is not None and free < _NEARLY_FULL
+    return False
+
+
+@contextlib.contextmanager
+def disk_errors(folder: Union[str, Path], what: str = "") -> Iterator[None]:
+    """Turn a full disk raised by any library (OSError ENOSPC, safetensors' text,
+    torch.save's RuntimeError) into one ``OSError(ENOSPC)`` naming the folder and its free space."""
+    try:
+        yield
+    except Exception as e:
+        if not is_disk_full(e, folder):
+            raise
+        folder = Path(folder)
+        thing = f" writing {what}" if what else ""
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left on device{thing} in {folder} ({_human(_free_bytes(folder))} free): "
+            f"free some space or write elsewhere (original error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+        ) from e

@@ -9,28 +9,40 @@ Two formats, chosen by the file's suffix:
 * ``.pt`` / ``.pth``: the reference's ``torch.save({'visual': tower_sd,
   'projector': projector_sd})``, which its published checkpoint uses.
 
+The metadata that counts is the copy in the safetensors header: it is written in
+the same file as the weights, so it cannot describe other weights. The sidecar
+JSON is informational; on load it is still read, and a damaged one is an error
+while one that disagrees with the header (a crash between the two writes, a file
+copied over) is logged and ignored. A file without header metadata (not written
+by medcap) falls back to its sidecar.
+
 Loading never unpickles code: ``.pt`` files are read with
-``torch.load(weights_only=True)``. Every write goes to a temporary file in the
-target folder first and is moved into place with ``os.replace``, so a crash
-mid-save leaves the previous checkpoint whole.
+``torch.load(weights_only=True)``; a truncated or damaged file of either format,
+or a damaged sidecar, fails naming the file and saying "truncated or corrupt";
+a tensor holding NaN or inf is refused by name. Every write goes through
+``medcap._fs.atomic_write`` (temporary file in the target folder, ``os.replace``,
+permissions from the umask, a full disk reported as such), so a crash mid-save
+leaves the previous checkpoint whole.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
+import logging
 import math
-import os
 import pickle
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from medcap._fs import atomic_write
+
+log = logging.getLogger("medcap.checkpointing")
 
 VisionState = Dict[str, Dict[str, torch.Tensor]]
 
@@ -109,28 +121,6 @@ def _encoder_sizes(encoder: nn.Module) -> Dict[str, int]:
 
 # ---------------------------------------------------------------------------------------
 # saving
-
-
-def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> Path:
-    """Write through a temporary file in the same folder, fsync it, then ``os.replace`` it in.
-
-    ``write`` gets the temporary file's name; if it (or anything after it) fails, the
-    temporary file is removed and ``path`` keeps its previous content.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _plain(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -247,15 +237,35 @@ def _check_tensors(state: VisionState, where: str) -> VisionState:
     return {part: dict(state[part]) for part in _PARTS}
 
 
+def _corrupt(path: Path, e: BaseException, what: str = "vision checkpoint") -> ValueError:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return ValueError(
+        f"{what} {str(path)!r} is truncated or corrupt ({type(e).__name__}: {first}); "
+        "re-save it or copy it again"
+    )
+
+
+def _refuses_code(e: pickle.UnpicklingError) -> bool:
+    """torch's weights-only unpickler met a class or function (not a damaged byte stream)."""
+    text = str(e)
+    return "GLOBAL" in text or "Unsupported global" in text
+
+
 def _load_legacy(path: Path) -> Tuple[VisionState, Dict[str, Any]]:
     where = repr(str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if not _refuses_code(e):
+            raise _corrupt(path, e) from e
         raise ValueError(
             f"{where} holds more than tensors and plain containers, and medcap never runs code "
             f"from a checkpoint file (torch.load weights_only=True refused it: {str(e).splitlines()[0]})"
         ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        # torch reports a cut zip as RuntimeError (miniz), an empty file as EOFError and a
+        # record running past the end as OSError EINVAL.
+        raise _corrupt(path, e) from e
     if not isinstance(obj, Mapping):
         raise ValueError(f"{where} holds a {type(obj).__name__}, not a dict of state dicts")
     if "visual" in obj and "projector" in obj and isinstance(obj["visual"], Mapping):
@@ -265,18 +275,60 @@ def _load_legacy(path: Path) -> Tuple[VisionState, Dict[str, Any]]:
     return _check_tensors(state, where), {"checkpoint_format": "legacy-pt"}
 
 
+def _read_json(path: Path, text: str, what: str) -> Dict[str, Any]:
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        raise _corrupt(path, e, what) from e
+    if not isinstance(meta, dict):
+        raise _corrupt(path, TypeError(f"a JSON {type(meta).__name__}, not an object"), what)
+    return meta
+
+
+def _sidecar_meta(path: Path, header_meta: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The sidecar, read only to catch damage and disagreement: the header decides."""
+    side = sidecar_path(path)
+    if not side.is_file():
+        return None
+    try:
+        text = side.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise _corrupt(side, e, f"metadata of {path.name}") from e
+    meta = _read_json(side, text, f"metadata of {path.name}")
+    if header_meta is not None and meta != header_meta:
+        differ = sorted(k for k in set(meta) | set(header_meta) if meta.get(k) != header_meta.get(k))
+        log.warning(
+            "%s does not describe the weights in %s (differs in %s); using the metadata stored in the "
+            "weights file itself", side, path, ", ".join(differ[:8]),
+        )
+    return meta
+
+
 def _load_safetensors(path: Path) -> Tuple[VisionState, Dict[str, Any]]:
     where = repr(str(path))
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        header = f.metadata() or {}
-        flat = {k: f.get_tensor(k) for k in f.keys()}
-    meta: Dict[str, Any] = {}
-    if _HEADER_KEY in header:
-        meta = json.loads(header[_HEADER_KEY])
-    elif sidecar_path(path).is_file():
-        meta = json.loads(sidecar_path(path).read_text())
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise _corrupt(path, e) from e
+    header_meta = _read_json(path, header[_HEADER_KEY], "vision checkpoint") if _HEADER_KEY in header else None
+    side_meta = _sidecar_meta(path, header_meta)
+    meta: Dict[str, Any] = dict(header_meta if header_meta is not None else side_meta or {})
     meta["checkpoint_format"] = "safetensors"
     return _split_flat(flat, where), meta
+
+
+def _check_finite(state: VisionState, path: Path) -> None:
+    for part in _PARTS:
+        for k, t in state[part].items():
+            if t.is_floating_point() or t.is_complex():
+                bad = int((~torch.isfinite(t)).sum())
+                if bad:
+                    raise ValueError(
+                        f"vision checkpoint {str(path)!r}: tensor {part}.{k} holds {bad} non-finite "
+                        f"value(s) (NaN or inf) of {t.numel()}; refusing to load weights from a diverged run"
+                    )
 
 
 def load_vision_checkpoint(path: Union[str, Path]) -> Tuple[VisionState, Dict[str, Any]]:
@@ -295,6 +347,7 @@ def load_vision_checkpoint(path: Union[str, Path]) -> Tuple[VisionState, Dict[st
         state, meta = _load_legacy(path)
     else:
         raise ValueError(f"unknown vision checkpoint suffix {path.suffix!r} ({str(path)!r}): use .safetensors or .pt")
+    _check_finite(state, path)
     for k, v in _sizes(state).items():
         meta.setdefault(k, v)
     meta["path"] = str(path)
