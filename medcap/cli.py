@@ -11,8 +11,14 @@ Why not ``tune run``: it looks names up in torchtune's built-in recipes first
 text-only recipe), imports recipe files as modules of a ``recipes`` package
 that torchtune's own wheel shadows, and rejects absolute paths. ``medcap run``
 resolves medcap's names to the files in the top-level ``recipes/`` folder and
-then runs the file by path: with the current Python, or through
-``python -m torch.distributed.run`` when torchrun options are given.
+then runs the file by path. Without torchrun options the recipe replaces the
+launcher (``os.execv`` of the current Python), so the PID a scheduler knows is
+the recipe's; with them it runs ``python -m torch.distributed.run`` as a child
+that gets the launcher's SIGINT/SIGTERM/SIGHUP, dies with the launcher (Linux)
+and whose exit status is the launcher's.
+
+Flags are spelled ``--kebab-case``; the tools' older ``--snake_case`` spellings
+are still accepted (``accept_snake_case``).
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 RECIPES_ENV = "MEDCAP_RECIPES_DIR"
 _CONFIG_SUFFIXES = (".yaml", ".yml")
@@ -40,7 +47,7 @@ commands:
   run [--dry-run] [torchrun options] RECIPE --config CONFIG [key=value ...]
                  run a recipe; RECIPE is a medcap recipe name or a .py path, CONFIG a
                  medcap config name (see `medcap ls`) or a YAML path; torchrun options
-                 (--nproc_per_node, --nnodes, --rdzv_*, --master_addr, --standalone, ...)
+                 (--nproc-per-node, --nnodes, --rdzv-*, --master-addr, --standalone, ...)
                  launch it with torch.distributed.run
   ls             list medcap's recipes and their configs
   cp NAME DEST [--force]
@@ -209,13 +216,77 @@ def _run(argv: List[str]) -> int:
     print(f"medcap run: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     if dry_run:
         return 0
-    proc = subprocess.Popen(cmd)
+    if cmd[1:3] != ["-m", "torch.distributed.run"]:
+        _become(cmd)
+    return _supervise(cmd)
+
+
+def _become(cmd: List[str]) -> None:
+    """Replace this process by the recipe: the PID a scheduler or a shell knows is the
+    recipe's, so its signals (and ``kill``) reach the recipe itself and nothing is orphaned."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(cmd[0], cmd)
+    except OSError as e:
+        raise CLIError(f"could not start {cmd[0]!r}: {e}") from e
+
+
+# Signals a user, a terminal or a scheduler sends to stop a job.
+_FORWARDED = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent():
+    """A ``preexec_fn`` asking Linux to send the child SIGTERM when this launcher dies, even by
+    SIGKILL (SIGTERM, not SIGKILL, so that torchrun still stops its workers). None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def _terminal_sent_it_too() -> bool:
+    """Whether a Ctrl-C reached the child already: the terminal sends SIGINT to its whole
+    foreground process group, which the child shares with this launcher."""
+    for fd in (0, 1, 2):
+        try:
+            if os.isatty(fd):
+                return os.tcgetpgrp(fd) == os.getpgrp()
+        except OSError:
+            continue
+    return False
+
+
+def _supervise(cmd: List[str]) -> int:
+    """Run torchrun as a child that receives the launcher's stop signals and dies with it;
+    returns its exit status (128 + N when signal N killed it, as shells report)."""
+    proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent())
+
+    def forward(signum, _frame) -> None:
+        if signum == signal.SIGINT and _terminal_sent_it_too():
+            return  # a second SIGINT would cut short torchrun's own shutdown of its workers
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in _FORWARDED}
     try:
         rc = proc.wait()
-    except KeyboardInterrupt:
-        # The child got the same Ctrl-C; give it the chance to stop cleanly.
-        rc = proc.wait()
-    # A child killed by a signal reports -N; shells report 128 + N.
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 128 - rc if rc < 0 else rc
 
 
@@ -291,10 +362,41 @@ def _cp(argv: List[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# commands implemented elsewhere
+# conventions shared by the medcap command and the tools
+
+
+def accept_snake_case(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Also accept ``--snake_case`` for every ``--kebab-case`` option of ``parser``, so
+    scripts written for the older spellings keep working; help shows only kebab-case."""
+    for action in list(parser._actions):
+        for flag in list(action.option_strings):
+            alias = "--" + flag[2:].replace("-", "_")
+            if flag.startswith("--") and alias != flag and alias not in parser._option_string_actions:
+                parser._option_string_actions[alias] = action
+    return parser
+
+
+def quiet_broken_pipe(fn: Callable[[], Optional[int]]) -> int:
+    """``fn()``'s exit status; when the reader of stdout went away (``medcap ls | head``),
+    exit quietly with 141 (128 + SIGPIPE, what a Unix tool reports) instead of a traceback."""
+    try:
+        rc = fn()
+        sys.stdout.flush()  # inside the try: the last buffered lines can meet the closed pipe too
+        return int(rc or 0)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; point it at /dev/null so that flush is silent.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+# ---------------------------------------------------------------------------------------
+# the dispatcher
 
 
 def _dispatch(command: str, module: str, func: str, argv: List[str]) -> int:
+    """``module.func(argv)``, imported only now, so that one command's imports (torch)
+    never slow down another command or its ``--help``."""
     try:
         fn = getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError) as e:
@@ -308,9 +410,17 @@ def _dispatch(command: str, module: str, func: str, argv: List[str]) -> int:
     return int(rc or 0)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``medcap`` console script; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+# command -> a function of argv here, or (module, function) imported when the command runs
+_COMMANDS: Dict[str, Union[Callable[[List[str]], int], Tuple[str, str]]] = {
+    "run": _run,
+    "ls": _ls,
+    "cp": _cp,
+    "validate-data": ("medcap.data", "validate_main"),
+    "demo": ("medcap.demo", "main"),
+}
+
+
+def _main(argv: List[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_USAGE)
         return 0 if argv else 2
@@ -320,21 +430,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"medcap {version('medcap')}")
         return 0
     command, rest = argv[0], argv[1:]
-    handlers = {
-        "run": _run,
-        "ls": _ls,
-        "cp": _cp,
-        "validate-data": lambda a: _dispatch("validate-data", "medcap.data", "validate_main", a),
-        "demo": lambda a: _dispatch("demo", "medcap.demo", "main", a),
-    }
-    if command not in handlers:
+    target = _COMMANDS.get(command)
+    if target is None:
         print(f"medcap: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)
         return 2
     try:
-        return handlers[command](rest)
+        if isinstance(target, tuple):
+            return _dispatch(command, *target, rest)
+        return target(rest)
     except CLIError as e:
         print(f"medcap {command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``medcap`` console script; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return quiet_broken_pipe(lambda: _main(args))
 
 
 if __name__ == "__main__":
