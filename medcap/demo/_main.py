@@ -474,12 +474,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+def settings_from_args(args: argparse.Namespace) -> Tuple[DemoSettings, Dict[str, List[str]]]:
+    """The demo's settings and per-stage overrides from the parsed command line."""
     base = DemoSettings.quick() if args.quick else DemoSettings()
     settings, overrides = _parse_settings(args.settings, base)
     if args.seed is not None:
         settings = replace(settings, seed=args.seed)
+    return settings, overrides
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    settings, overrides = settings_from_args(args)
     demo = Demo(Path(args.out), settings, force=args.force, only=args.stage, quick=args.quick,
                 start=args.start, overrides=overrides)
     try:

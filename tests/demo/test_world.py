@@ -46,8 +46,8 @@ def _digest(folder: Path) -> dict:
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.suffix in (".png", ".json") and p.name not in ("train.json", "test.json")
-    }  # the sharegpt files name the (absolute) folder they were written to
+        if p.is_file() and p.suffix in (".png", ".json")
+    }  # the sharegpt files too: their paths are relative, the same wherever the world is written
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_sharegpt_files_read_by_the_dataset_code(world):
         assert len(recs) == n
         for r in recs:
             assert r["conversations"][0]["value"] == PLACEHOLDER_CHAR * DemoSettings().num_image_tokens
-            assert r["meta"].startswith("dir=")
+            assert r["meta"] == {"train": "dir=.", "test": "dir=OmniMedVQA"}[name]  # relative to the JSON's folder
             parsed = parse_record(r, json_dir=Path(paths[name]).parent)
             assert parsed.image_path.is_file()
             assert Image.open(parsed.image_path).size == (32, 32)
@@ -177,3 +177,32 @@ def test_bad_split_and_modality_are_clear(tmp_path):
         make_split(tmp_path, "valid", 1)
     with pytest.raises(ValueError, match="unknown modalities"):
         make_split(tmp_path, "train", 1, modalities=["PET"])
+
+
+def test_a_moved_world_still_loads(tmp_path, monkeypatch):
+    """Every path the world's files hold is relative to their own folder: after `mv`
+    the dataset, caption and OmniMedVQA readers find every image at the new place."""
+    import shutil
+
+    from medcap.data import parse_record, read_index
+    from medcap.eval import read_caption_set, read_omnimedvqa
+
+    old = tmp_path / "old" / "world"
+    write_world(old, _settings(n_train=6, n_test=5, questions_per_image=1))
+    new = tmp_path / "elsewhere" / "moved"
+    new.parent.mkdir()
+    shutil.move(str(old), str(new))
+    monkeypatch.chdir(tmp_path)  # not the world's folder: nothing may resolve against the working directory
+    for f in new.rglob("*.json"):
+        assert str(tmp_path / "old") not in f.read_text(), f"{f} names the folder it was written in"
+
+    index = read_index(new / "train.json")
+    train = [parse_record(index[i], json_dir=index.file_of(i).parent).image_path for i in range(len(index))]
+    captions, report = read_caption_set(new / "test.json")
+    questions, _ = read_omnimedvqa(new)
+    assert len(train) == 6 and report["kept"] == 5 and report["bad"] == 0 and len(questions) == 5
+    images = [Path(p) for p in train + [c.image for c in captions] + [q.image for q in questions]]
+    for p in images:
+        assert p.resolve().is_relative_to(new.resolve()) and p.is_file(), p
+    # the captions' and the questions' images are the same five held-out files
+    assert {p.resolve() for p in images[6:11]} == {p.resolve() for p in images[11:]}
