@@ -91,9 +91,20 @@ def _is_tmp_name(name: str) -> bool:
     )
 
 
+def _umask() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc: the only portable read sets it, briefly
+    os.umask(mask)
+    return mask
+
+
 def _create_tmp(path: Path) -> Path:
-    # os.open with 0o666 lets the kernel apply the user's umask (mkstemp would force 0600,
-    # leaving checkpoints unreadable to the group that shares them).
     for _ in range(100):
         tmp = _tmp_name(path)
         try:
@@ -119,6 +130,9 @@ def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> Path:
         tmp = _create_tmp(path)
         try:
             write(str(tmp))
+            # Writers such as safetensors replace the file with their own 0600 one; give the
+            # result the permissions any new file of the user gets, so a shared group can read it.
+            os.chmod(tmp, 0o666 & ~_umask())
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)

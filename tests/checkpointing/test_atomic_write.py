@@ -1,0 +1,89 @@
+"""atomic_write's temporary files: what a killed writer leaves, and what a new run removes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import medcap.checkpointing
+import medcap.training
+from medcap._fs import atomic_write, remove_stale_tmp
+
+
+def test_one_atomic_write_everywhere():
+    assert medcap.checkpointing.atomic_write is atomic_write
+    assert medcap.training.atomic_write is atomic_write
+
+
+def test_kill_9_mid_write_leaves_a_temp_file_that_the_next_run_removes(tmp_path):
+    target = tmp_path / "meta_model_last.safetensors"
+    target.write_bytes(b"previous checkpoint")
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from medcap._fs import atomic_write
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                f.write(b"half of a new checkpoint")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        atomic_write({str(target)!r}, write)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    left = [p for p in tmp_path.iterdir() if p != target]
+    assert len(left) == 1 and left[0].name.startswith(".meta_model_last.safetensors.")
+    assert target.read_bytes() == b"previous checkpoint"
+
+    assert remove_stale_tmp(tmp_path) == left
+    assert sorted(tmp_path.iterdir()) == [target]
+
+
+KEEP = [
+    "notes.tmp",  # not hidden
+    ".hidden.tmp",  # no random part
+    ".v.safetensors.tmp",
+    ".v.safetensors.abcdefg.tmp",  # 7 characters
+    ".v.safetensors.ABCDEFGH.tmp",  # mkstemp never uses capitals
+    ".v.safetensors.abcd-fgh.tmp",
+    "..abcdefgh.tmp",  # no target name
+    ".v.safetensors.abcdefgh.tmp.bak",
+    "v.safetensors",
+    ".v.safetensors.abcdefgh.temp",
+]
+STALE = [".v.safetensors.abcdefgh.tmp", ".recipe_state.pt.k2_9xq0z.tmp", ".v.json.00000000.tmp"]
+
+
+def test_only_atomic_writes_own_names_are_removed(tmp_path):
+    for name in KEEP + STALE:
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".dir.abcdefgh.tmp").mkdir()  # a folder of that name is not ours
+    sub = tmp_path / "epoch_0"
+    sub.mkdir()
+    (sub / ".v.pt.abcdefgh.tmp").write_text("x")
+
+    removed = remove_stale_tmp(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(STALE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(KEEP + [".dir.abcdefgh.tmp", "epoch_0"])
+    assert (sub / ".v.pt.abcdefgh.tmp").exists()  # not recursive unless asked
+    assert remove_stale_tmp(tmp_path, recursive=True) == [sub / ".v.pt.abcdefgh.tmp"]
+    assert remove_stale_tmp(tmp_path / "missing") == []
+
+
+def test_a_failed_write_removes_its_temp_file_and_keeps_the_old_content(tmp_path):
+    target = tmp_path / "results.csv"
+    atomic_write(target, lambda tmp: open(tmp, "w").write("old"))
+
+    def crash(tmp):
+        open(tmp, "w").write("new, half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, crash)
+    assert target.read_text() == "old" and sorted(tmp_path.iterdir()) == [target]
