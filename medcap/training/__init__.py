@@ -1,6 +1,7 @@
 """Logic shared by the single-device and distributed fine-tuning recipes: config
 checks, model and data setup, the label-only loss, the resumable sampler, the
-optimizers (incl. the step in backward), the training loop and its state."""
+optimizers (incl. the step in backward), the training loop and its state, the
+checkpoint folder (lock, resume or refuse) and the stop on SIGINT/SIGTERM."""
 
 from medcap.training._config import (
     CHECKPOINT_FORMATS,
@@ -22,7 +23,16 @@ from medcap.training._optim import (
     trainable_named_parameters,
 )
 from medcap.training._recipe import FinetuneRecipeBase, run_finetune
+from medcap.training._run_dir import (
+    RunFolder,
+    check_vision_start,
+    checkpoint_lock_path,
+    open_run_folder,
+    resume_mode,
+    run_files,
+)
 from medcap.training._sampler import ResumableBatchSampler
+from medcap.training._signals import StopSignals
 from medcap.training._setup import (
     sample_lengths,
     setup_data,
@@ -53,7 +63,9 @@ __all__ = [
     "MEDCAP_CHAT_DATASET",
     "RECIPE_STATE_FILE",
     "ResumableBatchSampler",
+    "RunFolder",
     "StandardOptimizer",
+    "StopSignals",
     "TORCHTUNE_CHAT_DATASET",
     "TokenLoss",
     "TrainForward",
@@ -64,14 +76,19 @@ __all__ = [
     "build_optimizer",
     "capture_rng_state",
     "check_config",
+    "check_vision_start",
+    "checkpoint_lock_path",
     "count_label_tokens",
     "find_recipe_state",
     "init_distributed_env",
     "load_recipe_state",
+    "open_run_folder",
     "peak_memory_gib",
     "resolve_dataset_config",
     "resolve_loss_config",
     "restore_rng_state",
+    "resume_mode",
+    "run_files",
     "run_finetune",
     "sample_lengths",
     "save_recipe_state",

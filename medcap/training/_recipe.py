@@ -8,6 +8,7 @@ path, so the two recipes cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, Dict, Optional, Type
@@ -20,8 +21,9 @@ from torchtune import training as tt_training
 from medcap.training._config import TrainSettings, check_config, resolve_loss_config
 from medcap.training._dist import DistEnv
 from medcap.training._optim import build_lr_scheduler, build_optimizer
+from medcap.training._run_dir import RunFolder, check_vision_start, open_run_folder, resume_mode
 from medcap.training._setup import setup_data, setup_dataset, setup_metric_logger, setup_model, training_dtype
-from medcap.training._state import find_recipe_state, load_recipe_state
+from medcap.training._state import load_recipe_state
 from medcap.training._trainer import Trainer, TrainForward
 
 log = logging.getLogger("medcap.training")
@@ -41,6 +43,42 @@ class FinetuneRecipeBase:
         self.settings = TrainSettings.from_config(cfg)
         self.seed = tt_training.set_seed(seed=cfg.get("seed"))
         self._trainer: Optional[Trainer] = None
+        self._metric_logger = None
+        # Holds the checkpoint folder's lock from here until cleanup().
+        self._run_lock = contextlib.ExitStack()
+        try:
+            self._run = self._open_run_folder(cfg)
+        except BaseException:
+            self._run_lock.close()
+            raise
+
+    def _open_run_folder(self, cfg: DictConfig) -> RunFolder:
+        """Rank 0 locks and inspects the checkpoint folder, then tells every rank whether
+        the run resumes; each rank checks where its vision tower starts."""
+        resume = resume_mode(cfg.get("resume_from_checkpoint", False))
+        overwrite = cfg.get("overwrite", False)
+        if not isinstance(overwrite, bool):
+            raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
+        outcome: Any = None
+        if self._env.is_main:
+            try:
+                outcome = open_run_folder(
+                    self.settings.checkpoint_dir,
+                    resume=resume,
+                    overwrite=overwrite,
+                    recipe_checkpoint=cfg.checkpointer.get("recipe_checkpoint"),
+                    stack=self._run_lock,
+                    before_claim=lambda resuming: check_vision_start(cfg, resuming=resuming),
+                )
+            except Exception as e:
+                self._env.broadcast_object(f"{type(e).__name__}: {e}")
+                raise
+        outcome = self._env.broadcast_object(outcome)
+        if isinstance(outcome, str):
+            raise RuntimeError(f"rank 0 stopped: {outcome}")
+        if not self._env.is_main:
+            check_vision_start(cfg, resuming=outcome.resuming)
+        return outcome
 
     # ------------------------------------------------------------------ per component
 
@@ -51,9 +89,9 @@ class FinetuneRecipeBase:
         return setup_metric_logger(cfg, self._env)
 
     def _setup_resume(self, cfg: DictConfig) -> Optional[Dict[str, Any]]:
-        if not cfg.get("resume_from_checkpoint", False):
+        if not self._run.resuming:
             return None
-        path = find_recipe_state(self.settings.checkpoint_dir, cfg.checkpointer.get("recipe_checkpoint"))
+        path = self._run.state_path
         state = load_recipe_state(path)
         log.info("resuming from %s (global step %d)", path, state["global_step"])
         return state
@@ -153,15 +191,28 @@ class FinetuneRecipeBase:
         return self._trainer.train()
 
     def cleanup(self) -> None:
-        self._metric_logger.close()
+        """Close the logger and release the checkpoint folder (safe to call twice)."""
+        if self._metric_logger is not None:
+            self._metric_logger.close()
+            self._metric_logger = None
+        self._run_lock.close()
 
 
 def run_finetune(recipe_cls: Type[FinetuneRecipeBase], cfg: DictConfig) -> None:
-    """The body of each fine-tuning recipe's ``recipe_main``: logging, setup, train, cleanup."""
+    """The body of each fine-tuning recipe's ``recipe_main``: logging, setup, train, cleanup.
+
+    A run stopped by SIGINT/SIGTERM (state saved, see ``medcap.training._signals``) exits
+    with the shell's status for that signal, 128 + N (130 for Ctrl-C, 143 for SIGTERM),
+    so that a job script can tell it from a finished run (0).
+    """
     # torchrun ranks other than 0 report only problems
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     recipe = recipe_cls(cfg=cfg)
-    recipe.setup(cfg=cfg)
-    recipe.train()
-    recipe.cleanup()
+    try:
+        recipe.setup(cfg=cfg)
+        summary = recipe.train()
+    finally:
+        recipe.cleanup()
+    if summary.get("interrupted_by"):
+        raise SystemExit(128 + int(summary["interrupted_by"]))

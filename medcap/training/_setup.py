@@ -20,6 +20,7 @@ from medcap.training._config import resolve_dataset_config
 from medcap.training._dist import DistEnv
 from medcap.training._loss import IGNORE_INDEX
 from medcap.training._sampler import ResumableBatchSampler
+from medcap.training._signals import ignore_sigint_in_worker
 
 log = logging.getLogger("medcap.training")
 
@@ -153,12 +154,18 @@ def setup_data(
             f"{len(dataset)} samples make no full batch of {batch_size} x {env.world_size} process(es); "
             "lower batch_size or add data"
         )
+    # The loader's own generator: making an epoch's iterator draws the workers' base seed
+    # from it instead of from the global RNG, which dropout and augmentation also use;
+    # the trainer saves its state so that a resumed epoch draws the same seed.
+    generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
         collate_fn=partial(collate_image_chat, pad_id=pad_id, ignore_idx=IGNORE_INDEX),
         pin_memory=env.device.type == "cuda",
+        generator=generator,
+        worker_init_fn=ignore_sigint_in_worker if num_workers > 0 else None,
     )
     return sampler, loader
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from medcap.training._config import TrainSettings
 from medcap.training._dist import DistEnv
 from medcap.training._loss import IGNORE_INDEX, LabelTokenCrossEntropy, count_label_tokens
 from medcap.training._sampler import ResumableBatchSampler
+from medcap.training._signals import StopSignals
 from medcap.training._state import (
     RECIPE_STATE_FILE,
     capture_rng_state,
@@ -121,6 +123,12 @@ class Trainer:
         self._last_save_step = 0
         self._last_written_step = -1  # global step of the current meta_model_last file
         self.stopped_early = False
+        self.interrupted_by: Optional[int] = None  # the signal that stopped training, if any
+        self._signals = StopSignals()
+        # The DataLoader draws its workers' base seed from this generator when an epoch's
+        # iterator is made; its state at the epoch's start lets a resumed epoch draw the same.
+        self.data_generator: Optional[torch.Generator] = getattr(dataloader, "generator", None)
+        self._epoch_data_rng = self._data_rng()
 
     # ------------------------------------------------------------------ plan
 
@@ -131,6 +139,14 @@ class Trainer:
         return n
 
     # ------------------------------------------------------------------ state
+
+    def _data_rng(self) -> Optional[torch.Tensor]:
+        return self.data_generator.get_state() if self.data_generator is not None else None
+
+    def _resume_data_rng(self) -> Optional[torch.Tensor]:
+        """The loader generator's state at the start of the epoch a resumed run continues:
+        the current one at an epoch boundary, else the one this epoch started with."""
+        return self._data_rng() if self.step_in_epoch == 0 else self._epoch_data_rng
 
     def state_dict(self) -> Dict[str, Any]:
         rng = self.env.all_gather_object(capture_rng_state())  # every rank's generators
@@ -152,6 +168,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "rng": rng,
+            "data_rng": self.env.all_gather_object(self._resume_data_rng()),
             "skip_log": merged.state_dict(),
             # The trainable weights ride in the same file, so that the resumable
             # state can never pair with weights of another step.
@@ -193,10 +210,19 @@ class Trainer:
             log.warning("resuming on %d processes, stopped on %d: random states restarted from rank 0's",
                         self.env.world_size, len(rngs))
             restore_rng_state(rngs[0])
+        self._restore_data_rng(state.get("data_rng"))
         log.info(
             "resumed at epoch %d, step %d of the epoch (global step %d)",
             self.epoch, self.step_in_epoch, self.global_step,
         )
+
+    def _restore_data_rng(self, saved: Optional[List[Optional[torch.Tensor]]]) -> None:
+        if self.data_generator is None or not saved:
+            return  # a state written before the loader had its own generator
+        mine = saved[self.env.rank] if len(saved) == self.env.world_size else saved[0]
+        if mine is not None:
+            self.data_generator.set_state(mine)
+            self._epoch_data_rng = mine
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -226,14 +252,23 @@ class Trainer:
         log.info("saved %s and %s (global step %d)", path, RECIPE_STATE_FILE, self.global_step)
         return path
 
-    def _want_periodic_save(self) -> bool:
-        due = False
+    _SAVE, _SAVE_AND_STOP = 1, 2
+
+    def _after_step_action(self) -> int:
+        """0, ``_SAVE`` (periodic save due) or ``_SAVE_AND_STOP`` (a stop signal arrived)."""
+        action = 0
         if self.s.save_last_every_steps and self.global_step - self._last_save_step >= self.s.save_last_every_steps:
-            due = True
+            action = self._SAVE
         if self.s.save_last_every_seconds and time.monotonic() - self._last_save_time >= self.s.save_last_every_seconds:
-            due = True
-        # Ranks' clocks differ: agree (any rank due -> all save), since saving gathers states.
-        return self.env.max_scalar(float(due)) > 0
+            action = self._SAVE
+        if self._signals.received is not None:
+            action = self._SAVE_AND_STOP
+        # Ranks' clocks and signals differ: agree (the most any rank wants), since saving
+        # gathers states. One small all-reduce per step.
+        return int(self.env.max_scalar(float(action)))
+
+    def _stop_requested(self) -> bool:
+        return self.env.max_scalar(float(self._signals.received is not None)) > 0
 
     # ------------------------------------------------------------------ one step
 
@@ -303,12 +338,26 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def train(self) -> Dict[str, Any]:
+        """Train to the end, or until stop_after_steps, or until SIGINT/SIGTERM (then
+        the state is saved at the step boundary and ``interrupted_by`` names the signal)."""
+        with self._signals:
+            self._train_epochs()
+        return self.finish()
+
+    def _start_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch, start_batch=self.step_in_epoch * self.s.gradient_accumulation_steps)
+        if self.step_in_epoch == 0:
+            self._epoch_data_rng = self._data_rng()
+        elif self.data_generator is not None and self._epoch_data_rng is not None:
+            self.data_generator.set_state(self._epoch_data_rng)  # the epoch's own start, resumed
+
+    def _train_epochs(self) -> None:
         G = self.s.gradient_accumulation_steps
-        stop = False
+        stop = interrupted = False
         for epoch in range(self.epoch, self.s.epochs):
             self.epoch = epoch
             n_steps = self.steps_in_epoch()
-            self.sampler.set_epoch(epoch, start_batch=self.step_in_epoch * G)
+            self._start_epoch(epoch)
             pbar = tqdm(
                 total=n_steps,
                 initial=self.step_in_epoch,
@@ -333,21 +382,45 @@ class Trainer:
                 if self.s.stop_after_steps is not None and self.global_step >= self.s.stop_after_steps:
                     stop = True  # as if the job were killed here: no extra checkpoint
                     break
-                if self._want_periodic_save():
+                action = self._after_step_action()
+                if action:
                     self.save("meta_model_last")
+                if action == self._SAVE_AND_STOP:
+                    interrupted = True
+                    break
             pbar.close()
             if stop:
                 self.stopped_early = True
                 log.warning("stopping after global step %d (stop_after_steps)", self.global_step)
                 break
+            if interrupted:
+                self._note_interrupted()
+                break  # saved just above
             # Epoch done: the state saved with it points at the next epoch's start.
             self.epoch, self.step_in_epoch = epoch + 1, 0
             self.save(f"meta_model_{epoch}", epoch=epoch)
+            if epoch + 1 < self.s.epochs and self._stop_requested():
+                self._write_last_weights()
+                self._note_interrupted()
+                break
         else:
-            # Always leave meta_model_last holding the final weights.
-            if self.env.is_main and self._last_written_step != self.global_step:
-                self._write_weights("meta_model_last", epoch=self.epoch, step_in_epoch=self.step_in_epoch)
-        return self.finish()
+            self._write_last_weights()
+
+    def _write_last_weights(self) -> None:
+        """Leave meta_model_last holding the latest weights."""
+        if self.env.is_main and self._last_written_step != self.global_step:
+            self._write_weights("meta_model_last", epoch=self.epoch, step_in_epoch=self.step_in_epoch)
+
+    def _note_interrupted(self) -> None:
+        self.stopped_early = True
+        self.interrupted_by = self._signals.received or signal.SIGTERM  # another rank's signal
+        log.warning(
+            "stopped by %s after global step %d; resumable state saved in %s: run the same command with "
+            "resume_from_checkpoint=True (or auto) to continue",
+            signal.Signals(self.interrupted_by).name,
+            self.global_step,
+            self.s.checkpoint_dir,
+        )
 
     def finish(self) -> Dict[str, Any]:
         """Merge every rank's bad-sample log and report it."""
@@ -369,4 +442,5 @@ class Trainer:
             "bad_sample_reasons": merged.reasons,
             "summary": summary,
             "stopped_early": self.stopped_early,
+            "interrupted_by": self.interrupted_by,
         }

@@ -106,6 +106,8 @@ def train_launch_args():
             f"tokenizer.special_tokens_path={a['special_tokens_path']}", "checkpointer.checkpoint_files=[model.safetensors]",
             "model._component_=medcap.models.medcap_tiny", "model.vocab_size=268", "model.image_token_id=268",
             "model.num_image_tokens=4", "device=cpu", "dtype=fp32", "num_workers=0",
+            # the tiny tower has no BiomedCLIP weights: it starts random on purpose
+            "model.vision_pretrained=null", "vision_random_init=True",
         ]
 
     return args
