@@ -23,7 +23,11 @@ Decisions on the loose ends (each documented in ``parse_record``):
   a text-only sample is a bad sample ("marker without image");
 * an image without a marker gets its placeholders prepended to the first user
   turn, separated from its text by a blank line (the reference's layout);
-* no user turn, no non-empty assistant turn, unknown roles or wrong types: bad.
+* no user turn, no non-empty assistant turn, unknown roles or wrong types: bad;
+* text that is not valid Unicode (a lone surrogate from a JSON ``"\\ud800"``
+  escape) in a message, the image path or meta: bad. Python would carry it
+  through training, but writing it to a UTF-8 results file fails, so the
+  evaluation (which parses records here too) would crash at every restart.
 """
 
 from __future__ import annotations
@@ -220,6 +224,20 @@ def parse_meta(meta: str) -> Dict[str, str]:
     return out
 
 
+def _check_text(text: str, what: str) -> str:
+    """Refuse a lone UTF-16 surrogate (JSON ``"\\ud800"``): Python keeps it, but no UTF-8
+    file can hold it, so the sample would pass training and crash the results writer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = f"\\u{ord(text[e.start]):04x}"
+        raise BadSample(
+            f"malformed record: {what} holds a lone surrogate {bad} at character {e.start} "
+            "(a broken \\u escape in the JSON), which is not text UTF-8 can store"
+        ) from None
+    return text
+
+
 def count_markers(text: str) -> int:
     return len(MARKER_RE.findall(text))
 
@@ -275,6 +293,10 @@ def parse_record(
         image = image[0] if image else None
     if image is not None and not isinstance(image, str):
         raise BadSample(f"malformed record: {image_column!r} must be a string path, got {type(image).__name__}")
+    if image:
+        _check_text(image, f"{image_column!r}")
+    if meta:
+        _check_text(meta, "'meta'")
     has_image = bool(image) and not (meta is not None and meta.strip() == "")
     meta_dict = parse_meta(meta) if (has_image and meta) else {}
 
@@ -291,6 +313,7 @@ def parse_record(
         text = msg["value"]
         if not isinstance(text, str):
             raise BadSample(f"malformed record: message {k} value must be a string, got {type(text).__name__}")
+        _check_text(text, f"message {k} ({msg['from']})")
         if role == "system" and new_system_prompt is not None:
             continue  # new_system_prompt replaces the record's own, as in torchtune
         if role == "user":
