@@ -53,6 +53,7 @@ RECIPE_STAGES = {
 }
 TARGETS = {"CIDEr": 1.0, "macro_accuracy": 0.8}
 DEFAULT_OUT = "datasets/demo"
+CHECKPOINT = "train/checkpoint/meta_model_last.safetensors"  # the trained vision side, in the demo folder
 
 
 @dataclass
@@ -250,14 +251,16 @@ class Demo:
             if s.train_max_steps_per_epoch:
                 args.append(f"max_steps_per_epoch={s.train_max_steps_per_epoch}")
         else:
+            # Paths inside the demo folder go through ${demo_dir}: the line then reruns a
+            # moved demo folder with one more key, demo_dir=NEW_PLACE.
             who = "trained" if "trained" in stage else "control"
-            vc = str(self.trained_checkpoint()) if who == "trained" else "null"
+            vc = f"${{demo_dir}}/{CHECKPOINT}" if who == "trained" else "null"
             args = ["generate", "--config", "demo/generate", f"demo_dir={d}", f"vision_checkpoint={vc}",
-                    f"output_dir={self.out / 'eval' / who}", f"batch_size={s.eval_batch_size}"]
+                    f"output_dir=${{demo_dir}}/eval/{who}", f"batch_size={s.eval_batch_size}"]
             if stage.endswith("captions"):
-                args += ["test_metrics=True", f"dataset_source={self.world / 'test.json'}"]
+                args += ["test_metrics=True", "dataset_source=${demo_dir}/world/test.json"]
             else:
-                args += ["test_omnimedvqa=True", "vqa_type=no_cond_desc", f"dataset_source={self.world}"]
+                args += ["test_omnimedvqa=True", "vqa_type=no_cond_desc", "dataset_source=${demo_dir}/world"]
         return args + self.model_overrides() + self.overrides.get(stage, [])
 
     def command(self, stage: str) -> str:
@@ -269,7 +272,7 @@ class Demo:
         return {stage: self.command(stage) for stage in STAGES}
 
     def trained_checkpoint(self) -> Path:
-        return self.train_dir / "checkpoint" / "meta_model_last.safetensors"
+        return self.out / CHECKPOINT
 
     # -------------------------------------------------- running
     def run(self) -> Dict[str, Any]:

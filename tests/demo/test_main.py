@@ -34,7 +34,11 @@ def test_commands(tmp_path):
     ctrl = shlex.split(cmds["eval_control_vqa"])
     assert "vision_checkpoint=null" in ctrl and "test_omnimedvqa=True" in ctrl
     trained = shlex.split(cmds["eval_trained_captions"])
-    assert f"vision_checkpoint={d.trained_checkpoint()}" in trained and "test_metrics=True" in trained
+    assert "test_metrics=True" in trained and f"demo_dir={d.out}" in trained
+    # paths inside the demo folder follow demo_dir, so a moved folder reruns with demo_dir=NEW
+    assert "vision_checkpoint=${demo_dir}/train/checkpoint/meta_model_last.safetensors" in trained
+    assert "dataset_source=${demo_dir}/world/test.json" in trained and "output_dir=${demo_dir}/eval/trained" in trained
+    assert d.trained_checkpoint() == d.out / "train" / "checkpoint" / "meta_model_last.safetensors"
     lm = shlex.split(cmds["lm"])
     assert lm[:2] == ["medcap", "demo"] and "--quick" in lm and lm[lm.index("--stage") + 1] == "lm"
     assert "train.optimizer.lr=3e-3" in lm  # the settings travel with every stage's command
