@@ -12,7 +12,13 @@ relied on by tests):
   0..255, so that 12-bit data in a 16-bit container is not rendered black;
 * DICOM goes through its modality LUT (rescale slope/intercept), then its own
   window centre/width when present, else a 0.5-99.5 percentile window;
-  MONOCHROME1 is inverted; the first frame of a multi-frame file is used;
+  MONOCHROME1 is inverted; PALETTE COLOR goes through its colour table (in
+  colour); the **first** frame of a multi-frame file is used, and only that
+  frame is read and decoded (a 400-frame series costs one frame of memory);
+  a deflated file, which must be inflated whole, is refused when its declared
+  frames x rows x columns x samples x bytes exceed 4 bytes x ``max_pixels``;
+  a compressed file whose decoder is not installed is "unsupported transfer
+  syntax <name> (<UID>): install <package>", not "corrupt image";
 * EXIF orientation is applied;
 * an image with more than ``max_pixels`` pixels is refused before decoding
   (decompression-bomb guard).
@@ -20,6 +26,7 @@ relied on by tests):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -120,39 +127,120 @@ def _first(value) -> Optional[float]:
         return None
 
 
-def load_dicom(path: PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """A DICOM file -> 8-bit RGB ``PIL.Image`` (modality LUT, window, MONOCHROME1 inverted)."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
+# Element values longer than this stay on disk until used, so reading the header
+# of a 400-frame file does not read its pixel data.
+_DICOM_DEFER_BYTES = 4096
+# Readers that decode whole files are preferred in this order in install hints:
+# wheels on PyPI first.
+_PLUGIN_PREFERENCE = ("pylibjpeg", "pyjpegls", "gdcm")
 
-    path = Path(path)
+
+def _dicom_header(path: Path):
+    import pydicom
+
     try:
-        ds = pydicom.dcmread(str(path))
+        return pydicom.dcmread(str(path), defer_size=_DICOM_DEFER_BYTES)
     except Exception as e:  # pydicom raises several types for unreadable files
         raise BadSample(f"corrupt image: {path} is not a readable DICOM file ({type(e).__name__}: {e})") from e
-    rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
-    if rows * cols > max_pixels:
-        raise BadSample(_bomb_message(path, cols, rows, max_pixels))
-    if "PixelData" not in ds:
-        raise BadSample(f"corrupt image: DICOM file {path} has no pixel data")
+
+
+def _int(ds, name: str, default: int) -> int:
     try:
-        arr = ds.pixel_array
-    except Exception as e:
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        return int(ds.get(name, default) or default)
+    except (TypeError, ValueError):
+        return default
+
+
+def _declared_bytes(ds) -> Tuple[int, int]:
+    """(bytes of one frame, bytes of all frames) as the header declares them."""
+    frame = _int(ds, "Rows", 0) * _int(ds, "Columns", 0) * _int(ds, "SamplesPerPixel", 1)
+    frame *= max(1, (_int(ds, "BitsAllocated", 8) + 7) // 8)
+    return frame, frame * max(1, _int(ds, "NumberOfFrames", 1))
+
+
+def _transfer_syntax(ds):
+    return getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+
+
+def _install_hint(decoder) -> str:
+    options = [m.split(" - requires ", 1) for m in decoder.missing_dependencies if " - requires " in m]
+    options.sort(key=lambda o: _PLUGIN_PREFERENCE.index(o[0]) if o[0] in _PLUGIN_PREFERENCE else 99)
+    needs = [o[1] for o in options]
+    if not needs:
+        return "no installable decoder is known to pydicom"
+    return f"install {needs[0]}" + (f" (or {', or '.join(needs[1:])})" if len(needs) > 1 else "")
+
+
+def _codec_problem(ds) -> Optional[str]:
+    """Why this file's pixel data cannot be decoded here (a missing package), or None."""
+    from pydicom.pixels import get_decoder
+
+    ts = _transfer_syntax(ds)
+    if ts is None or not ts.is_compressed:
+        return None
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError:
+        return f"unsupported transfer syntax {ts.name} ({ts}): pydicom has no decoder for it"
+    if decoder.is_available:
+        return None
+    return f"unsupported transfer syntax {ts.name} ({ts}): {_install_hint(decoder)}"
+
+
+def _decode_failure(path: Path, ds, e: Exception) -> BadSample:
+    """An installed decoder gave up: a capability it lacks (12-bit JPEG in Pillow) or a damaged file."""
+    from pydicom.pixels import get_decoder
+
+    ts = _transfer_syntax(ds)
+    first = str(e).strip().splitlines()
+    detail = f"{type(e).__name__}: {' '.join(line.strip() for line in first[:3])}"
+    if ts is not None and ts.is_compressed and "does not support" in str(e):
+        with contextlib.suppress(NotImplementedError):
+            hint = _install_hint(get_decoder(ts))
+            return BadSample(f"unsupported transfer syntax {ts.name} ({ts}): {hint} ({detail})")
+    return BadSample(f"corrupt image: cannot decode the pixel data of DICOM file {path} (transfer syntax {ts}): {detail}")
+
+
+def _first_frame(path: Path, ds, max_pixels: int) -> np.ndarray:
+    """Frame 0 only, read from the file: a 400-frame series costs one frame of memory."""
+    import pydicom
+    from pydicom.pixels import pixel_array
+
+    ts = _transfer_syntax(ds)
+    if ts is None or not ts.is_deflated:
+        try:
+            return pixel_array(str(path), index=0)
+        except Exception as e:  # noqa: BLE001 - the in-memory reader below decides
+            first_error = e
+    else:
+        first_error = None
+    # Deflated files (and a few odd encapsulations the file reader rejects) are read
+    # whole; a deflated file inflates to its declared size, so that is what is counted.
+    frame_bytes, all_bytes = _declared_bytes(ds)
+    budget = 4 * max_pixels
+    if ts is not None and ts.is_deflated and all_bytes > budget:
         raise BadSample(
-            f"corrupt image: cannot decode the pixel data of DICOM file {path} (transfer syntax {ts}; "
-            f"compressed syntaxes may need pylibjpeg or gdcm): {type(e).__name__}: {e}"
-        ) from e
-    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    if frames > 1:
-        arr = arr[0]  # first frame of a multi-frame file: [frames, r, c(, 3)] -> [r, c(, 3)]
-    if samples == 3:
-        if arr.dtype != np.uint8:
-            arr = _stretch_to_uint8(arr, float(arr.min()), float(arr.max()))
-        return Image.fromarray(np.ascontiguousarray(arr), "RGB")
-    if arr.ndim != 2:
-        raise BadSample(f"unsupported image mode: DICOM file {path} has pixel array shape {arr.shape}")
+            f"image too large: {path} declares {_int(ds, 'NumberOfFrames', 1)} frame(s) of {frame_bytes:,} bytes "
+            f"= {all_bytes:,} bytes once inflated, over the limit of {budget:,} (4 bytes x max_image_pixels)"
+        )
+    try:
+        return pixel_array(pydicom.dcmread(str(path)), index=0)
+    except Exception as e:
+        raise _decode_failure(path, ds, first_error or e) from e
+
+
+def _palette_to_rgb(arr: np.ndarray, ds) -> Image.Image:
+    from pydicom.pixels import apply_color_lut
+
+    rgb = apply_color_lut(arr, ds)
+    if rgb.dtype != np.uint8:  # 16-bit LUT entries span 0..65535; integer rounding keeps memory low
+        rgb = ((rgb.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(rgb), "RGB")
+
+
+def _grey_to_rgb(arr: np.ndarray, ds) -> Image.Image:
+    from pydicom.pixels import apply_modality_lut
+
     values = apply_modality_lut(arr, ds).astype(np.float64)
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
     if center is not None and width is not None and width > 0:
@@ -165,6 +253,37 @@ def load_dicom(path: PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Im
     if str(getattr(ds, "PhotometricInterpretation", "")).strip() == "MONOCHROME1":
         out = 255 - out  # MONOCHROME1: the lowest value is displayed white
     return Image.fromarray(out, "L").convert("RGB")
+
+
+def load_dicom(path: PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """A DICOM file -> 8-bit RGB ``PIL.Image`` of its first frame (modality LUT, window,
+    MONOCHROME1 inverted, PALETTE COLOR through its colour table)."""
+    path = Path(path)
+    ds = _dicom_header(path)
+    rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
+    if rows * cols > max_pixels:
+        raise BadSample(_bomb_message(path, cols, rows, max_pixels))
+    if "PixelData" not in ds:
+        raise BadSample(f"corrupt image: DICOM file {path} has no pixel data")
+    problem = _codec_problem(ds)
+    if problem:
+        raise BadSample(problem)
+    arr = _first_frame(path, ds, max_pixels)
+    photometric = str(getattr(ds, "PhotometricInterpretation", "")).strip()
+    try:
+        if photometric == "PALETTE COLOR":
+            return _palette_to_rgb(arr, ds)
+        if _int(ds, "SamplesPerPixel", 1) == 3:
+            if arr.dtype != np.uint8:
+                arr = _stretch_to_uint8(arr, float(arr.min()), float(arr.max()))
+            return Image.fromarray(np.ascontiguousarray(arr), "RGB")
+        if arr.ndim != 2:
+            raise BadSample(f"unsupported image mode: DICOM file {path} has pixel array shape {arr.shape}")
+        return _grey_to_rgb(arr, ds)
+    except BadSample:
+        raise
+    except Exception as e:  # a damaged colour table or LUT element read lazily from the file
+        raise BadSample(f"corrupt image: DICOM file {path}: {type(e).__name__}: {e}") from e
 
 
 def load_image(
