@@ -5,6 +5,7 @@
     medcap cp CONFIG_OR_RECIPE DEST [--force]
     medcap validate-data ...
     medcap demo ...
+    medcap rescore FILE...
 
 Why not ``tune run``: it looks names up in torchtune's built-in recipes first
 (``tune run full_finetune_distributed`` would silently run torchtune's
@@ -54,6 +55,9 @@ commands:
                  copy a config (or a recipe) out for editing
   validate-data  check a sharegpt JSON dataset (medcap validate-data -h)
   demo           run the offline end-to-end demo (medcap demo -h)
+  rescore FILE...
+                 recompute every score of results files from their rows, no model
+                 (medcap rescore -h)
 """
 
 
@@ -367,26 +371,50 @@ def _cp(argv: List[str]) -> int:
 
 def accept_snake_case(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Also accept ``--snake_case`` for every ``--kebab-case`` option of ``parser``, so
-    scripts written for the older spellings keep working; help shows only kebab-case."""
-    for action in list(parser._actions):
-        for flag in list(action.option_strings):
-            alias = "--" + flag[2:].replace("-", "_")
-            if flag.startswith("--") and alias != flag and alias not in parser._option_string_actions:
-                parser._option_string_actions[alias] = action
+    scripts written for the older spellings keep working. The old spellings are rewritten
+    before parsing rather than registered as options: help stays kebab-case only, and
+    abbreviations (``--input`` for ``--input-dir``) do not become ambiguous."""
+    aliases = {
+        "--" + flag[2:].replace("-", "_"): flag
+        for action in parser._actions
+        for flag in action.option_strings
+        if flag.startswith("--") and "-" in flag[2:]
+    }
+    parse_known = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        return parse_known(_kebab_args(args, aliases), namespace)
+
+    parser.parse_known_args = parse_known_args  # parse_args goes through it too
     return parser
+
+
+def _kebab_args(args: List[str], aliases: Dict[str, str]) -> List[str]:
+    out: List[str] = []
+    for i, arg in enumerate(args):
+        if arg == "--":  # everything after it is positional
+            return out + args[i:]
+        flag, eq, value = arg.partition("=")
+        out.append(aliases[flag] + eq + value if flag in aliases else arg)
+    return out
 
 
 def quiet_broken_pipe(fn: Callable[[], Optional[int]]) -> int:
     """``fn()``'s exit status; when the reader of stdout went away (``medcap ls | head``),
     exit quietly with 141 (128 + SIGPIPE, what a Unix tool reports) instead of a traceback."""
     try:
-        rc = fn()
-        sys.stdout.flush()  # inside the try: the last buffered lines can meet the closed pipe too
+        try:
+            rc = fn()
+        finally:  # also after argparse's SystemExit: the buffered lines can meet the closed pipe too
+            sys.stdout.flush()
         return int(rc or 0)
     except BrokenPipeError:
         # Python flushes stdout again at exit; point it at /dev/null so that flush is silent.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file (captured): nothing flushes it at exit
+            pass
         return 141
 
 
@@ -417,6 +445,7 @@ _COMMANDS: Dict[str, Union[Callable[[List[str]], int], Tuple[str, str]]] = {
     "cp": _cp,
     "validate-data": ("medcap.data", "validate_main"),
     "demo": ("medcap.demo", "main"),
+    "rescore": ("medcap.eval._rescore", "rescore_main"),
 }
 
 

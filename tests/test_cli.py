@@ -399,3 +399,46 @@ def test_console_script_is_installed(fake_recipes):
     res = subprocess.run([str(script), "ls"], capture_output=True, text=True, env=dict(os.environ))
     assert res.returncode == 0, res.stderr
     assert "tiny/probe" in res.stdout
+
+
+# Known: medcap/demo/__init__.py imports medcap.demo._lm, which imports torch at the top
+# (medcap.demo -> medcap.demo._lm -> torch). Remove the mark once that import is lazy.
+DEMO_IMPORTS_TORCH = pytest.mark.xfail(reason="medcap.demo -> medcap.demo._lm -> torch", strict=True)
+
+
+@pytest.mark.parametrize("command", ["run", pytest.param("demo", marks=DEMO_IMPORTS_TORCH), "validate-data"])
+def test_subcommand_help_does_not_import_torch(command):
+    from tests.tools.test_entry_points import assert_no_torch
+
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "medcap.cli", command, "--help"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "usage" in res.stdout
+    assert_no_torch(res.stderr)
+
+
+@pytest.mark.parametrize("argv", [["ls"], ["--help"], ["run", "--dry-run", "probe", "--config", "tiny/probe"]])
+def test_output_into_a_closed_pipe_is_quiet(fake_recipes, argv):
+    """`medcap ls | head -1`: no BrokenPipeError traceback, the status a Unix tool gives."""
+    from tests.tools.test_entry_points import run_to_closed_pipe
+
+    res = run_to_closed_pipe([sys.executable, "-m", "medcap.cli", *argv])
+    assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
+    assert res.returncode == (0 if argv[0] == "run" else 141)  # a dry run prints to stderr only
+
+
+def test_old_snake_case_flags_are_rewritten_and_help_shows_kebab_case(capsys):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="tool")
+    p.add_argument("--input-dir", required=True)
+    p.add_argument("--pad-ratio", type=float, default=1.8)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("rest", nargs="*")
+    cli.accept_snake_case(p)
+    ns = p.parse_args(["--input_dir", "a", "--pad_ratio=2.5", "--no_progress", "--", "--pad_ratio"])
+    assert (ns.input_dir, ns.pad_ratio, ns.no_progress, ns.rest) == ("a", 2.5, True, ["--pad_ratio"])
+    assert p.parse_args(["--inp", "b"]).input_dir == "b"  # abbreviations stay unambiguous
+    p.print_help()
+    out = capsys.readouterr().out
+    assert "--input-dir" in out and "--input_dir" not in out

@@ -110,4 +110,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        from medcap.cli import quiet_broken_pipe
+    except ImportError:  # this script also runs without medcap installed
+        raise SystemExit(main())
+    raise SystemExit(quiet_broken_pipe(main))

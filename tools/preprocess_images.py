@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pad extreme aspect ratios, resize and centre-crop every image to 224, in parallel.
 
-    python tools/preprocess_images.py --input_dir D --result_dir R [--workers N] [--size 224]
+    python tools/preprocess_images.py --input-dir D --result-dir R [--workers N] [--size 224]
 
 Every .jpg/.jpeg/.png under D (recursive) -> R at the same relative path.
 Unreadable files are reported and skipped; files already in R are skipped, so
@@ -9,6 +9,7 @@ an interrupted run can be re-run. Prints one JSON summary line on stdout; the
 failures are also written to R/preprocess_failures.json. Exit status 0 when it
 ran (even with unreadable files), 1 when D does not exist.
 Details and the deliberate differences from the reference: medcap/data/_preprocess.py.
+The older ``--input_dir``/``--result_dir``/``--pad_ratio`` spellings still work.
 """
 
 import argparse
@@ -16,18 +17,19 @@ import json
 import sys
 from pathlib import Path
 
+from medcap.cli import accept_snake_case, quiet_broken_pipe
 from medcap.data import preprocess_images
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    p.add_argument("--input_dir", required=True)
-    p.add_argument("--result_dir", required=True)
+    p.add_argument("--input-dir", required=True)
+    p.add_argument("--result-dir", required=True)
     p.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--pad_ratio", type=float, default=1.8, help="pad to square when long/short side exceeds this")
+    p.add_argument("--pad-ratio", type=float, default=1.8, help="pad to square when long/short side exceeds this")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    args = accept_snake_case(p).parse_args(argv)
     try:
         rep = preprocess_images(
             args.input_dir, args.result_dir, workers=args.workers, size=args.size,
@@ -46,4 +48,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(quiet_broken_pipe(main))

@@ -1,6 +1,7 @@
 """Public medical datasets -> the reference's sharegpt files (``tools/convert_to_sharegpt.py``).
 
-Input layouts under ``data_dir`` (section 6 of reference-behavior.md)::
+Input layouts under ``data_dir`` (section 6 of reference-behavior.md; the fields
+read from each source are listed in datasets/README.md)::
 
     pmc_oa/train.jsonl                                   {"image", "caption"} per line
     pmc_oa/caption_T060_filtered_top4_sep_v0_subfigures/ images
@@ -25,9 +26,12 @@ Each record: a human turn of 50 ``①`` (plus a blank line and a caption
 instruction with ``--instruction random|fixed``), a gpt turn with the text
 (``①`` rewritten to ``(1)``), ``image`` relative to ``meta``'s ``dir=``, which is
 written as an absolute path so the file works from any working directory.
-Records whose image file is missing, or whose text is empty, are skipped and
-counted. A missing source of ``textplus`` is reported and left out; a missing
-input of ``pmcoa``/``vqarad`` (or of every textplus source) is an error.
+Records whose image file is missing, or whose text is empty, and JSONL lines
+that are not valid JSON, are skipped and counted. A missing source of
+``textplus`` is reported and left out; a missing input of ``pmcoa``/``vqarad``
+(or of every textplus source) is an error, and so is a source whose records all
+lack a field it needs (the wrong file, or a changed release): the message names
+the field and the fields the records do have.
 """
 
 from __future__ import annotations
@@ -67,10 +71,30 @@ CAPTION_INSTRUCTIONS = (
 MEDICAT_BROKEN = "ffd83b6453f94f2a1ddb346e324f5bdbf228c1f3_4-Figure3-1.png"
 PMCOA_IMAGES = "caption_T060_filtered_top4_sep_v0_subfigures"
 MEDICAT_JSONL = "s2_full_figures_oa_nonroco_combined_medical_top4_public.jsonl"
+_NAMED_BAD_LINES = 5  # invalid JSONL lines named one by one; the rest are only counted
 
 
 class MissingInput(FileNotFoundError):
     """An input file or folder the conversion needs is not there."""
+
+
+class MissingField(ValueError):
+    """No record of a source has a field the conversion reads from it."""
+
+
+def require_fields(source: str, path: Path, items: Sequence[Any], fields: Sequence[str]) -> None:
+    """Raise ``MissingField`` when some field of ``fields`` is in no record of ``items``:
+    then ``path`` is not what ``source`` should be. Some records lacking it is data, not schema."""
+    records = [it for it in items if isinstance(it, dict)]
+    if not items:
+        return
+    for field in fields:
+        if not any(field in r for r in records):
+            seen = sorted({k for r in records[:1000] for k in r})
+            raise MissingField(
+                f"{source}: no record of {path} has the field {field!r} "
+                f"(expected {list(fields)}; the records have {seen if seen else 'no fields: not JSON objects'})"
+            )
 
 
 def clean_text(text: Any) -> Optional[str]:
@@ -166,21 +190,33 @@ def _need(path: Path, what: str) -> Path:
 
 def read_json_list(path: Path) -> List[Any]:
     with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(data, list):
         raise ValueError(f"{path} must hold a JSON list, got {type(data).__name__}")
     return data
 
 
-def read_jsonl(path: Path) -> List[Any]:
+def read_jsonl(path: Path, invalid: Optional[Counter] = None) -> List[Any]:
+    """The JSON values of ``path``'s non-blank lines; lines that are not JSON are skipped,
+    counted under ``"invalid JSON line"`` in ``invalid`` and the first few named."""
     out = []
+    bad = 0
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
                     out.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    print(f"WARNING: {path} line {n}: invalid JSON ({e}); skipped", file=sys.stderr)
+                    bad += 1
+                    if bad <= _NAMED_BAD_LINES:
+                        print(f"WARNING: {path} line {n}: invalid JSON ({e}); skipped", file=sys.stderr)
+    if bad > _NAMED_BAD_LINES:
+        print(f"WARNING: {path}: {bad} invalid JSON lines in all; skipped", file=sys.stderr)
+    if bad and invalid is not None:
+        invalid["invalid JSON line"] += bad
     return out
 
 
@@ -208,6 +244,12 @@ def write_records(path: Path, records: List[Dict[str, Any]]) -> Path:
     return path
 
 
+def _pairs(source: str, path: Path, items: List[Any], image_key: str, text_key: str):
+    """(image, text) of every item, after checking the two fields exist in some record."""
+    require_fields(source, path, items, (image_key, text_key))
+    return _get(items, image_key, text_key)
+
+
 def _get(items: List[Any], image_key: str, text_key: str):
     for it in items:
         if isinstance(it, dict):
@@ -220,8 +262,10 @@ def _get(items: List[Any], image_key: str, text_key: str):
 
 
 def pmcoa_records(conv: Converter, pmcoa_dir: Path) -> List[Dict[str, Any]]:
-    items = read_jsonl(_need(pmcoa_dir / "train.jsonl", "PMC-OA index"))
-    return conv.records("PMC-OA", _get(items, "image", "caption"), pmcoa_dir / PMCOA_IMAGES, len(items))
+    path = _need(pmcoa_dir / "train.jsonl", "PMC-OA index")
+    items = read_jsonl(path, conv.skipped.setdefault("PMC-OA", Counter()))
+    pairs = _pairs("PMC-OA", path, items, "image", "caption")
+    return conv.records("PMC-OA", pairs, pmcoa_dir / PMCOA_IMAGES, len(items))
 
 
 def convert_pmcoa(data_dir, save_dir, conv: Converter) -> Dict[str, int]:
@@ -240,7 +284,8 @@ def convert_vqarad(data_dir, save_dir, conv: Converter) -> Dict[str, int]:
             conv.warn(f"VQA-RAD {split}: {path} not found; vqarad_{split}.json not written")
             continue
         items = read_json_list(path)
-        recs = conv.records(f"VQA-RAD {split}", _get(items, "image_name", "text"), images, len(items))
+        pairs = _pairs(f"VQA-RAD {split}", path, items, "image_name", "text")
+        recs = conv.records(f"VQA-RAD {split}", pairs, images, len(items))
         write_records(Path(save_dir) / f"vqarad_{split}.json", recs)
         out[f"vqarad_{split}.json"] = len(recs)
     if not out:
@@ -258,7 +303,9 @@ def _optional(conv: Converter, name: str, fn) -> Optional[List[Dict[str, Any]]]:
 
 
 def _pubmedvision(conv: Converter, root: Path) -> List[Dict[str, Any]]:
-    items = read_json_list(_need(root / "PubMedVision_Alignment_VQA.json", "PubMedVision index"))
+    path = _need(root / "PubMedVision_Alignment_VQA.json", "PubMedVision index")
+    items = read_json_list(path)
+    require_fields("PubMedVision", path, items, ("image", "conversations"))
     image_dir = _need(root / "images_vision", "PubMedVision image folder")
     by_name: Dict[str, Any] = {}
     for it in items:
@@ -276,7 +323,9 @@ def _pubmedvision(conv: Converter, root: Path) -> List[Dict[str, Any]]:
 
 
 def _medicat(conv: Converter, root: Path) -> List[Dict[str, Any]]:
-    items = read_jsonl(_need(root / "release" / MEDICAT_JSONL, "MedICaT index"))
+    path = _need(root / "release" / MEDICAT_JSONL, "MedICaT index")
+    items = read_jsonl(path, conv.skipped.setdefault("MedICaT", Counter()))
+    require_fields("MedICaT", path, items, ("pdf_hash", "fig_uri", "s2_caption"))
 
     def pairs():
         for it in items:
@@ -324,8 +373,10 @@ def convert_textplus(data_dir, save_dir, conv: Converter) -> Dict[str, int]:
         raise MissingInput(f"textplus: folder not found: {root} (PMC-VQA-text and the other sources live there)")
 
     def pmcvqa():
-        items = read_json_list(_need(root / "train_text.json", "PMC-VQA-text index"))
-        return conv.records("PMC-VQA-text", _get(items, "Figure_path", "text"), root / "images", len(items))
+        path = _need(root / "train_text.json", "PMC-VQA-text index")
+        items = read_json_list(path)
+        pairs = _pairs("PMC-VQA-text", path, items, "Figure_path", "text")
+        return conv.records("PMC-VQA-text", pairs, root / "images", len(items))
 
     def rocov2():
         rows = read_csv(_need(root / "train_captions.csv", "ROCOv2 captions"), ["ID", "Caption"])
@@ -333,8 +384,10 @@ def convert_textplus(data_dir, save_dir, conv: Converter) -> Dict[str, int]:
         return conv.records("ROCOv2", pairs, root / "train", len(rows))
 
     def med60k():
-        items = read_json_list(_need(root / "train_text_med60k.json", "LLaVA-Med-60K-IM-text index"))
-        return conv.records("LLaVA-Med-60K-IM-text", _get(items, "image", "text"), root / "images_med60k" / "images", len(items))
+        path = _need(root / "train_text_med60k.json", "LLaVA-Med-60K-IM-text index")
+        items = read_json_list(path)
+        pairs = _pairs("LLaVA-Med-60K-IM-text", path, items, "image", "text")
+        return conv.records("LLaVA-Med-60K-IM-text", pairs, root / "images_med60k" / "images", len(items))
 
     records: List[Dict[str, Any]] = []
     found = 0
@@ -382,15 +435,21 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
     """``tools/convert_to_sharegpt.py``; exit 0 on success, 1 when required inputs are missing."""
     import argparse
 
-    p = argparse.ArgumentParser(description="Convert public medical datasets to medcap's sharegpt JSON.")
+    from medcap.cli import accept_snake_case
+
+    p = argparse.ArgumentParser(
+        prog="tools/convert_to_sharegpt.py",
+        description="Convert public medical datasets to medcap's sharegpt JSON. "
+        "The input layouts and the fields read from each source: datasets/README.md.",
+    )
     p.add_argument("--dataset", choices=sorted(CONVERTERS), default="textplus")
-    p.add_argument("--data_dir", default="./datasets")
-    p.add_argument("--save_dir", default="./datasets/medcap")
+    p.add_argument("--data-dir", default="./datasets", help="where the public data sets are (default ./datasets)")
+    p.add_argument("--save-dir", default="./datasets/medcap", help="where the JSON files go (default ./datasets/medcap)")
     p.add_argument("--instruction", choices=INSTRUCTION_CHOICES, default="none",
                    help="text after the placeholders: none (reference default), a random or the fixed caption request")
     p.add_argument("--seed", type=int, default=0, help="seed of --instruction random")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    args = accept_snake_case(p).parse_args(argv)
     conv = Converter(args.instruction, seed=args.seed, progress=not args.no_progress)
     try:
         written = CONVERTERS[args.dataset](args.data_dir, args.save_dir, conv)

@@ -19,15 +19,14 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
-
-from medcap.data._dataset import ImageChatDataset
 from medcap.data._image import DEFAULT_MAX_IMAGE_PIXELS
 from medcap.data._skip import reason_kind
+
+# numpy, torch and the dataset are imported where used, so `--help` answers at once.
+if TYPE_CHECKING:
+    from medcap.data._dataset import ImageChatDataset
 
 BYTE_FALLBACK_NOTE = (
     "byte-level fallback (no --tokenizer given): lengths count UTF-8 bytes plus special tokens, "
@@ -35,8 +34,9 @@ BYTE_FALLBACK_NOTE = (
 )
 
 
-class _Checks(Dataset):
-    """``dataset.check`` as a map-style dataset, so DataLoader workers do the work."""
+class _Checks:
+    """``dataset.check`` as a map-style dataset (``__len__`` and ``__getitem__`` are all a
+    DataLoader needs), so DataLoader workers do the work."""
 
     def __init__(self, ds: ImageChatDataset):
         self.ds = ds
@@ -67,6 +67,8 @@ def byte_level_tokenizer():
 def _stats(lengths: List[int]) -> Optional[Dict[str, float]]:
     if not lengths:
         return None
+    import numpy as np
+
     a = np.asarray(lengths, dtype=np.float64)
     return {
         "min": int(a.min()),
@@ -95,7 +97,11 @@ def validate_data(
     ``tokenizer=None`` uses a byte-level stand-in (clearly labelled in the
     report's ``tokenizer`` field): every check still runs, lengths are upper bounds.
     """
+    import torch
+    from torch.utils.data import DataLoader
     from tqdm import tqdm
+
+    from medcap.data._dataset import ImageChatDataset
 
     tokenizer_note = "given"
     if tokenizer is None:

@@ -9,9 +9,11 @@ tokens, stopping at the end-of-sequence token or ``<|eot_id|>``.
 * ``chat``: an interactive prompt (``q`` quits); the conversation is kept.
 * ``eval_vqa``: for each row of a raw VQA file, ask whether our answer is
   right (the reference's prompt); a reply containing ``right`` (any case)
-  scores 1. Writes ``{RAW}-70B_{bit}bit-{accuracy:.4f}.csv`` (the reference's
-  name, whatever the judge model) with the judge's reply (``predict_generated``)
-  and ``correct`` added. Rows are written as they are judged; a stopped run
+  scores 1. Writes ``{RAW}-70B_{bit}bit-{round(accuracy, 5)}.csv`` (the
+  reference's name, whatever the judge model), UTF-8 with BOM, with the
+  reference's columns: ``image``, ``instruction`` (the prompt the judge was
+  given) and ``generated`` (its reply), from which ``medcap rescore``
+  recomputes the accuracy. Rows are written as they are judged; a stopped run
   continues from ``{RAW}-70B_{bit}bit.partial.csv``.
 """
 
@@ -24,7 +26,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from tqdm import tqdm
 
-from medcap.eval._journal import CsvJournal, read_csv_rows
+from medcap.eval._journal import CsvJournal, cell, read_csv_rows
+from medcap.eval._scoring import accuracy_name
 from medcap.generation import question_from_instruction
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,7 @@ JUDGE_PROMPT = (
     "Respond with only RIGHT or WRONG to indicate whether we predicted it correctly.\n\n"
     "Question: {question}\nOur answer: {generated}\nCorrect answer: {output}"
 )
+JUDGED_COLUMNS = ("image", "instruction", "generated")  # the reference's judged file
 DEFAULT_JUDGE_PATH = "./models/llama3/Meta-Llama-3.1-70B-Instruct"
 JUDGE_MAX_NEW_TOKENS = 200
 BITS = (4, 8, 16, 32)  # 16 / 32: unquantised bf16 / fp32 (small models, CPUs without bitsandbytes)
@@ -124,7 +128,7 @@ class Judge:
 def judged_paths(csv_path: str | Path, bit: int):
     csv_path = Path(csv_path)
     stem = csv_path.with_suffix("")
-    return Path(f"{stem}-70B_{bit}bit.partial.csv"), lambda acc: Path(f"{stem}-70B_{bit}bit-{acc:.4f}.csv")
+    return Path(f"{stem}-70B_{bit}bit.partial.csv"), lambda acc: Path(f"{stem}-70B_{bit}bit-{accuracy_name(acc, 5)}.csv")
 
 
 def eval_vqa(
@@ -143,18 +147,21 @@ def eval_vqa(
     if rows and missing:
         raise ValueError(f"{csv_path} lacks the columns {sorted(missing)}: is it a raw VQA file of recipes/generate.py?")
     partial, final_for = judged_paths(csv_path, bit)
-    columns = (list(rows[0].keys()) if rows else ["image", "instruction", "output", "generated"]) + ["predict_generated", "correct"]
-    journal = CsvJournal(None, columns, partial=partial)
-    if len(journal) > len(rows) or any(a["instruction"] != b["instruction"] for a, b in zip(journal.rows(), rows)):
+    prompts = [judge_prompt(question_from_instruction(r["instruction"]), r["generated"], r["output"]) for r in rows]
+    journal = CsvJournal(None, JUDGED_COLUMNS, partial=partial, bom=True)
+    if len(journal) > len(rows) or any(
+        a["instruction"] != cell(p) or a["image"] != cell(r.get("image", "")) for a, p, r in zip(journal.rows(), prompts, rows)
+    ):
         raise ValueError(f"{partial} does not match {csv_path}; move it away to judge again")
-    for r in tqdm(rows[len(journal) :], initial=len(journal), total=len(rows), desc="judging", disable=not progress):
-        question = question_from_instruction(r["instruction"])
-        reply = chat([{"role": "user", "content": judge_prompt(question, r["generated"], r["output"])}])
-        journal.append([{**r, "predict_generated": reply, "correct": is_right(reply)}])
+    for r, prompt in tqdm(list(zip(rows, prompts))[len(journal) :], initial=len(journal), total=len(rows), desc="judging",
+                          disable=not progress):
+        reply = chat([{"role": "user", "content": prompt}])
+        journal.append([{"image": r.get("image", ""), "instruction": prompt, "generated": reply}])
     done = journal.rows()
-    acc = sum(int(r["correct"]) for r in done) / len(done) if done else float("nan")
+    right = sum(is_right(r["generated"]) for r in done)
+    acc = right / len(done) if done else float("nan")
     path = journal.finish(final_for(acc))
-    print(f"accuracy: {acc:.4f} ({sum(int(r['correct']) for r in done)}/{len(done)}) -> {path}", flush=True)
+    print(f"accuracy: {acc:.5f} ({right}/{len(done)}) -> {path}", flush=True)
     return {"accuracy": acc, "rows": len(done), "path": str(path)}
 
 
@@ -187,16 +194,18 @@ def judge_main(argv: Optional[Sequence[str]] = None, judge_factory=None) -> int:
         description="Chat with a local (quantised) LLM, or judge a raw VQA results file with it.",
     )
     p.add_argument("--exp", required=True, choices=["chat", "eval_vqa"])
-    p.add_argument("--csv_path", help="raw VQA results file (eval_vqa), e.g. vqarad-no_cond_desc-raw-CKPT.csv")
-    p.add_argument("--model_path", default=DEFAULT_JUDGE_PATH, help=f"local HF model folder (default {DEFAULT_JUDGE_PATH})")
+    p.add_argument("--csv-path", help="raw VQA results file (eval_vqa), e.g. vqarad-no_cond_desc-raw-CKPT.csv")
+    p.add_argument("--model-path", default=DEFAULT_JUDGE_PATH, help=f"local HF model folder (default {DEFAULT_JUDGE_PATH})")
     p.add_argument("--bit", type=int, default=4, choices=list(BITS), help="4 or 8: bitsandbytes; 16/32: unquantised")
-    p.add_argument("--max_new_tokens", type=int, default=JUDGE_MAX_NEW_TOKENS)
-    p.add_argument("--no_progress", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("--max-new-tokens", type=int, default=JUDGE_MAX_NEW_TOKENS)
+    p.add_argument("--no-progress", action="store_true")
+    from medcap.cli import accept_snake_case  # the older --snake_case spellings still work
+
+    args = accept_snake_case(p).parse_args(argv)
     if args.exp == "eval_vqa" and not args.csv_path:
-        p.error("--exp eval_vqa needs --csv_path")
+        p.error("--exp eval_vqa needs --csv-path")
     if args.exp == "eval_vqa" and not Path(args.csv_path).is_file():
-        p.error(f"--csv_path {args.csv_path!r} does not exist")
+        p.error(f"--csv-path {args.csv_path!r} does not exist")
     judge = (judge_factory or Judge)(args.model_path, args.bit, args.max_new_tokens)
     if args.exp == "chat":
         chat_loop(judge.chat)

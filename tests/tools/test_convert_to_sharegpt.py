@@ -119,7 +119,7 @@ def _check_format(records, instruction="none"):
 
 def test_pmcoa(tmp_path, capsys):
     make_pmcoa(tmp_path)
-    assert convert_main(["--dataset", "pmcoa", "--data_dir", str(tmp_path), "--save_dir", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert convert_main(["--dataset", "pmcoa", "--data-dir", str(tmp_path), "--save-dir", str(tmp_path / "out"), "--no-progress"]) == 0
     report = json.loads(capsys.readouterr().out)
     recs = _load(tmp_path / "out" / "pmcoa_train.json")
     _check_format(recs)
@@ -131,7 +131,7 @@ def test_pmcoa(tmp_path, capsys):
 @pytest.mark.parametrize("instruction", ["random", "fixed"])
 def test_vqarad_with_instructions(tmp_path, capsys, instruction):
     make_vqarad(tmp_path)
-    args = ["--dataset", "vqarad", "--data_dir", str(tmp_path), "--save_dir", str(tmp_path / "out"),
+    args = ["--dataset", "vqarad", "--data-dir", str(tmp_path), "--save-dir", str(tmp_path / "out"),
             "--instruction", instruction, "--no-progress"]
     assert convert_main(args) == 0
     train, test = _load(tmp_path / "out" / "vqarad_train.json"), _load(tmp_path / "out" / "vqarad_test.json")
@@ -148,7 +148,7 @@ def test_vqarad_with_instructions(tmp_path, capsys, instruction):
 def test_textplus_chain(tmp_path, capsys):
     make_textplus(tmp_path)
     make_pmcoa(tmp_path)
-    assert convert_main(["--dataset", "textplus", "--data_dir", str(tmp_path), "--save_dir", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert convert_main(["--dataset", "textplus", "--data-dir", str(tmp_path), "--save-dir", str(tmp_path / "out"), "--no-progress"]) == 0
     report = json.loads(capsys.readouterr().out)
     out = tmp_path / "out"
     base = [("pv1.jpg", "PMC-VQA caption"), ("ROCOv2_1.jpg", "ROCO caption"), ("m1.jpg", "LLaVA-Med caption"),
@@ -172,15 +172,15 @@ def test_textplus_chain(tmp_path, capsys):
 
 
 def test_missing_inputs_are_reported(tmp_path, capsys):
-    assert convert_main(["--dataset", "pmcoa", "--data_dir", str(tmp_path), "--save_dir", str(tmp_path / "o"), "--no-progress"]) == 1
+    assert convert_main(["--dataset", "pmcoa", "--data-dir", str(tmp_path), "--save-dir", str(tmp_path / "o"), "--no-progress"]) == 1
     assert "PMC-OA index not found" in capsys.readouterr().err
-    assert convert_main(["--dataset", "textplus", "--data_dir", str(tmp_path), "--save_dir", str(tmp_path / "o"), "--no-progress"]) == 1
+    assert convert_main(["--dataset", "textplus", "--data-dir", str(tmp_path), "--save-dir", str(tmp_path / "o"), "--no-progress"]) == 1
     assert "PMC-VQA-text" in capsys.readouterr().err
 
     # only some textplus sources, no MedICaT, no PMC-OA: what exists is converted, the rest reported
     make_textplus(tmp_path, medicat=False)
     (tmp_path / "PMC-VQA-text" / "train_captions.csv").unlink()
-    assert convert_main(["--dataset", "textplus", "--data_dir", str(tmp_path), "--save_dir", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert convert_main(["--dataset", "textplus", "--data-dir", str(tmp_path), "--save-dir", str(tmp_path / "o"), "--no-progress"]) == 0
     cap = capsys.readouterr()
     report = json.loads(cap.out)
     assert report["written"] == {"textplus_train.json": 4}
@@ -196,7 +196,7 @@ def test_script_and_dataset_roundtrip(tmp_path):
     make_pmcoa(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     res = subprocess.run([sys.executable, str(REPO / "tools" / "convert_to_sharegpt.py"), "--dataset", "pmcoa",
-                          "--data_dir", str(tmp_path), "--save_dir", str(tmp_path / "out")],
+                          "--data-dir", str(tmp_path), "--save-dir", str(tmp_path / "out")],
                          capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["written"] == {"pmcoa_train.json": 2}
@@ -211,3 +211,63 @@ def test_script_and_dataset_roundtrip(tmp_path):
                             bad_samples="raise")
     items = [ds[i] for i in range(len(ds))]
     assert all(it["tokens"].count(tok.image_id) == 50 and it["image"].shape == (3, 16, 16) for it in items)
+
+
+def test_old_flag_spellings_still_work(tmp_path, capsys):
+    make_pmcoa(tmp_path)
+    assert convert_main(["--dataset", "pmcoa", "--data_dir", str(tmp_path), "--save_dir", str(tmp_path / "old"),
+                         "--no_progress"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["written"] == {"pmcoa_train.json": 2}
+    assert (tmp_path / "old" / "pmcoa_train.json").is_file()
+
+
+def test_invalid_jsonl_lines_are_counted_in_the_summary(tmp_path, capsys):
+    make_pmcoa(tmp_path)
+    index = tmp_path / "pmc_oa" / "train.jsonl"
+    index.write_text(index.read_text() + '{"image": "b.jpg", "caption": \n' + "not json\n", encoding="utf-8")
+    assert convert_main(["--dataset", "pmcoa", "--data-dir", str(tmp_path), "--save-dir", str(tmp_path / "out"),
+                         "--no-progress"]) == 0  # fmt: skip
+    cap = capsys.readouterr()
+    report = json.loads(cap.out)
+    assert report["skipped"] == {"PMC-OA": {"invalid JSON line": 2, "missing image": 1}}
+    assert report["written"] == {"pmcoa_train.json": 2}
+    assert "train.jsonl line 4: invalid JSON" in cap.err and "line 5" in cap.err
+
+
+@pytest.mark.parametrize(
+    "dataset, make, index, rows, field",
+    [
+        # VQA-RAD's index with LLaVA-Med's field names
+        ("vqarad", make_vqarad, "VQA_RAD/train_text.json", [{"image": "synpic1.jpg", "text": "x"}], "image_name"),
+        ("pmcoa", make_pmcoa, "pmc_oa/train.jsonl", [{"image": "a.jpg", "text": "x"}], "caption"),
+        ("textplus", make_textplus, "PMC-VQA-text/PubMedVision_Alignment_VQA.json",
+         [{"image": ["images/v1.jpg"], "answer": "x"}], "conversations"),
+    ],
+)
+def test_a_field_missing_from_every_record_is_an_error_naming_it(tmp_path, capsys, dataset, make, index, rows, field):
+    make(tmp_path)
+    path = tmp_path / index
+    (_jsonl if path.suffix == ".jsonl" else _json)(path, rows)
+    assert convert_main(["--dataset", dataset, "--data-dir", str(tmp_path), "--save-dir", str(tmp_path / "out"),
+                         "--no-progress"]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"has the field '{field}'" in err and path.name in err
+    assert "Traceback" not in err
+
+
+def test_a_field_missing_from_some_records_only_skips_them(tmp_path, capsys):
+    make_vqarad(tmp_path)
+    _json(tmp_path / "VQA_RAD" / "train_text.json",
+          [{"image_name": "synpic1.jpg", "text": "an axial CT"}, {"image": "synpic2.jpg", "text": "other layout"}])
+    assert convert_main(["--dataset", "vqarad", "--data-dir", str(tmp_path), "--save-dir", str(tmp_path / "out"),
+                         "--no-progress"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["skipped"] == {"VQA-RAD train": {"no image name": 1}}
+
+
+def test_a_json_index_that_is_not_json_names_the_file(tmp_path, capsys):
+    make_vqarad(tmp_path)
+    (tmp_path / "VQA_RAD" / "test_text.json").write_text("[{oops", encoding="utf-8")
+    assert convert_main(["--dataset", "vqarad", "--data-dir", str(tmp_path), "--save-dir", str(tmp_path / "out"),
+                         "--no-progress"]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "test_text.json is not valid JSON" in err

@@ -157,8 +157,8 @@ def test_tiny_4bit_judge_end_to_end(judge_dir, llama3_tok, tmp_path, monkeypatch
     raw = tmp_path / "omni-raw.csv"
     _raw_file(raw, llama3_tok, [("a", "b"), ("c", "c")])
     # The script itself, as documented.
-    monkeypatch.setattr(sys, "argv", ["tools/judge.py", "--exp", "eval_vqa", "--csv_path", str(raw),
-                                      "--model_path", str(judge_dir), "--bit", "4", "--max_new_tokens", "2", "--no_progress"])
+    monkeypatch.setattr(sys, "argv", ["tools/judge.py", "--exp", "eval_vqa", "--csv-path", str(raw),
+                                      "--model-path", str(judge_dir), "--bit", "4", "--max-new-tokens", "2", "--no-progress"])
     with pytest.raises(SystemExit) as e:
         runpy.run_path(str(REPO / "tools" / "judge.py"), run_name="__main__")
     assert e.value.code == 0
@@ -170,8 +170,9 @@ def test_tiny_4bit_judge_end_to_end(judge_dir, llama3_tok, tmp_path, monkeypatch
 def test_cli_errors_are_clear(tmp_path, capsys):
     with pytest.raises(SystemExit):
         judge_main(["--exp", "eval_vqa"])
-    assert "--csv_path" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    assert "needs --csv-path" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the older spelling still reaches the same option
         judge_main(["--exp", "eval_vqa", "--csv_path", str(tmp_path / "none.csv")])
+    assert "none.csv' does not exist" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="judge model folder"):
         Judge(str(tmp_path / "no_model"), bit=4)

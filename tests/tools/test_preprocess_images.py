@@ -91,8 +91,8 @@ def test_script_in_parallel(tmp_path):
         _save(src / f"d{i % 2}" / f"{i}.jpg", 30 + i, 20, seed=i)
     (src / "bad.png").write_bytes(b"")
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    res = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_images.py"), "--input_dir", str(src),
-                          "--result_dir", str(dst), "--workers", "2", "--size", "24"],
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_images.py"), "--input-dir", str(src),
+                          "--result-dir", str(dst), "--workers", "2", "--size", "24"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1]) == {"total": 7, "done": 6, "exists": 0, "failed": 1}
