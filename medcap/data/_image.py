@@ -223,6 +223,8 @@ def _first_frame(path: Path, ds, max_pixels: int) -> np.ndarray:
             f"image too large: {path} declares {_int(ds, 'NumberOfFrames', 1)} frame(s) of {frame_bytes:,} bytes "
             f"= {all_bytes:,} bytes once inflated, over the limit of {budget:,} (4 bytes x max_image_pixels)"
         )
+    if first_error is not None and path.stat().st_size > budget:
+        raise _decode_failure(path, ds, first_error)  # not worth reading a huge file whole to retry
     try:
         return pixel_array(pydicom.dcmread(str(path)), index=0)
     except Exception as e:
