@@ -271,3 +271,26 @@ def test_a_json_index_that_is_not_json_names_the_file(tmp_path, capsys):
                          "--no-progress"]) == 1  # fmt: skip
     err = capsys.readouterr().err
     assert "test_text.json is not valid JSON" in err
+
+
+def _fields_the_converter_reads():
+    """The field and column names passed to the converter's schema checks, read from its source."""
+    import ast
+
+    tree = ast.parse((REPO / "medcap" / "data" / "_convert.py").read_text(encoding="utf-8"))
+    wanted = {"_pairs": slice(3, 5), "require_fields": slice(3, 4), "read_csv": slice(1, 2)}
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in wanted:
+            for arg in node.args[wanted[node.func.id]]:
+                found |= {n.value for n in ast.walk(arg) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    return found
+
+
+def test_datasets_readme_documents_every_field_read():
+    fields = _fields_the_converter_reads()
+    # the hand-written expectation keeps the AST walk honest
+    assert {"image", "caption", "image_name", "text", "Figure_path", "ID", "Caption", "conversations",
+            "pdf_hash", "fig_uri", "s2_caption", "file_path", "patient"} <= fields  # fmt: skip
+    doc = (REPO / "datasets" / "README.md").read_text(encoding="utf-8")
+    assert not [f for f in sorted(fields) if f"`{f}`" not in doc]
