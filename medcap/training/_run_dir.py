@@ -3,8 +3,8 @@
 * ``resume_from_checkpoint``: ``False`` (a new run), ``True`` (continue; the state
   must exist) or ``auto`` (continue when resumable state exists, else start a new
   run), so that a job script can repeat the same line after a preemption.
-* A new run refuses a folder that already holds a run's files (``meta_model_*``,
-  ``recipe_state.pt``) unless ``overwrite=True``, which deletes them first: the
+* A new run refuses a folder that already holds a run's files (``meta_model_*``
+  weights and sidecars, ``recipe_state.pt``) unless ``overwrite=True``, which deletes them first: the
   checkpoints of two runs are never mixed in one folder.
 * The folder is locked for the whole run by a lock file *beside* it
   (``.NAME.lock`` in its parent), so the folder itself holds only checkpoints.
@@ -27,7 +27,8 @@ from medcap.training._state import RECIPE_STATE_FILE, find_recipe_state
 log = logging.getLogger("medcap.training")
 
 RESUME_MODES = ("no", "yes", "auto")
-_RUN_FILE_PATTERNS = ("meta_model_*.safetensors", "meta_model_*.pt", RECIPE_STATE_FILE)
+# weights in either format, the safetensors files' JSON sidecars, the resumable state
+_RUN_FILE_PATTERNS = ("meta_model_*.safetensors", "meta_model_*.pt", "meta_model_*.json", RECIPE_STATE_FILE)
 _NO_VISION_SOURCE = (
     "the vision tower would start from random weights. Give model.vision_pretrained "
     "(BiomedCLIP's open_clip_pytorch_model.bin, a folder holding it, or "
