@@ -2,7 +2,8 @@
 
 import sys
 
+from medcap.cli import quiet_broken_pipe
 from medcap.data import validate_main
 
 if __name__ == "__main__":
-    sys.exit(validate_main())
+    sys.exit(quiet_broken_pipe(validate_main))
