@@ -64,3 +64,21 @@ def test_second_run_skips_finished_stages(quick_demo, capsys):
         assert f"{stage}: already done" in out
     # the report is always rewritten, from the kept results
     assert (quick_demo / "summary.json").stat().st_mtime_ns >= before
+
+
+def test_a_moved_demo_still_evaluates(quick_demo, tmp_path):
+    """`mv` the whole demo folder: the captioning evaluation runs from the new place
+    (the data name their images relative to their own folder) and reads only files there."""
+    moved = tmp_path / "moved_demo"
+    shutil.move(str(quick_demo), str(moved))
+    try:
+        assert main(["--out", str(moved), "--quick", "--stage", "eval_trained_captions"]) == 0
+        raw = list((moved / "eval" / "trained").glob("metrics-raw-*.csv"))
+        assert len(raw) == 1 and (moved / "eval" / "trained" / "metrics-meta_model_last.csv").is_file()
+        from medcap.eval import read_csv_rows
+
+        rows = read_csv_rows(raw[0])
+        assert len(rows) == len(json.loads((moved / "world" / "test.json").read_text()))
+        assert str(quick_demo) not in raw[0].read_text(encoding="utf-8-sig")
+    finally:
+        shutil.move(str(moved), str(quick_demo))
