@@ -145,12 +145,16 @@ def test_a_used_folder_is_refused_then_overwritten_on_request(train_assets, trai
     assert (ckpt / "meta_model_0.safetensors").read_bytes() != first["meta_model_0.safetensors"]  # the new run's
 
 
-def test_auto_on_a_fresh_folder_starts_a_new_run(train_assets, train_config, train_run, tmp_path):
-    _, summary = train_run(
-        train_config(SINGLE, train_assets, tmp_path / "run", epochs=1, max_steps_per_epoch=1, resume_from_checkpoint="auto")
+def test_auto_starts_a_fresh_folder_and_continues_a_used_one(train_assets, train_config, train_run, tmp_path):
+    """The same line twice: a new run, then (finished) a resume that has nothing left to do."""
+    cfg = lambda: train_config(  # noqa: E731
+        SINGLE, train_assets, tmp_path / "run", epochs=1, max_steps_per_epoch=1, resume_from_checkpoint="auto"
     )
-    assert summary["global_step"] == 1
-    assert (tmp_path / "run" / "checkpoint" / "recipe_state.pt").is_file()
+    first, summary = train_run(cfg())
+    assert summary["global_step"] == 1 and [h["step"] for h in first._trainer.history] == [1]
+    again, summary = train_run(cfg())
+    assert summary["global_step"] == 1 and list(again._trainer.history) == []  # resumed at the end
+    _assert_same_weights(first._model, again._model)
 
 
 def test_the_8b_config_refuses_a_random_tower_before_building_anything(
