@@ -18,7 +18,12 @@ What it does, step by step (the shared logic lives in ``medcap.training``):
 * writes ``meta_model_{epoch}`` after each epoch and ``meta_model_last`` every
   ``save_last_every_seconds`` (8 h) and/or ``save_last_every_steps`` plus at the
   end, with ``recipe_state.pt`` beside them; ``resume_from_checkpoint=True``
-  continues exactly where a stopped run left off.
+  continues exactly where a stopped run left off (``auto``: if there is one);
+* refuses to start from a random vision tower (give ``model.vision_pretrained``
+  or ``vision_checkpoint``, or ``vision_random_init=True``), locks
+  ``checkpointer.output_dir`` and refuses one holding another run (unless
+  ``overwrite=True``); Ctrl-C or SIGTERM saves at the next step boundary and
+  exits with status 130 or 143.
 """
 
 import sys

@@ -12,6 +12,10 @@ The configs keep the reference's keys (torchtune's full fine-tune keys plus
 * ``stop_after_steps`` (null): stop after that many optimizer steps *without*
   saving, as if the job were killed there (resume tests, time-boxed smoke runs).
 * ``log_every_n_steps`` (1), ``clip_grad_norm`` (null), ``lr_scheduler`` (none).
+* ``resume_from_checkpoint``: False, True or ``auto``; ``overwrite`` (False): a new
+  run may replace the run already in ``checkpointer.output_dir`` (see ``_run_dir``).
+* ``vision_random_init`` (False): allow a random vision tower when neither
+  ``model.vision_pretrained`` nor ``vision_checkpoint`` is given.
 """
 
 from __future__ import annotations
