@@ -25,7 +25,11 @@ What it does (the logic lives in ``medcap.generation`` and ``medcap.eval``):
   rows are on disk as soon as they are made, and a stopped run continues where
   it stopped when started again with the same command.
 
-``ckpt`` in the file names is the vision checkpoint's file name without its extension.
+``ckpt`` in the file names is the vision checkpoint's file name up to its first
+dot, as in the reference. Each results file records what made it (the vision
+checkpoint, the LLM folder, the settings that change outputs) in a
+``.run.json`` beside it: a restart with another model or other settings is
+refused rather than mixed in; ``overwrite=True`` starts those files afresh.
 """
 
 import logging
@@ -43,10 +47,13 @@ from medcap.eval import (
     SCORING_METHODS,
     ImageLoader,
     check_vqa_type,
+    checkpoint_name,
     run_test_metrics,
     run_test_omnimedvqa,
     run_test_vqarad,
 )
+from medcap.eval._datasets import FILE_ORDERS
+from medcap.eval._loop import file_identity, folder_identity
 from medcap.generation import GenerationEngine, prompt_text
 from medcap.models import MedcapModel, check_vision
 
@@ -84,6 +91,8 @@ class GenerateRecipe:
             raise ValueError(f"dataset_conversation_style={style!r}: medcap reads sharegpt data only")
         if any(cfg.get(s, False) for s in ("test_vqarad", "test_omnimedvqa")):
             check_vqa_type(cfg.get("vqa_type", "no_cond_desc"))
+        if cfg.get("omnimedvqa_file_order", "sorted") not in FILE_ORDERS:
+            raise ValueError(f"omnimedvqa_file_order={cfg.get('omnimedvqa_file_order')!r}; choose one of {list(FILE_ORDERS)}")
         if cfg.get("vqa_scoring", "letter") not in SCORING_METHODS:
             raise ValueError(f"vqa_scoring={cfg.get('vqa_scoring')!r}; choose one of {list(SCORING_METHODS)}")
         for key in ("batch_size", "max_new_tokens", "dataset_max_seq_len", "test_chunk"):
@@ -116,8 +125,27 @@ class GenerateRecipe:
         self.model = self._setup_model(cfg.model, cfg.checkpointer, cfg.get("vision_checkpoint"))
         self.engine = self._setup_engine(cfg)
         self.image_loader = ImageLoader(self.model.vision.visual.image_size)
+        self.ckpt = checkpoint_name(cfg.get("vision_checkpoint"))
+        self.identity = self._identity(cfg)
+
+    def _identity(self, cfg: DictConfig) -> Dict[str, Any]:
+        """What the results depend on, recorded beside each results file (and
+        fingerprinting the description caches): a change means new rows."""
         vc = cfg.get("vision_checkpoint")
-        self.ckpt = Path(str(vc)).stem if vc else "untrained"
+        files = cfg.checkpointer.get("checkpoint_files")
+        if isinstance(files, (ListConfig, DictConfig)):
+            files = OmegaConf.to_container(files, resolve=True)
+        return {
+            "vision_checkpoint": file_identity(vc) if vc else None,
+            "llm": folder_identity(cfg.checkpointer.checkpoint_dir, files if isinstance(files, list) else None),
+            "model": str(cfg.model.get("_component_", "")),
+            "dtype": str(cfg.get("dtype", "bf16")),
+            "temperature": float(cfg.get("temperature") or 0.0),
+            "top_k": None if cfg.get("top_k") is None else int(cfg.get("top_k")),
+            "seed": self.seed,
+            "dataset_max_seq_len": int(cfg.get("dataset_max_seq_len") or 500),
+            "max_new_tokens": int(cfg.get("max_new_tokens", 300)),
+        }
 
     def _setup_tokenizer(self, cfg_tokenizer: DictConfig):
         tok = config.instantiate(cfg_tokenizer)
@@ -180,7 +208,8 @@ class GenerateRecipe:
             log.info("debug: %d samples per suite, files in %s", limit, out)
         common = dict(
             output_dir=out, ckpt=self.ckpt, image_loader=self.image_loader, limit=limit,
-            progress=bool(cfg.get("progress", True)),
+            progress=bool(cfg.get("progress", True)), identity=self.identity,
+            overwrite=bool(cfg.get("overwrite", False)),
         )
         max_new = int(cfg.get("max_new_tokens", 300))
         max_seq_len = int(cfg.get("dataset_max_seq_len") or 500)
@@ -203,7 +232,9 @@ class GenerateRecipe:
                 self.engine, dataset_source=str(cfg.dataset_source), vqa_type=cfg.get("vqa_type", "no_cond_desc"),
                 max_seq_len=max_seq_len, max_new_tokens=max_new,
                 test_chunk_idx=None if idx is None else int(idx), test_chunk=int(cfg.get("test_chunk", 50)),
-                scoring=cfg.get("vqa_scoring", "letter"), **common,
+                scoring=cfg.get("vqa_scoring", "letter"),
+                include_modality_key=bool(cfg.get("omnimedvqa_include_modality_key", False)),
+                file_order=str(cfg.get("omnimedvqa_file_order", "sorted")), **common,
             )
         if debug:
             _show_rows(results)

@@ -27,6 +27,7 @@ from medcap.eval._judge import (
 )
 from medcap.eval._journal import CsvJournal, JsonlCache, partial_path, read_csv_rows, write_csv_atomic
 from medcap.eval._metrics import METRIC_NAMES, JavaNotFoundError, caption_metrics, check_java, write_metrics_csv
+from medcap.eval._loop import EvalItem, results_lock, run_items
 from medcap.eval._protocol import (
     ANSWER_MAX_NEW_TOKENS,
     RAW_COLUMNS,
@@ -35,6 +36,8 @@ from medcap.eval._protocol import (
     check_vqa_type,
     description_budget,
     description_messages,
+    instruction_text,
+    reference_text,
     run_vqa,
     uses_image,
 )
@@ -44,6 +47,8 @@ from medcap.eval._scoring import (
     SCORE_COLUMNS,
     SCORING_METHODS,
     accuracy_by_modality,
+    accuracy_name,
+    is_correct,
     draw_modality_chart,
     letter_prompt,
     read_letter,
@@ -54,6 +59,7 @@ from medcap.eval._synthetic import make_omnimedvqa_layout, make_vqarad_layout
 from medcap.eval._suites import (
     OMNIMEDVQA_EXTRA_COLUMNS,
     ImageLoader,
+    checkpoint_name,
     run_test_metrics,
     run_test_omnimedvqa,
     run_test_vqarad,
@@ -63,6 +69,7 @@ __all__ = [
     "ANSWER_MAX_NEW_TOKENS",
     "CaptionItem",
     "CsvJournal",
+    "EvalItem",
     "ImageLoader",
     "JUDGE_PROMPT",
     "JavaNotFoundError",
@@ -82,6 +89,13 @@ __all__ = [
     "VQAItem",
     "VQA_TYPES",
     "accuracy_by_modality",
+    "accuracy_name",
+    "checkpoint_name",
+    "instruction_text",
+    "is_correct",
+    "reference_text",
+    "results_lock",
+    "run_items",
     "answer_messages",
     "caption_metrics",
     "chat_loop",

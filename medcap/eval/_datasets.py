@@ -14,13 +14,14 @@ why); problems the reference crashed on are counted and reported instead.
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from medcap.data import BadSample, parse_record, read_index
+from medcap.eval._loop import OPTION_LETTERS, EvalItem
 
 # The dataset's own spellings (sic): OmniMedVQA writes them exactly like this.
 OMNIMEDVQA_MODALITIES: Tuple[str, ...] = (
@@ -33,32 +34,13 @@ OMNIMEDVQA_MODALITIES: Tuple[str, ...] = (
     "MR (Mag-netic Resonance Imaging)",
     "Microscopy Images",
 )
-OPTION_LETTERS = ("A", "B", "C", "D")
 VQARAD_PHRASE_TYPES = ("test_freeform", "test_para")
 MIN_CHUNK = 50
 
 
-@dataclass
-class VQAItem:
-    """One question: ``image`` path, ``question``, ``answer`` (the ``output`` column),
-    ``key`` (stable id: seeds and resume checks) and extra columns (options, modality, id)."""
-
-    image: str
-    question: str
-    answer: str
-    key: str
-    extra: Dict[str, str] = field(default_factory=dict)
-
-    def options(self) -> Dict[str, str]:
-        return {L: self.extra[f"option_{L}"] for L in OPTION_LETTERS if self.extra.get(f"option_{L}", "") != ""}
-
-
-@dataclass
-class CaptionItem:
-    image: Optional[str]
-    messages: List[Dict[str, str]]  # the conversation up to the first answer
-    reference: str  # the first assistant message
-    key: str
+# One item type for every suite (see ``_loop.EvalItem``); the old names stay readable.
+VQAItem = EvalItem
+CaptionItem = EvalItem
 
 
 def _s(v: Any) -> str:
@@ -83,7 +65,8 @@ def read_caption_set(source: str | Path) -> Tuple[List[CaptionItem], Dict[str, A
     bad: List[str] = []
     for i in range(len(index)):
         try:
-            rec = parse_record(index[i], json_dir=index.file_of(i).parent)
+            raw = index[i]
+            rec = parse_record(raw, json_dir=index.file_of(i).parent)
         except BadSample as e:
             bad.append(f"{index.origin(i)}: {e.reason}")
             continue
@@ -92,11 +75,15 @@ def read_caption_set(source: str | Path) -> Tuple[List[CaptionItem], Dict[str, A
         if not any(m["role"] == "user" for m in msgs):
             bad.append(f"{index.origin(i)}: no user turn before the first answer")
             continue
+        own = raw.get("image") if isinstance(raw, dict) else None
         items.append(
-            CaptionItem(
-                image=None if rec.image_path is None else str(rec.image_path),
+            EvalItem(
+                image="" if rec.image_path is None else str(own if own not in (None, "") else rec.image_path),
+                path=None if rec.image_path is None else str(rec.image_path),
+                has_image=rec.image_path is not None,
+                question="",
                 messages=msgs,
-                reference=rec.turns[first].text,
+                answer=rec.turns[first].text,
                 key=str(i),
             )
         )
@@ -126,7 +113,8 @@ def read_vqarad(dataset_source: str | Path) -> Tuple[List[VQAItem], Dict[str, An
         if r.get("phrase_type") not in VQARAD_PHRASE_TYPES or r.get("answer_type") != "CLOSED":
             continue
         qid = _s(r.get("qid")) or str(i)
-        items.append(VQAItem(image=str(img_dir / _s(r["image_name"])), question=_s(r["question"]), answer=_s(r["answer"]), key=f"vqarad:{qid}"))
+        items.append(EvalItem(image=_s(r["image_name"]), path=str(img_dir / _s(r["image_name"])),
+                              question=_s(r["question"]), answer=_s(r["answer"]), key=f"vqarad:{qid}"))
     _unique_keys(items)
     report = {
         "source": str(path),
@@ -138,16 +126,34 @@ def read_vqarad(dataset_source: str | Path) -> Tuple[List[VQAItem], Dict[str, An
     return items, report
 
 
-def read_omnimedvqa(dataset_source: str | Path) -> Tuple[List[VQAItem], Dict[str, Any]]:
+FILE_ORDERS = ("sorted", "listdir")
+
+
+def read_omnimedvqa(
+    dataset_source: str | Path, *, include_modality_key: bool = False, file_order: str = "sorted"
+) -> Tuple[List[EvalItem], Dict[str, Any]]:
     """OmniMedVQA's open-access questions of the 8 modalities, shuffled with
-    ``random.Random(0)`` (the reference's order). Records naming their modality in
-    ``modality`` instead of ``modality_type`` are read (and counted); options C/D
-    may be absent."""
+    ``random.Random(0)`` (the reference's order); options C/D may be absent.
+
+    Records that name their modality in ``modality`` instead of ``modality_type``
+    are left out as the reference leaves them out (it reads ``modality_type`` only),
+    and counted; ``include_modality_key=True`` brings them in.
+
+    ``file_order``: the question files are read in sorted name order (the same on
+    every machine). The reference read them in ``os.listdir`` order, which depends
+    on the file system; ``"listdir"`` reproduces that on the machine at hand. The
+    order matters because the shuffle runs over the concatenated files.
+    """
+    if file_order not in FILE_ORDERS:
+        raise ValueError(f"omnimedvqa_file_order must be one of {list(FILE_ORDERS)}, got {file_order!r}")
     root = Path(dataset_source) / "OmniMedVQA"
     qa_dir = root / "QA_information" / "Open-access"
     if not qa_dir.is_dir():
         raise FileNotFoundError(f"OmniMedVQA questions not found: {str(qa_dir)!r} (dataset_source={str(dataset_source)!r})")
-    files = sorted(qa_dir.glob("*.json"))
+    if file_order == "sorted":
+        files = sorted(qa_dir.glob("*.json"))
+    else:
+        files = [qa_dir / n for n in os.listdir(qa_dir) if n.endswith(".json")]
     if not files:
         raise FileNotFoundError(f"no *.json files in {str(qa_dir)!r}")
     items: List[VQAItem] = []
@@ -171,8 +177,11 @@ def read_omnimedvqa(dataset_source: str | Path) -> Tuple[List[VQAItem], Dict[str
             if "modality_type" in r:
                 modality = _s(r["modality_type"])
             else:
-                modality = _s(r.get("modality"))
                 stats["modality_key_instead_of_modality_type"] += 1
+                if not include_modality_key:
+                    stats["left_out_modality_key"] += 1
+                    continue
+                modality = _s(r.get("modality"))
             if modality not in OMNIMEDVQA_MODALITIES:
                 excluded[modality] += 1
                 continue
@@ -183,8 +192,9 @@ def read_omnimedvqa(dataset_source: str | Path) -> Tuple[List[VQAItem], Dict[str
             extra["modality_type"] = modality
             extra["question_id"] = _s(r.get("question_id"))
             items.append(
-                VQAItem(
-                    image=str(root / _s(r["image_path"])),
+                EvalItem(
+                    image=_s(r["image_path"]),
+                    path=str(root / _s(r["image_path"])),
                     question=_s(r["question"]),
                     answer=_s(r["gt_answer"]),
                     key=f"omnimedvqa:{extra['question_id'] or len(items)}",
@@ -196,6 +206,8 @@ def read_omnimedvqa(dataset_source: str | Path) -> Tuple[List[VQAItem], Dict[str
     report = {
         "source": str(qa_dir),
         "files": len(files),
+        "file_order": file_order,
+        "include_modality_key": include_modality_key,
         "bad_files": bad_files,
         **dict(stats),
         "kept": len(items),
@@ -222,11 +234,13 @@ def select_chunk(items: Sequence[Any], chunk_idx: Optional[int], num_chunks: int
     """The items of one chunk, and the ``(idx, chunk)`` pair for file names.
 
     Chunking is asked for by giving ``test_chunk_idx``; without it every item is
-    run and the pair is ``(0, 1)`` (one chunk holding everything), so a full run
-    never shares a file name with one chunk of a split run.
+    run. The names follow the reference's launch lines either way:
+    ``test_chunk_idx`` (0 when not given) and ``test_chunk`` (50 by default), so a
+    raw file the reference wrote for the same command is found. A full run and
+    chunk 0 of 50 share that name; the record beside the file tells them apart.
     """
     if chunk_idx is None:
-        return list(items), (0, 1)
+        return list(items), (0, int(num_chunks))
     start, end = chunk_bounds(len(items), int(chunk_idx), int(num_chunks))
     return list(items[start:end]), (int(chunk_idx), int(num_chunks))
 
@@ -238,5 +252,5 @@ def drop_missing_images(items: Sequence[VQAItem]) -> Tuple[List[VQAItem], List[s
     whatever is missing."""
     kept, missing = [], []
     for it in items:
-        (kept if Path(it.image).is_file() else missing).append(it)
+        (kept if it.file is None or Path(it.file).is_file() else missing).append(it)
     return kept, [m.image for m in missing]

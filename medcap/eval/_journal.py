@@ -15,12 +15,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+log = logging.getLogger(__name__)
 
 BOM = "\ufeff"
+# No results row comes near this; a longer candidate is garbage (and is not parsed).
+_MAX_RECORD_BYTES = 1 << 22
 
 
 def cell(value: Any) -> str:
@@ -52,6 +57,58 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _scan_records(body: bytes, parse: Callable[[bytes], Any]) -> Iterator[Tuple[Tuple[int, int], Any]]:
+    """Split ``body`` into candidate records and parse each, in one linear pass.
+
+    A record written by the csv module ends at a newline outside quotes, i.e. where
+    the number of ``"`` since its start is even. A candidate that does not parse as a
+    whole row is reported (``None``) and the scan resumes at the next physical line,
+    so one damaged record costs only itself, not every row after it. Yields
+    ``((start, end), parsed_or_None)``; an unterminated tail is yielded as ``None``.
+    """
+    # Line starts and the quote parity before each line (prefix parity).
+    starts = [0]
+    parity = [0]
+    p = 0
+    for line in body.split(b"\n")[:-1]:
+        p ^= line.count(b'"') & 1
+        starts.append(starts[-1] + len(line) + 1)
+        parity.append(p)
+    n = len(starts) - 1  # complete physical lines
+    # next_same[i][b]: the first line end j >= i+1 whose prefix parity is b (record end).
+    nxt = [[n + 1, n + 1] for _ in range(n + 2)]
+    for j in range(n, 0, -1):
+        nxt[j - 1] = list(nxt[j])
+        nxt[j - 1][parity[j]] = j
+    i = 0
+    while i < n:
+        j = nxt[i][parity[i]]
+        if j > n:  # quotes never balance again: the rest may hold a cut record; resync
+            yield (starts[i], starts[i + 1]), None
+            i += 1
+            continue
+        row = parse(body[starts[i] : starts[j]])
+        if row is None:
+            yield (starts[i], starts[i + 1]), None
+            i += 1
+        else:
+            yield (starts[i], starts[j]), row
+            i = j
+    if starts[n] < len(body):
+        yield (starts[n], len(body)), None
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` through a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def partial_path(final_path: str | Path) -> Path:
@@ -105,6 +162,8 @@ class CsvJournal:
         self.bom = bom
         self._rows: List[Dict[str, str]] = []
         self.dropped_bytes = 0
+        self.dropped: List[Tuple[int, int]] = []  # byte spans (in the body) of records left out
+        self._cut_tail_only = False
         self._open()
 
     def _open(self) -> None:
@@ -127,34 +186,56 @@ class CsvJournal:
                 f"{self.path} exists but its header is not {self.columns}; it belongs to another "
                 "kind of run. Move it away (or use another output_dir) and run again."
             )
-        good = len(hb)
-        lines = data[len(hb) :].split(b"\n")
-        # Every complete record ends with "\n", so the piece after the last one is partial.
-        physical = [ln + b"\n" for ln in lines[:-1]]
-        i = 0
-        while i < len(physical):
-            ok = False
-            for j in range(i + 1, len(physical) + 1):
-                chunk = b"".join(physical[i:j])
-                try:
-                    text = chunk.decode("utf-8")
-                except UnicodeDecodeError:
-                    break
-                recs = list(csv.reader(io.StringIO(text, newline="")))
-                if len(recs) == 1 and len(recs[0]) == len(self.columns) and _format(recs[0]) == text:
-                    self._rows.append(dict(zip(self.columns, recs[0])))
-                    good += len(chunk)
-                    i = j
-                    ok = True
-                    break
-            if not ok:
-                break
-        if good < len(data):
-            self.dropped_bytes = len(data) - good
+        body = data[len(hb) :]
+        keep: List[bytes] = []
+        kept_end = 0
+        for (lo, hi), ok in _scan_records(body, self._parse):
+            if ok is not None:
+                self._rows.append(ok)
+                keep.append(body[lo:hi])
+                kept_end = hi
+            else:
+                self.dropped.append((lo, hi))
+        good = len(hb) + sum(len(k) for k in keep)
+        if good == len(data):
+            return
+        self.dropped_bytes = len(data) - good
+        # Everything dropped lies after the last intact record: a kill mid-write.
+        self._cut_tail_only = all(lo >= kept_end for lo, _ in self.dropped)
+        if self._cut_tail_only:
+            # Only the last record was cut (a kill mid-write): truncating is enough.
             with open(self.path, "r+b") as f:
                 f.truncate(good)
                 f.flush()
                 os.fsync(f.fileno())
+            return
+        # Damage in the middle: rewrite the intact records (atomically), dropping the rest.
+        write_bytes_atomic(self.path, hb + b"".join(keep))
+
+    def _parse(self, chunk: bytes) -> Optional[Dict[str, str]]:
+        """The row a candidate record holds, or None when it is not one whole row."""
+        if len(chunk) > _MAX_RECORD_BYTES:
+            return None
+        try:
+            text = chunk.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        recs = list(csv.reader(io.StringIO(text, newline="")))
+        if len(recs) == 1 and len(recs[0]) == len(self.columns) and _format(recs[0]) == text:
+            return dict(zip(self.columns, recs[0]))
+        return None
+
+    def damage_report(self) -> str:
+        """One line for the log: how much of the file was dropped, and why."""
+        if not self.dropped_bytes:
+            return ""
+        if self._cut_tail_only:
+            return f"{self.path}: dropped a half-written last row ({self.dropped_bytes} bytes); it is made again"
+        return (
+            f"{self.path}: kept {len(self._rows)} intact rows, dropped {len(self.dropped)} damaged record(s) "
+            f"({self.dropped_bytes} bytes: cut, garbled or not in this file's {len(self.columns)}-column layout); "
+            "their rows are made again"
+        )
 
     def rows(self) -> List[Dict[str, str]]:
         return list(self._rows)
@@ -166,10 +247,19 @@ class CsvJournal:
         new = [{c: cell(r.get(c)) for c in self.columns} for r in rows]
         if not new:
             return
-        with open(self.path, "ab") as f:
-            f.write("".join(_format([r[c] for c in self.columns]) for r in new).encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
+        data = "".join(_format([r[c] for c in self.columns]) for r in new).encode("utf-8")
+        try:  # no O_CREAT: a journal removed under a running job is an error, never recreated headless
+            fd = os.open(str(self.path), os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{self.path} vanished while this run was writing it (removed by another process or a user); "
+                "nothing more is written to it. Run the command again to start that file anew."
+            ) from None
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         self._rows.extend(new)
 
     def finish(self, final_path: Optional[str | Path] = None) -> Path:
@@ -183,30 +273,55 @@ class CsvJournal:
 
 
 class JsonlCache:
-    """A key -> value store appended line by line (fsync'd); a cut last line is dropped."""
+    """A key -> value store appended line by line (fsync'd); a cut last line is dropped.
 
-    def __init__(self, path: str | Path):
+    With ``fingerprint`` (a JSON-able dict of what produced the values), the file's
+    first line records it; a file made under another fingerprint is discarded
+    with a log line instead of being reused.
+    """
+
+    _FP = "__fingerprint__"
+
+    def __init__(self, path: str | Path, fingerprint: Optional[Dict[str, Any]] = None):
         self.path = Path(path)
         self.data: Dict[str, Any] = {}
+        self.discarded = 0
+        found_fp: Any = None
         if self.path.exists():
             raw = self.path.read_bytes()
             good = 0
             for line in raw.split(b"\n")[:-1]:
                 try:
                     rec = json.loads(line.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError):
+                    key, value = rec["key"], rec["value"]
+                except (UnicodeDecodeError, ValueError, KeyError, TypeError):
                     break
-                self.data[rec["key"]] = rec["value"]
+                if key == self._FP:
+                    found_fp = value
+                else:
+                    self.data[key] = value
                 good += len(line) + 1
             if good < len(raw):
                 with open(self.path, "r+b") as f:
                     f.truncate(good)
+        if fingerprint is not None and found_fp != fingerprint:
+            if self.path.exists() and (self.data or found_fp is not None):
+                self.discarded = len(self.data)
+                log.info("%s: discarding %d cached entries made %s", self.path, self.discarded,
+                         "with other settings" if found_fp is not None else "with no record of their settings")
+            self.data = {}
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(self.path, (json.dumps({"key": self._FP, "value": fingerprint}, ensure_ascii=False,
+                                                      sort_keys=True) + "\n").encode("utf-8"))
 
     def __contains__(self, key: str) -> bool:
         return key in self.data
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
+
+    def __len__(self) -> int:
+        return len(self.data)
 
     def put_many(self, items: Mapping[str, Any]) -> None:
         if not items:

@@ -1,20 +1,25 @@
 """Scoring OmniMedVQA answers: the reference's letter mapping, or the model's own
 option log-likelihoods; macro accuracy over modalities, saved and drawn.
 
-Letter mapping (``eval_vqa`` of the reference): for each row the question is
-read back from the ``instruction``, and a text-only chat (no image, at most 20
-new tokens) is asked which option our free answer means. The prediction is the
-reply's first character, upper-cased; correct if that option's text equals
-``gt_answer`` (the ``output`` column). A reply whose first character names no
-option (or an empty reply) is wrong, and its ``predict`` is empty. (The
-reference left the previous row's prediction there, and crashed when the first
-reply was unreadable.)
+Letter mapping (``eval_vqa`` of the reference): for each row a text-only chat
+(no image, at most 20 new tokens) is asked which option our free answer means,
+with the question the row was made from (from the data set by question id; for
+a file with no such id, read back from the ``instruction``). ``predict`` is the
+reply's first character, upper-cased (empty for an empty reply); the row is
+correct when that letter's position among A-D is the position of the first
+option equal to ``gt_answer`` (the ``output`` column): the reference's rule, so
+a letter outside A-D, or one naming an empty option, is wrong. (The reference
+left the previous row's prediction in ``predict`` after an empty reply, and
+crashed when the first reply was empty.)
 
 Log-likelihood (``vqa_scoring=loglik``): the answer prompt of each row is
 rebuilt from its ``instruction`` (with the image), and each option is scored as
-the assistant's whole answer (its tokens, then ``<|eot_id|>``); the best
-option is the prediction. No second generation; ``predict_generated`` holds
-the scores.
+the assistant's whole answer (its tokens, then ``<|eot_id|>``); the letter of
+the best option is ``predict``. No second generation; ``predict_generated``
+holds the scores.
+
+Scored files are ``{raw}-{round(acc, 4)}.csv`` (``{raw}-loglik-...`` for
+loglik), UTF-8 with BOM, as the reference names and writes them.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from medcap.data import BadSample
-from medcap.eval._datasets import OPTION_LETTERS
+from medcap.eval._loop import OPTION_LETTERS
 from medcap.eval._journal import CsvJournal, write_csv_atomic
 from medcap.generation import prompt_tokens_from_text, question_from_instruction
 
@@ -54,24 +59,32 @@ def row_options(row: Dict[str, str]) -> Dict[str, str]:
 
 
 def letter_prompt(question: str, generated: str, options: Dict[str, str]) -> str:
-    """The reference's mapping question, character for character."""
+    """The reference's mapping question, character for character: A and B, and when
+    C or D is given, the C and D lines both (an absent one left empty)."""
     text = f"Question: {question}\nOur answer: {generated}\nA. {options.get('A', '')}\nB. {options.get('B', '')}\n"
-    for L in ("C", "D"):
-        if options.get(L, "") != "":
-            text += f"{L}. {options[L]}\n"
+    if options.get("C", "") != "" or options.get("D", "") != "":
+        text += f"C. {options.get('C', '')}\nD. {options.get('D', '')}\n"
     return text + "\n" + LETTER_INSTRUCTION
 
 
-def read_letter(reply: str, options: Dict[str, str]) -> Tuple[str, str]:
-    """``(letter, option text)`` named by the reply's first character; ``("", "")`` when
-    it names no option (unreadable)."""
+def read_letter(reply: str) -> str:
+    """``predict``: the reply's first character, upper-cased; empty for an empty reply."""
     reply = (reply or "").strip()
-    if not reply:
-        return "", ""
-    letter = reply[0].upper()
-    if letter in options and options[letter] != "":
-        return letter, options[letter]
-    return "", ""
+    return reply[0].upper() if reply else ""
+
+
+def is_correct(letter: str, options: Dict[str, str], answer: str) -> int:
+    """The reference's rule: the letter's position among A-D equals the position of the
+    first option (A-D, absent ones empty) whose text is the answer."""
+    texts = [options.get(L, "") for L in OPTION_LETTERS]
+    if letter not in OPTION_LETTERS or answer not in texts:
+        return 0
+    return int(OPTION_LETTERS.index(letter) == texts.index(answer))
+
+
+def accuracy_name(acc: float, places: int = 4) -> str:
+    """An accuracy as the reference writes it in file names: ``round(acc, places)``."""
+    return f"{round(float(acc), places)}"
 
 
 def accuracy_by_modality(rows: Sequence[Dict[str, str]], group: str = "modality_type") -> Tuple[float, Dict[str, Dict[str, float]]]:
@@ -91,7 +104,17 @@ def _key(i: int, row: Dict[str, str]) -> str:
     return f"score:{i}:{row.get('question_id', '')}"
 
 
-def score_letter(engine, rows: Sequence[Dict[str, str]], journal: CsvJournal, *, progress: bool = True) -> None:
+def _question(row: Dict[str, str], questions: Optional[Dict[str, str]]) -> str:
+    qid = row.get("question_id", "")
+    if questions is not None and qid in questions:
+        return questions[qid]
+    return question_from_instruction(row["instruction"])  # a file made elsewhere: read it back
+
+
+def score_letter(
+    engine, rows: Sequence[Dict[str, str]], journal: CsvJournal, *, progress: bool = True,
+    questions: Optional[Dict[str, str]] = None,
+) -> None:
     done = len(journal)
     bar = tqdm(total=len(rows), initial=done, desc="scoring (letter)", disable=not progress, unit="q")
     for lo in range(done, len(rows), engine.batch_size):
@@ -100,16 +123,15 @@ def score_letter(engine, rows: Sequence[Dict[str, str]], journal: CsvJournal, *,
         for r in batch:
             options = row_options(r)
             opts.append(options)
-            question = question_from_instruction(r["instruction"])
+            question = _question(r, questions)
             prompts.append(engine.prompt(letter_prompt(question, r["generated"], options), has_image=False))
         replies = engine.generate_texts(
             prompts, [None] * len(batch), LETTER_MAX_NEW_TOKENS, [_key(lo + k, r) for k, r in enumerate(batch)]
         )
         out = []
         for r, options, reply in zip(batch, opts, replies):
-            _, predict = read_letter(reply, options)
-            correct = int(predict != "" and predict == r["output"])
-            out.append({**r, "predict_generated": reply, "predict": predict, "correct": correct})
+            letter = read_letter(reply)
+            out.append({**r, "predict_generated": reply, "predict": letter, "correct": is_correct(letter, options, r["output"])})
         journal.append(out)
         bar.update(len(batch))
     bar.close()
@@ -145,13 +167,13 @@ def score_loglik(
         for r, o, s in zip(batch, opts, scores):
             letters = list(o)
             best = max(range(len(s)), key=lambda k: s[k]) if s else None
-            predict = o[letters[best]] if best is not None else ""
+            letter = letters[best] if best is not None else ""
             out.append(
                 {
                     **r,
                     "predict_generated": json.dumps({L: round(v, 6) for L, v in zip(letters, s)}),
-                    "predict": predict,
-                    "correct": int(predict != "" and predict == r["output"]),
+                    "predict": letter,
+                    "correct": is_correct(letter, row_options(r), r["output"]),
                 }
             )
         journal.append(out)
@@ -167,10 +189,12 @@ def score_file(
     image_loader: Optional[Callable[[str], torch.Tensor]] = None,
     progress: bool = True,
     on_batch: Optional[Callable[[int], None]] = None,
+    questions: Optional[Dict[str, str]] = None,
 ) -> Dict[str, object]:
-    """Score a raw OmniMedVQA file; writes ``{raw}-{acc:.4f}.csv`` (``{raw}-loglik-{acc:.4f}.csv``
+    """Score a raw OmniMedVQA file; writes ``{raw}-{round(acc, 4)}.csv`` (``{raw}-loglik-...``
     for ``loglik``) and the per-modality CSV, JSON and PNG beside it. Resumable
-    through ``{raw}-scored.partial.csv``. Returns a summary dict."""
+    through ``{raw}-scored.partial.csv``. ``questions`` maps question ids to the
+    questions the rows were made from. Returns a summary dict."""
     from medcap.eval._journal import read_csv_rows
 
     if method not in SCORING_METHODS:
@@ -183,20 +207,20 @@ def score_file(
     columns = list(rows[0].keys()) + list(SCORE_COLUMNS)
     tag = "" if method == "letter" else "-loglik"
     partial = raw_path.with_name(f"{raw_path.stem}{tag}-scored.partial.csv")
-    journal = CsvJournal(None, columns, partial=partial)
+    journal = CsvJournal(None, columns, partial=partial, bom=True)
     if len(journal) > len(rows) or any(
-        a.get("instruction") != b.get("instruction") for a, b in zip(journal.rows(), rows)
+        a.get(c) != b.get(c) for a, b in zip(journal.rows(), rows) for c in ("instruction", "generated", "output")
     ):
         raise ValueError(f"{partial} does not match {raw_path}; move it away to score again")
     if method == "letter":
-        score_letter(engine, rows, journal, progress=progress)
+        score_letter(engine, rows, journal, progress=progress, questions=questions)
     else:
         if image_loader is None:
             raise ValueError("loglik scoring needs an image_loader")
         score_loglik(engine, rows, journal, image_loader, progress=progress)
     scored = journal.rows()
     acc, per = accuracy_by_modality(scored)
-    final = raw_path.with_name(f"{raw_path.stem}{tag}-{acc:.4f}.csv")
+    final = raw_path.with_name(f"{raw_path.stem}{tag}-{accuracy_name(acc)}.csv")
     journal.finish(final)
     outputs = save_modality_report(final, acc, per, method=method)
     print_modality_report(acc, per, title=f"{final.name}")

@@ -1,20 +1,25 @@
 """The evaluation suites of ``recipes/generate.py``, with the reference's file names.
 
 =================  =============================================================
-suite              files in ``output_dir``
+suite              files in ``output_dir`` (CSV files UTF-8 with BOM)
 =================  =============================================================
 test_metrics       ``metrics-raw-{ckpt}.csv`` (image, instruction, output,
-                   generated; UTF-8 with BOM), ``metrics-{ckpt}.csv``
-                   (``metric,score`` lines)
+                   generated), ``metrics-{ckpt}.csv`` (``metric,score`` lines)
 test_vqarad        ``vqarad-{vqa_type}-raw-{ckpt}.csv`` (judged later by
                    ``tools/judge.py``)
 test_omnimedvqa    ``omnimedvqa-{vqa_type}-raw-{ckpt}-{idx}_{chunk}.csv`` (+
-                   options, modality_type, question_id), then the scored
-                   ``...-{accuracy:.4f}.csv`` and its per-modality CSV/JSON/PNG
+                   options, modality_type, question_id; ``{idx}_{chunk}`` are
+                   ``test_chunk_idx``/``test_chunk``, 0 and 50 when not given, as
+                   in the reference), then the scored ``...-{round(acc, 4)}.csv``
+                   and its per-modality CSV/JSON/PNG
 =================  =============================================================
 
-A raw file that already exists is not generated again (OmniMedVQA's is
-re-scored). An unfinished one (``*.partial.csv``) is continued.
+``ckpt`` is the vision checkpoint's file name up to its first dot (the
+reference's ``basename.split('.')[0]``). Each suite holds a lock on its results
+file while it runs, and every file runs through the one loop of ``_loop``: a
+file made by the same model and settings is continued or reused, one made by
+another is refused (``overwrite=True`` starts afresh), and a file the reference
+wrote (no ``.run.json`` beside it) is taken as it is and re-scored.
 """
 
 from __future__ import annotations
@@ -22,24 +27,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
-from tqdm import tqdm
 
 from medcap.data import image_transform, load_image
-from medcap.eval._datasets import (
-    drop_missing_images,
-    read_caption_set,
-    read_omnimedvqa,
-    read_vqarad,
-    select_chunk,
-)
-from medcap.eval._journal import CsvJournal, read_csv_rows
+from medcap.eval._datasets import drop_missing_images, read_caption_set, read_omnimedvqa, read_vqarad, select_chunk
+from medcap.eval._loop import EvalItem, results_lock, run_items
 from medcap.eval._metrics import caption_metrics, check_java, write_metrics_csv
-from medcap.eval._protocol import RAW_COLUMNS, check_vqa_type, load_batch_images, run_vqa
+from medcap.eval._protocol import RAW_COLUMNS, check_vqa_type, instruction_text, run_vqa
 from medcap.eval._scoring import score_file
-from medcap.generation import prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +53,31 @@ class ImageLoader:
         return self.transform(load_image(path))
 
 
+def checkpoint_name(vision_checkpoint: Optional[str]) -> str:
+    """``ckpt`` of the file names: the file name up to its first dot, as the reference
+    (``meta_model_4.pt`` -> ``meta_model_4``); ``untrained`` without a checkpoint."""
+    if not vision_checkpoint:
+        return "untrained"
+    return Path(str(vision_checkpoint)).name.split(".")[0]
+
+
 def _write_report(path: Path, report: Dict[str, Any]) -> None:
     path.write_text(json.dumps(report, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+
+
+def caption_rows(max_new_tokens: int):
+    """The captioning suite's step for the loop: the conversation before the first
+    answer, generated; one row per item."""
+
+    def make_rows(engine, items: Sequence[EvalItem], images: Sequence[Optional[torch.Tensor]]) -> List[Dict[str, Any]]:
+        prompts = [engine.prompt(it.messages, has_image=it.has_image) for it in items]
+        texts = engine.generate_texts(prompts, images, max_new_tokens, [f"caption:{it.key}" for it in items])
+        return [
+            {"image": it.image, "instruction": instruction_text(engine.tokenizer, p), "output": it.answer, "generated": t}
+            for it, p, t in zip(items, prompts, texts)
+        ]
+
+    return make_rows
 
 
 def run_test_metrics(
@@ -68,6 +88,8 @@ def run_test_metrics(
     ckpt: str,
     max_new_tokens: int,
     image_loader: Callable[[str], torch.Tensor],
+    identity: Optional[Dict[str, Any]] = None,
+    overwrite: bool = False,
     limit: Optional[int] = None,
     progress: bool = True,
     on_batch: Optional[Callable[[int], None]] = None,
@@ -78,51 +100,26 @@ def run_test_metrics(
     out.mkdir(parents=True, exist_ok=True)
     raw_path = out / f"metrics-raw-{ckpt}.csv"
     metrics_path = out / f"metrics-{ckpt}.csv"
-    if raw_path.exists():
-        log.info("%s exists: generation skipped, metrics recomputed", raw_path)
-        rows = read_csv_rows(raw_path)
-    else:
-        items, report = read_caption_set(dataset_source)
-        if limit is not None:
-            items = items[:limit]
-        if report["bad"]:
-            log.warning("%d of %d records of %s cannot be used, e.g. %s", report["bad"], report["records"],
-                        dataset_source, report["bad_examples"][:3])
-        journal = CsvJournal(raw_path, RAW_COLUMNS, bom=True)
-        skipped_path = raw_path.with_name(raw_path.stem + ".skipped.jsonl")
-        from medcap.eval._journal import JsonlCache
-
-        skipped = JsonlCache(skipped_path)
-        todo = [it for it in items if it.key not in skipped]
-        done = journal.rows()
-        for i, (row, it) in enumerate(zip(done, todo)):
-            if row["output"] != it.reference:
-                raise ValueError(f"{journal.path} does not belong to this run (row {i} differs); move it away to start over")
-        if done:
-            log.info("%s: resuming after %d of %d rows", journal.path, len(done), len(todo))
-        bar = tqdm(total=len(todo), initial=len(done), desc=raw_path.stem, disable=not progress, unit="img")
-        pending = todo[len(done) :]
-        for lo in range(0, len(pending), engine.batch_size):
-            batch = pending[lo : lo + engine.batch_size]
-            kept, images = load_batch_images(batch, lambda it: it.image, image_loader, skipped, "sample(s)", log)
-            prompts = [engine.prompt(it.messages, has_image=it.image is not None) for it in kept]
-            texts = engine.generate_texts(prompts, images, max_new_tokens, [f"caption:{it.key}" for it in kept])
-            journal.append(
-                {"image": it.image or "", "instruction": prompt_text(engine.tokenizer, p), "output": it.reference, "generated": t}
-                for it, p, t in zip(kept, prompts, texts)
-            )
-            bar.update(len(batch))
-            if on_batch is not None:
-                on_batch(len(journal))
-        bar.close()
-        rows = journal.rows()
-        journal.finish()
-    if not rows:
-        raise ValueError(f"no captions were generated from {dataset_source}: nothing to score")
-    scores = caption_metrics([r["output"] for r in rows], [r["generated"] for r in rows])
-    write_metrics_csv(metrics_path, scores)
+    items, report = read_caption_set(dataset_source)
+    if limit is not None:
+        items = items[:limit]
+    if report["bad"]:
+        log.warning("%d of %d records of %s cannot be used, e.g. %s", report["bad"], report["records"],
+                    dataset_source, report["bad_examples"][:3])
+    identity = {**(identity or {}), "suite": "test_metrics", "max_new_tokens": int(max_new_tokens)}
+    with results_lock(raw_path):
+        rows, left_out = run_items(
+            engine, items, caption_rows(int(max_new_tokens)), raw_path=raw_path, columns=RAW_COLUMNS,
+            identity=identity, image_loader=image_loader, overwrite=overwrite, progress=progress,
+            on_batch=on_batch, unit="img",
+        )
+        if not rows:
+            raise ValueError(f"no captions were generated from {dataset_source}: nothing to score")
+        scores = caption_metrics([r["output"] for r in rows], [r["generated"] for r in rows])
+        write_metrics_csv(metrics_path, scores)
     print("\n".join(f"{k}: {v:.6f}" for k, v in scores.items()), flush=True)
-    return {"raw_path": str(raw_path), "metrics_path": str(metrics_path), "scores": scores, "rows": len(rows)}
+    return {"raw_path": str(raw_path), "metrics_path": str(metrics_path), "scores": scores, "rows": len(rows),
+            "left_out": left_out}
 
 
 def run_test_vqarad(
@@ -135,6 +132,8 @@ def run_test_vqarad(
     max_seq_len: int,
     max_new_tokens: int,
     image_loader: Callable[[str], torch.Tensor],
+    identity: Optional[Dict[str, Any]] = None,
+    overwrite: bool = False,
     limit: Optional[int] = None,
     progress: bool = True,
     on_batch: Optional[Callable[[int], None]] = None,
@@ -144,14 +143,14 @@ def run_test_vqarad(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     raw_path = out / f"vqarad-{vqa_type}-raw-{ckpt}.csv"
-    if raw_path.exists():
-        log.info("%s exists: generation skipped", raw_path)
-        return {"raw_path": str(raw_path), "rows": len(read_csv_rows(raw_path)), "skipped_generation": True}
     items, report = read_vqarad(dataset_source)
-    rows = _answer_items(
-        engine, "VQA-RAD", items, report, raw_path, limit=limit, vqa_type=vqa_type, image_loader=image_loader,
-        max_seq_len=max_seq_len, max_new_tokens=max_new_tokens, progress=progress, on_batch=on_batch,
-    )
+    items = _prepare("VQA-RAD", items, report, raw_path, limit=limit)
+    with results_lock(raw_path):
+        rows = run_vqa(
+            engine, items, vqa_type=vqa_type, raw_path=raw_path, image_loader=image_loader, max_seq_len=max_seq_len,
+            max_new_tokens=max_new_tokens, identity={**(identity or {}), "suite": "test_vqarad"}, overwrite=overwrite,
+            progress=progress, on_batch=on_batch,
+        )
     print(f"wrote {raw_path} ({len(rows)} rows); judge it with: python tools/judge.py --exp eval_vqa --csv_path {raw_path}")
     return {"raw_path": str(raw_path), "rows": len(rows), "report": report}
 
@@ -169,6 +168,10 @@ def run_test_omnimedvqa(
     test_chunk_idx: Optional[int] = None,
     test_chunk: int = 50,
     scoring: str = "letter",
+    include_modality_key: bool = False,
+    file_order: str = "sorted",
+    identity: Optional[Dict[str, Any]] = None,
+    overwrite: bool = False,
     limit: Optional[int] = None,
     progress: bool = True,
     on_batch: Optional[Callable[[int], None]] = None,
@@ -177,44 +180,67 @@ def run_test_omnimedvqa(
     check_vqa_type(vqa_type)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    items, report = read_omnimedvqa(dataset_source)
+    items, report = read_omnimedvqa(dataset_source, include_modality_key=include_modality_key, file_order=file_order)
     items, (idx, chunk) = select_chunk(items, test_chunk_idx, test_chunk)
     raw_path = out / f"omnimedvqa-{vqa_type}-raw-{ckpt}-{idx}_{chunk}.csv"
-    if raw_path.exists():
-        log.info("%s exists: generation skipped, re-scored", raw_path)
-    else:
-        _answer_items(
-            engine, "OmniMedVQA", items, report, raw_path, limit=limit, chunk=(idx, chunk), vqa_type=vqa_type,
-            image_loader=image_loader, max_seq_len=max_seq_len, max_new_tokens=max_new_tokens,
-            extra_columns=OMNIMEDVQA_EXTRA_COLUMNS, progress=progress, on_batch=on_batch,
+    items = _prepare("OmniMedVQA", items, report, raw_path, limit=limit, chunk=(test_chunk_idx, test_chunk))
+    with results_lock(raw_path):
+        rows = run_vqa(
+            engine, items, vqa_type=vqa_type, raw_path=raw_path, image_loader=image_loader, max_seq_len=max_seq_len,
+            max_new_tokens=max_new_tokens, extra_columns=OMNIMEDVQA_EXTRA_COLUMNS,
+            identity={**(identity or {}), "suite": "test_omnimedvqa"}, overwrite=overwrite, progress=progress,
+            on_batch=on_batch,
         )
-    summary = score_file(engine, raw_path, method=scoring, image_loader=image_loader, progress=progress)
+        _warn_if_other_selection(raw_path, rows, items)
+        questions = {it.extra.get("question_id", ""): it.question for it in items}
+        summary = score_file(engine, raw_path, method=scoring, image_loader=_by_image(items, image_loader),
+                             progress=progress, questions=questions)
     return {"raw_path": str(raw_path), "report": report, **summary}
 
 
-def _answer_items(engine, name: str, items, report: Dict[str, Any], raw_path: Path, *, limit: Optional[int],
-                  chunk: Optional[Tuple[int, int]] = None, **run_kwargs) -> List[Dict[str, Any]]:
+def _by_image(items: Sequence[EvalItem], image_loader: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    """Rows name images by the data set's own value; load the file it resolves to."""
+    files = {it.image: it.file for it in items}
+    return lambda image: image_loader(files.get(image) or image)
+
+
+def _warn_if_other_selection(raw_path: Path, rows: Sequence[Dict[str, str]], items: Sequence[EvalItem]) -> None:
+    """A raw file taken as it is (e.g. the reference's, which ran every question whatever
+    the chunk) may hold other questions than this run selects: say so before scoring it."""
+    ids = [r.get("question_id", "") for r in rows]
+    want = [it.extra.get("question_id", "") for it in items]
+    if ids != want:
+        log.warning("%s holds %d rows, this run selects %d questions (%d in common): it is scored as it is. "
+                    "(The reference ran every question whatever test_chunk_idx said.)",
+                    raw_path, len(ids), len(want), len(set(ids) & set(want)))
+
+
+def _prepare(name: str, items: List[EvalItem], report: Dict[str, Any], raw_path: Path, *, limit: Optional[int],
+             chunk: Optional[tuple] = None) -> List[EvalItem]:
     """What both VQA suites do once their questions are read: leave out questions whose
-    image is missing (reported), cut to ``limit``, log and save the report beside the raw
-    file, then run the VQA protocol into ``raw_path``."""
+    image is missing (reported), cut to ``limit``, log and save the report beside the raw file."""
     items, missing = drop_missing_images(items)
     if limit is not None:
         items = items[:limit]
-    if chunk is not None:
+    if chunk is not None and chunk[0] is not None:
         report.update(chunk=list(chunk), in_chunk=len(items) + len(missing))
     report.update(missing_images=len(missing), missing_image_examples=missing[:20])
     _log_report(name, report)
     _write_report(raw_path.with_name(raw_path.stem + ".report.json"), report)
-    return run_vqa(engine, items, raw_path=raw_path, **run_kwargs)
+    return items
 
 
 def _log_report(name: str, report: Dict[str, Any]) -> None:
     parts = [f"{k}={v}" for k, v in report.items() if not k.endswith("examples") and k != "source"]
     log.info("%s: %s", name, ", ".join(parts))
-    odd = {k: report[k] for k in ("modality_key_instead_of_modality_type", "no_option_C", "no_option_D", "missing_images", "malformed")
+    odd = {k: report[k] for k in ("left_out_modality_key", "no_option_C", "no_option_D", "missing_images", "malformed")
            if report.get(k)}
     if odd:
         print(f"{name}: handled records: {odd}" + (
             f" (missing images, e.g. {report['missing_image_examples'][:3]})" if report.get("missing_images") else ""), flush=True)
+    if report.get("left_out_modality_key"):
+        print(f"{name}: {report['left_out_modality_key']} question(s) name their modality under 'modality' instead of "
+              "'modality_type' and are left out, as the reference leaves them out "
+              "(omnimedvqa_include_modality_key=True brings them in)", flush=True)
     if report.get("excluded_modalities"):
         print(f"{name}: questions of other modalities left out: {report['excluded_modalities']}", flush=True)

@@ -67,7 +67,8 @@ def make_omnimedvqa_layout(
     ``per_modality`` questions for each of the 8 kept modalities, spread over two
     files. With ``quirks``: one record uses ``modality``, some lack option C/D,
     one image is missing, and a few records carry spellings that are not kept.
-    Returns counts for checking: ``kept`` (questions the reader keeps),
+    Returns counts for checking: ``kept`` (questions the reader keeps by default;
+    the ``modality`` record is left out as the reference leaves it out),
     ``missing_images``, ``excluded`` (by spelling), ``modality_key``, ``no_option_C``.
     """
     root = Path(root)
@@ -96,11 +97,12 @@ def make_omnimedvqa_layout(
             }
             for j in range(n_opts):
                 rec[f"option_{'ABCD'[j]}"] = options[j]
-            if n_opts < 3:
+            if n_opts < 3 and not (quirks and n == 3):  # among the questions kept by default
                 counts["no_option_C"] += 1
             if quirks and n == 3:
                 rec["modality"] = rec.pop("modality_type")
                 counts["modality_key"] += 1
+                counts["kept"] -= 1  # undone by the += 1 below: left out by default
             if quirks and n == 5:
                 rec["image_path"] = "Images/does_not_exist.png"
                 counts["missing_images"] += 1

@@ -32,8 +32,10 @@ def test_the_eight_modalities_are_the_datasets_own_spellings():
 def test_omnimedvqa_reader_keeps_exact_spellings_and_handles_quirks(tmp_path):
     info = make_omnimedvqa_layout(tmp_path, per_modality=2)
     items, report = read_omnimedvqa(tmp_path)
-    assert len(items) == info["kept"] == report["kept"] == 16
+    # The record keyed `modality` is left out, as the reference's filter on `modality_type` leaves it out.
+    assert len(items) == info["kept"] == report["kept"] == 15
     assert report["modality_key_instead_of_modality_type"] == info["modality_key"] == 1
+    assert report["left_out_modality_key"] == 1
     assert report["no_option_C"] == info["no_option_C"]
     assert sorted(report["excluded_modalities"]) == sorted(
         ["MR (Magnetic Resonance Imaging)", "OCT (Optical Coherence Tomography)", "Ultrasound"])
@@ -41,26 +43,31 @@ def test_omnimedvqa_reader_keeps_exact_spellings_and_handles_quirks(tmp_path):
     # The order is the reference's: the kept records in file order, shuffled by random.Random(0).
     qa = Path(tmp_path) / "OmniMedVQA" / "QA_information" / "Open-access"
     recs = [r for f in sorted(qa.glob("*.json")) for r in json.loads(f.read_text())]
-    kept = [r for r in recs if r.get("modality_type", r.get("modality")) in OMNIMEDVQA_MODALITIES]
+    kept = [r for r in recs if r.get("modality_type", "") in OMNIMEDVQA_MODALITIES]
     random.Random(0).shuffle(kept)
     assert [it.extra["question_id"] for it in items] == [r["question_id"] for r in kept]
     assert [it.answer for it in items] == [r["gt_answer"] for r in kept]
     for it, r in zip(items, kept):
-        assert it.image == str(Path(tmp_path) / "OmniMedVQA" / r["image_path"])
+        assert it.image == r["image_path"]  # the data set's own value, written in the `image` column
+        assert it.file == str(Path(tmp_path) / "OmniMedVQA" / r["image_path"])
         assert it.extra["option_C"] == r.get("option_C", "") and it.extra["option_D"] == r.get("option_D", "")
         assert it.options() == {L: r[f"option_{L}"] for L in "ABCD" if f"option_{L}" in r}
     assert len({it.key for it in items}) == len(items)
     present, missing = drop_missing_images(items)
-    assert len(missing) == info["missing_images"] == 1 and len(present) == 15
-    assert all(Path(it.image).is_file() for it in present)
+    assert len(missing) == info["missing_images"] == 1 and len(present) == 14
+    assert all(Path(it.file).is_file() for it in present)
+    # The option brings the `modality` record in, where its file order puts it.
+    more, report = read_omnimedvqa(tmp_path, include_modality_key=True)
+    assert len(more) == 16 and report["modality_key_instead_of_modality_type"] == 1
+    assert "left_out_modality_key" not in report
 
 
 def test_vqarad_reader_keeps_closed_test_questions(tmp_path):
     info = make_vqarad_layout(tmp_path, n_images=3)
     items, report = read_vqarad(tmp_path)
-    assert [(Path(it.image).name, it.question, it.answer) for it in items] == info["expected"]
+    assert [(it.image, it.question, it.answer) for it in items] == info["expected"]  # image_name as written
     assert report["records"] == 12 and report["kept"] == 6
-    assert all(Path(it.image).parent.name == "VQA_RAD Image Folder" for it in items)
+    assert all(Path(it.file).parent.name == "VQA_RAD Image Folder" and Path(it.file).name == it.image for it in items)
     with pytest.raises(FileNotFoundError, match="VQA_RAD Dataset Public.json"):
         read_vqarad(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="Open-access"):
@@ -83,7 +90,9 @@ def test_chunks_cover_everything_once_with_the_intended_sizes(n, chunks):
 
 def test_select_chunk_only_when_asked():
     items = list(range(130))
-    assert select_chunk(items, None, 50) == (items, (0, 1))
+    # Without test_chunk_idx everything runs, under the reference's name for that launch line (0_50).
+    assert select_chunk(items, None, 50) == (items, (0, 50))
+    assert select_chunk(items, None, 7) == (items, (0, 7))
     part, name = select_chunk(items, 1, 50)
     assert part == items[50:100] and name == (1, 50)
     assert select_chunk(items, 49, 50)[0] == []
@@ -100,6 +109,7 @@ def test_caption_set_prompt_is_the_conversation_before_the_first_answer(tmp_path
     path.write_text(json.dumps(recs))
     items, report = read_caption_set(path)
     assert report["bad"] == 1 and len(items) == 3
-    assert [it.reference for it in items] == [r["conversations"][1]["value"] for r in recs[:3]]
+    assert [it.answer for it in items] == [r["conversations"][1]["value"] for r in recs[:3]]
     assert items[1].messages == [{"role": "user", "content": "<image>\n\nDescribe the image."}]
-    assert all(Path(it.image).is_file() for it in items)
+    assert [it.image for it in items] == [r["image"] for r in recs[:3]]  # the record's own value
+    assert all(Path(it.file).is_file() and Path(it.file).name == Path(it.image).name for it in items)

@@ -3,6 +3,7 @@ description cache, and resuming a stopped run to identical files."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -41,14 +42,18 @@ def test_each_vqa_type_runs_the_references_two_steps(vqa_type, scripted, fake_im
                    max_seq_len=500, max_new_tokens=200, progress=False)
     desc_calls = [(t, img, b, k) for c in engine.calls for t, img, b, k in zip(*c) if k.startswith("desc:")]
     ans_calls = [(t, img, b, k) for c in engine.calls for t, img, b, k in zip(*c) if k.startswith("answer:")]
-    with_image = not vqa_type.endswith("_no_image")
+    answer_sees_image = not vqa_type.endswith("_no_image")
     assert len(ans_calls) == len(items)
-    assert all(img == with_image for _, img, _, _ in desc_calls + ans_calls)
+    # Step 1 always sees the image (the reference's *_no_image types hide it from step 2 only).
+    assert all(img for _, img, _, _ in desc_calls)
+    assert all(t.startswith(f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{IMAGE_PLACEHOLDER * 4}<|eot_id|>")
+               for t, *_ in desc_calls)
+    assert all(img == answer_sees_image for _, img, _, _ in ans_calls)
     assert all(b == 50 for _, _, b, _ in ans_calls)  # min(50, max_new_tokens)
-    first_turn = IMAGE_PLACEHOLDER * 4 if with_image else "Describe the image."
-    for t, _, _, _ in desc_calls + ans_calls:
+    first_turn = IMAGE_PLACEHOLDER * 4 if answer_sees_image else "Describe the image."
+    for t, _, _, _ in ans_calls:
         assert t.startswith(f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{first_turn}<|eot_id|>")
-        assert (IMAGE_PLACEHOLDER in t) == with_image
+        assert (IMAGE_PLACEHOLDER in t) == answer_sees_image
     if vqa_type.startswith("no_cond_desc"):
         # One description per image, at its first question, reused afterwards.
         assert [k for *_, k in desc_calls] == [f"desc:{items[0].image}", f"desc:{items[2].image}", f"desc:{items[4].image}"]
@@ -67,10 +72,37 @@ def test_each_vqa_type_runs_the_references_two_steps(vqa_type, scripted, fake_im
     for row, it, d in zip(rows, items, expect_desc):
         assert row["image"] == it.image and row["output"] == it.answer and row["generated"] == f"answer for answer:{it.key}"
         assert f"<|start_header_id|>assistant<|end_header_id|>\n\n{d}<|eot_id|>" in row["instruction"]
+        # The reference's instruction column: the prompt's text, without <|begin_of_text|>.
+        assert row["instruction"].startswith(f"<|start_header_id|>user<|end_header_id|>\n\n{first_turn}<|eot_id|>")
         assert question_from_instruction(row["instruction"]) == it.question
     assert read_csv_rows(tmp_path / "raw.csv") == rows
-    if not with_image:
-        assert fake_image_loader.loads == []
+    assert (tmp_path / "raw.csv").read_bytes().startswith(b"\xef\xbb\xbf")  # BOM, as the reference's
+    if vqa_type != "omit":
+        assert fake_image_loader.loads  # the description is made from the image, whatever step 2 sees
+
+
+def test_no_image_descriptions_differ_between_images(scripted, tmp_path):
+    """The blind answer step still gets a description made from each image: an engine
+    that describes the image tensor it is given tells three images apart."""
+    engine = scripted(_reply, batch_size=2)
+    seen = []
+
+    def describe_the_pixels(prompts, images, budgets, keys):
+        seen.append([im is not None for im in images])
+        return [f"mean {im.mean().item():.3f}" if im is not None else "blind" for im in images]
+
+    engine.generate_texts = describe_the_pixels
+    paths = [str(make_image(tmp_path / f"i{k}.png", 36, seed=10 + k)) for k in range(3)]
+    items = [VQAItem(image=p, question="What is shown?", answer="x", key=f"q{k}") for k, p in enumerate(paths)]
+    loader = ImageLoader(32)
+    rows = run_vqa(engine, items, vqa_type="no_cond_desc_no_image", raw_path=tmp_path / "raw.csv", image_loader=loader,
+                   max_seq_len=2000, max_new_tokens=8, progress=False)
+    descs = [r["instruction"].split("<|start_header_id|>assistant<|end_header_id|>\n\n")[1].split("<|eot_id|>")[0]
+             for r in rows]
+    assert all(d.startswith("mean ") for d in descs) and len(set(descs)) == 3
+    assert all(r["generated"] == "blind" for r in rows)  # step 2 got no image
+    assert all(r["instruction"].startswith("<|start_header_id|>user<|end_header_id|>\n\nDescribe the image.<|eot_id|>")
+               for r in rows)
 
 
 def test_unknown_vqa_type_is_an_error(scripted, fake_image_loader, tmp_path):
@@ -80,17 +112,22 @@ def test_unknown_vqa_type_is_an_error(scripted, fake_image_loader, tmp_path):
 
 
 def test_description_budget_leaves_room_for_the_answer_prompt(ev_tok, scripted):
+    """The reference counts its prompts in text form (special tokens spelled out), which
+    takes more tokens than the real prompt: a description that uses its whole budget
+    leaves step 2 inside max_seq_len. (Exact counts: test_eval_prompts_llama3.py.)"""
     engine = scripted(_reply)
     q = "Is there a pleural effusion on the left?"
     for vqa_type in ("no_cond_desc", "cond_desc_no_image"):
-        budget = description_budget(engine, vqa_type, q, max_seq_len=200, max_new_tokens=500)
-        assert 0 < budget < 200
-        # The byte-level tokenizer makes one token per ASCII character: a description that
-        # uses the whole budget leaves exactly the 5 spare tokens of the rule.
+        budget = description_budget(engine, vqa_type, q, max_seq_len=600, max_new_tokens=5000)
+        assert 0 < budget < 600
         full = engine.prompt(answer_messages(vqa_type, "x" * budget, q), has_image=vqa_type == "no_cond_desc")
-        assert len(full) == 200 - 5
-        assert description_budget(engine, vqa_type, q, max_seq_len=200, max_new_tokens=7) == 7
+        assert len(full) <= 600 - 5
+        assert description_budget(engine, vqa_type, q, max_seq_len=600, max_new_tokens=7) == 7
         assert description_budget(engine, vqa_type, q, max_seq_len=20, max_new_tokens=7) == 0
+    # Both *_no_image twins budget exactly as their image counterparts (step 1 is the same).
+    assert description_budget(engine, "cond_desc_no_image", q, max_seq_len=600, max_new_tokens=5000) == \
+        description_budget(engine, "cond_desc", q, max_seq_len=600, max_new_tokens=5000)
+    assert description_budget(engine, "omit", q, max_seq_len=600, max_new_tokens=50) == 0
 
 
 def test_restart_reuses_descriptions_and_skips_unreadable_images(scripted, fake_image_loader, tmp_path):
@@ -119,7 +156,74 @@ def test_restart_reuses_descriptions_and_skips_unreadable_images(scripted, fake_
     second = [k for c in engine2.calls for k in c[3] if k.startswith("desc:")]
     assert f"desc:{items[0].image}" not in second  # cached on disk, not generated again
     assert [r["output"] for r in rows] == [it.answer for it in items if it.key != "kbad"]
-    assert (tmp_path / "raw.skipped.jsonl").read_text().count("kbad") == 1
+    record = json.loads((tmp_path / "raw.run.json").read_text())
+    assert list(record["left_out"]) == ["kbad"] and record["complete"] is False
+    # The image comes back: the next run tries it again, and only it, and puts its row in place.
+    make_image(bad, 32, seed=9)
+    engine3 = scripted(_reply, batch_size=2)
+    rows = run_vqa(engine3, items, vqa_type="no_cond_desc", raw_path=raw, image_loader=fake_image_loader,
+                   max_seq_len=500, max_new_tokens=20, progress=False)
+    assert [k for c in engine3.calls for k in c[3]] == [f"desc:{bad}", "answer:kbad"]
+    assert [r["output"] for r in rows] == [it.answer for it in items]
+    assert json.loads((tmp_path / "raw.run.json").read_text())["left_out"] == {}
+
+
+def test_changed_settings_never_reuse_rows_or_descriptions(scripted, fake_image_loader, tmp_path, caplog):
+    items = _items(tmp_path)
+    raw = tmp_path / "raw.csv"
+    args = dict(vqa_type="no_cond_desc", raw_path=raw, image_loader=fake_image_loader, max_seq_len=500, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop(n):
+        raise Stop
+
+    with pytest.raises(Stop):
+        run_vqa(scripted(_reply, batch_size=2), items, max_new_tokens=20, identity={"vision_checkpoint": "A"},
+                on_batch=stop, **args)
+    # Another checkpoint: the half-made file is refused, naming what to move.
+    with pytest.raises(ValueError, match=r"another model or with other settings.*vision_checkpoint.*raw\.partial\.csv"):
+        run_vqa(scripted(_reply), items, max_new_tokens=20, identity={"vision_checkpoint": "B"}, **args)
+    # Asked to, it starts afresh: every description is made again.
+    engine = scripted(_reply, batch_size=2)
+    rows = run_vqa(engine, items, max_new_tokens=20, identity={"vision_checkpoint": "B"}, overwrite=True, **args)
+    assert len([k for c in engine.calls for k in c[3] if k.startswith("desc:")]) == 3 and len(rows) == len(items)
+    # A finished file is not reused by other settings either.
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        run_vqa(scripted(_reply), items, max_new_tokens=30, identity={"vision_checkpoint": "B"}, **args)
+    # A description cache made with other settings is discarded, with a log line.
+    raw.unlink()
+    (tmp_path / "raw.run.json").unlink()
+    engine = scripted(_reply, batch_size=2)
+    with caplog.at_level("INFO", logger="medcap.eval._journal"):
+        run_vqa(engine, items, max_new_tokens=30, identity={"vision_checkpoint": "B"}, **args)
+    assert "discarding 3 cached entries" in caplog.text
+    assert len([k for c in engine.calls for k in c[3] if k.startswith("desc:")]) == 3
+
+
+def test_answers_with_carriage_returns_resume(scripted, fake_image_loader, tmp_path):
+    items = _items(tmp_path)
+    items[0].answer = "left\r\nside"  # a gt answer with CR LF, as some data sets have
+
+    def reply(text, key, budget):
+        return "line one\r\nline two\r" if key.startswith("answer:") else "a\rdescription"
+
+    class Stop(Exception):
+        pass
+
+    def stop(n):
+        raise Stop
+
+    raw = tmp_path / "raw.csv"
+    args = dict(vqa_type="no_cond_desc", raw_path=raw, image_loader=fake_image_loader, max_seq_len=500,
+                max_new_tokens=20, progress=False)
+    with pytest.raises(Stop):
+        run_vqa(scripted(reply, batch_size=2), items, on_batch=stop, **args)
+    engine = scripted(reply, batch_size=2)
+    rows = run_vqa(engine, items, **args)
+    assert len([k for c in engine.calls for k in c[3] if k.startswith("answer:")]) == len(items) - 2
+    assert rows[0]["output"] == "left\nside" and rows[0]["generated"] == "line one\nline two\n"
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +259,9 @@ def test_interrupted_and_half_written_run_resumes_to_identical_files(omni_items,
     partial = run.with_name("raw.partial.csv")
     assert len(read_csv_rows(partial)) == 3 and not run.exists()
     # Half of the next row reached the disk before the kill.
-    next_row = ref.read_bytes().split(b"\n/")[4]
+    next_row = ref.read_bytes().split(b"\nImages/")[4]
     with open(partial, "ab") as f:
-        f.write(b"/" + next_row[: len(next_row) // 2])
+        f.write(b"omnimedvqa:" + next_row[: len(next_row) // 2])
     resumed = ev_engine_factory(batch_size=2, **kw)  # even another batch size
     run_vqa(resumed, omni_items, raw_path=run, **args)
     assert run.read_bytes() == ref.read_bytes()

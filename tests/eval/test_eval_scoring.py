@@ -15,6 +15,7 @@ from medcap.eval import (
     RAW_COLUMNS,
     accuracy_by_modality,
     answer_messages,
+    is_correct,
     letter_prompt,
     read_csv_rows,
     read_letter,
@@ -32,16 +33,33 @@ def test_letter_prompt_is_the_references():
         "Question: Which modality?\nOur answer: It is a CT scan.\nA. CT\nB. MRI\nC. X-ray\nD. PET\n\n" + TAIL
     )
     assert letter_prompt("Q", "G", {"A": "yes", "B": "no"}) == "Question: Q\nOur answer: G\nA. yes\nB. no\n\n" + TAIL
-    assert letter_prompt("Q", "G", {"A": "a", "B": "b", "C": "c"}) == "Question: Q\nOur answer: G\nA. a\nB. b\nC. c\n\n" + TAIL
+    # The reference's rule: when C or D is given, both lines are listed (an absent one empty).
+    assert letter_prompt("Q", "G", {"A": "a", "B": "b", "C": "c"}) == "Question: Q\nOur answer: G\nA. a\nB. b\nC. c\nD. \n\n" + TAIL
+    assert letter_prompt("Q", "G", {"A": "a", "B": "b", "C": "", "D": "d"}) == (
+        "Question: Q\nOur answer: G\nA. a\nB. b\nC. \nD. d\n\n" + TAIL)
 
 
 @pytest.mark.parametrize(
     "reply,expect",
-    [("B", ("B", "MRI")), ("b. MRI", ("B", "MRI")), ("  c", ("C", "X-ray")), ("", ("", "")), ("D", ("", "")),
-     ("The answer is A", ("", "")), ("?", ("", ""))],
+    [("B", "B"), ("b. MRI", "B"), ("  c", "C"), ("", ""), ("   ", ""), ("D", "D"), ("The answer is A", "T"), ("?", "?")],
 )
-def test_read_letter(reply, expect):
-    assert read_letter(reply, {"A": "CT", "B": "MRI", "C": "X-ray"}) == expect
+def test_read_letter_is_the_first_character_upper_cased(reply, expect):
+    assert read_letter(reply) == expect
+
+
+@pytest.mark.parametrize(
+    "letter,options,answer,expect",
+    [("B", {"A": "CT", "B": "MRI"}, "MRI", 1),
+     ("A", {"A": "CT", "B": "MRI"}, "MRI", 0),
+     ("C", {"A": "CT", "B": "MRI"}, "MRI", 0),  # names an absent option
+     ("T", {"A": "CT", "B": "MRI"}, "CT", 0),  # not a letter of A-D
+     ("", {"A": "CT", "B": "MRI"}, "CT", 0),
+     ("A", {"A": "yes", "B": "yes"}, "yes", 1),  # duplicates: the first equal option is the answer's
+     ("B", {"A": "yes", "B": "yes"}, "yes", 0),
+     ("A", {"A": "CT", "B": "MRI"}, "PET", 0)],  # the answer is no option
+)
+def test_correct_is_the_references_position_rule(letter, options, answer, expect):
+    assert is_correct(letter, options, answer) == expect
 
 
 # (modality, gt option letter, options, scripted reply)
@@ -88,7 +106,7 @@ def test_letter_scoring_files_and_macro_accuracy(ev_tok, scripted, tmp_path, cap
         body = letter_prompt(f"Question number {i}?", f"free answer {i}", opts)
         assert body in t and "①" not in t
     scored = read_csv_rows(summary["scored_path"])
-    assert [r["predict"] for r in scored] == ["", "no", "", "normal", "cyst", "", "T2"]
+    assert [r["predict"] for r in scored] == ["", "B", "Z", "C", "A", "C", "B"]  # letters, as the reference's
     assert [r["predict_generated"] for r in scored] == [r[3] for r in ROWS]
     assert [r["correct"] for r in scored] == ["0", "1", "0", "1", "0", "0", "1"]
     assert [{k: r[k] for k in written[0]} for r in scored] == written  # raw columns kept as they were
@@ -96,7 +114,8 @@ def test_letter_scoring_files_and_macro_accuracy(ev_tok, scripted, tmp_path, cap
     per = {"X-Ray": 1 / 3, "ultrasound": 1 / 2, "MR (Mag-netic Resonance Imaging)": 1 / 2}
     macro = sum(per.values()) / 3
     assert summary["accuracy"] == pytest.approx(macro)
-    assert Path(summary["scored_path"]).name == f"omnimedvqa-no_cond_desc-raw-ck-0_1-{macro:.4f}.csv"
+    assert Path(summary["scored_path"]).name == "omnimedvqa-no_cond_desc-raw-ck-0_1-0.4444.csv"  # round(acc, 4)
+    assert Path(summary["scored_path"]).read_bytes().startswith(b"\xef\xbb\xbf")  # BOM, as pandas' utf-8-sig
     js = json.loads(Path(summary["modality_json"]).read_text())
     assert {k: v["accuracy"] for k, v in js["per_modality"].items()} == pytest.approx(per)
     assert read_csv_rows(summary["modality_csv"])[0].keys() == {"modality_type", "n", "correct", "accuracy"}

@@ -123,11 +123,15 @@ def test_eval_vqa_writes_the_references_file_and_resumes(llama3_tok, tmp_path):
     assert len(asked) == 5  # rows 0-2 once, then 3-4: nothing judged twice
     assert asked[0] == judge_prompt("Is there finding 0?", "Yes.", "yes")
     judged = read_csv_rows(res["path"])
-    assert [r["correct"] for r in judged] == ["1", "0", "1", "0", "1"]
-    assert [r["predict_generated"] for r in judged] == [replies[i] for i in range(5)]
-    assert [{k: r[k] for k in rows[0]} for r in judged] == rows
-    acc = sum(is_right(r["predict_generated"]) for r in judged) / 5
-    assert Path(res["path"]).name == f"vqarad-no_cond_desc-raw-ck-70B_4bit-{acc:.4f}.csv"
+    # The reference's judged file: image, the prompt the judge saw, its reply; UTF-8 with BOM.
+    assert list(judged[0]) == ["image", "instruction", "generated"]
+    assert Path(res["path"]).read_bytes().startswith(b"\xef\xbb\xbf")
+    assert [r["generated"] for r in judged] == [replies[i] for i in range(5)]
+    assert [r["image"] for r in judged] == [r["image"] for r in rows]
+    assert [r["instruction"] for r in judged] == [judge_prompt(f"Is there finding {i}?", g, o) for i, (g, o) in enumerate(answers)]
+    assert [is_right(r["generated"]) for r in judged] == [1, 0, 1, 0, 1]
+    # 3/5 -> round(0.6, 5) = 0.6: the reference's name.
+    assert Path(res["path"]).name == "vqarad-no_cond_desc-raw-ck-70B_4bit-0.6.csv"
 
 
 def test_chat_loop_keeps_the_conversation_and_quits_on_q():
@@ -162,9 +166,9 @@ def test_tiny_4bit_judge_end_to_end(judge_dir, llama3_tok, tmp_path, monkeypatch
     with pytest.raises(SystemExit) as e:
         runpy.run_path(str(REPO / "tools" / "judge.py"), run_name="__main__")
     assert e.value.code == 0
-    out = tmp_path / "omni-raw-70B_4bit-1.0000.csv"
-    assert [r["predict_generated"] for r in read_csv_rows(out)] == ["RIGHT RIGHT", "RIGHT RIGHT"]
-    assert "accuracy: 1.0000" in capsys.readouterr().out
+    out = tmp_path / "omni-raw-70B_4bit-1.0.csv"
+    assert [r["generated"] for r in read_csv_rows(out)] == ["RIGHT RIGHT", "RIGHT RIGHT"]
+    assert "accuracy: 1.00000" in capsys.readouterr().out
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

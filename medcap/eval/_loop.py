@@ -1,0 +1,329 @@
+"""The one resumable evaluation loop that every suite runs through.
+
+    items -> skip those on disk -> batch -> load images -> suite makes rows -> append -> finish
+
+A suite (captioning, VQA-RAD, OmniMedVQA, ...) declares its items and a
+``make_rows(engine, items, images) -> rows`` step; this module owns everything
+that makes a results file trustworthy:
+
+* **one writer**: an exclusive lock per results file for the whole suite
+  (``results_lock``); a second run on the same file is refused at once;
+* **results tied to what made them**: ``{raw}.run.json`` beside the file holds
+  the run's identity (vision checkpoint, LLM folder, the settings that change
+  outputs) and a digest of its items. A file made by another model, other
+  settings or another question set is never resumed or reused: the run refuses,
+  naming the file to move, unless ``overwrite=True`` starts it afresh. A file
+  with no record (written by the reference, or by hand) is taken as it is;
+* **nothing lost**: rows go to ``{raw}.partial.csv`` (with a ``key`` column)
+  as each batch completes; a restart continues with the items not on disk, in
+  any order; the final file is written in item order, so a resumed run ends
+  byte-identical to an uninterrupted one. Items whose image cannot be read are
+  left out of this run, reported, and tried again on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from tqdm import tqdm
+
+from medcap._fs import exclusive_lock
+from medcap.data import BadSample
+from medcap.eval._journal import CsvJournal, cell, read_csv_rows, write_csv_atomic
+
+log = logging.getLogger(__name__)
+
+OPTION_LETTERS = ("A", "B", "C", "D")
+KEY_COLUMN = "key"
+
+
+@dataclass
+class EvalItem:
+    """One row to make.
+
+    ``image`` is the data set's own value (a relative path or a name), written in
+    the ``image`` column; ``path`` the file to load (default: ``image`` itself);
+    ``has_image=False`` for a text-only item. ``answer`` is the reference answer
+    (the ``output`` column); ``messages`` the captioning prompt; ``extra`` further
+    columns known up front (options, modality, question id). ``key`` is stable
+    across runs: it seeds sampling and matches rows on disk to items.
+    """
+
+    image: str
+    question: str
+    answer: str
+    key: str
+    extra: Dict[str, str] = field(default_factory=dict)
+    path: Optional[str] = None
+    has_image: bool = True
+    messages: Optional[List[Dict[str, str]]] = None
+
+    @property
+    def file(self) -> Optional[str]:
+        return (self.path or self.image) if self.has_image else None
+
+    def options(self) -> Dict[str, str]:
+        return {L: self.extra[f"option_{L}"] for L in OPTION_LETTERS if self.extra.get(f"option_{L}", "") != ""}
+
+
+MakeRows = Callable[[Any, Sequence[EvalItem], Sequence[Optional[torch.Tensor]]], List[Dict[str, Any]]]
+
+
+def run_record_path(raw_path: Path) -> Path:
+    return raw_path.with_name(raw_path.stem + ".run.json")
+
+
+def lock_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+def results_lock(raw_path: str | Path):
+    """Exclusive lock on one results file (and its partial, caches and scores)."""
+    raw_path = Path(raw_path)
+    return exclusive_lock(
+        lock_path(raw_path),
+        f"the results file {raw_path}",
+        hint="two evaluations must not write the same file (chunks with test_chunk_idx write different files)",
+    )
+
+
+def items_digest(items: Sequence[EvalItem]) -> str:
+    """Which questions, in which order: changes when the data set, chunk or filters change."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.key}\x1f{it.image}\x1f{it.question}\x1f{it.answer}\x1e".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:16]
+
+
+def _differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> List[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += _differences(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+def _read_record(path: Path) -> Optional[Dict[str, Any]]:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); move it away (and the results beside it) to start over") from None
+
+
+def _write_record(path: Path, record: Dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _check_same_run(record: Dict[str, Any], identity: Dict[str, Any], digest: str, what: Path) -> List[str]:
+    diffs = _differences(record.get("identity", {}), identity)
+    if record.get("items_digest") != digest:
+        diffs.append("the questions (data set, chunk or filters) differ")
+    return diffs
+
+
+def _refuse(what: Path, diffs: List[str], moved: Sequence[Path]) -> ValueError:
+    names = ", ".join(str(p) for p in moved if p.exists())
+    return ValueError(
+        f"{what} was made by another model or with other settings ({'; '.join(diffs[:6])}). "
+        f"Its rows are not reused: move {names} away, or pass overwrite=True to start afresh."
+    )
+
+
+def outputs_of(raw_path: Path) -> List[Path]:
+    """Every file a suite keeps for ``raw_path`` (what ``overwrite=True`` removes)."""
+    stem = raw_path.stem
+    return [
+        raw_path,
+        raw_path.with_name(stem + ".partial.csv"),
+        run_record_path(raw_path),
+        raw_path.with_name(stem + ".descriptions.jsonl"),
+    ] + sorted(raw_path.parent.glob(f"{stem}-*scored.partial.csv"))
+
+
+def clear_outputs(raw_path: Path) -> None:
+    """``overwrite=True``: remove what an earlier run left for ``raw_path``."""
+    for p in outputs_of(Path(raw_path)):
+        if p.exists():
+            log.info("overwrite=True: removing %s", p)
+            p.unlink()
+
+
+def run_items(
+    engine,
+    items: Sequence[EvalItem],
+    make_rows: MakeRows,
+    *,
+    raw_path: str | Path,
+    columns: Sequence[str],
+    identity: Dict[str, Any],
+    image_loader: Callable[[str], torch.Tensor],
+    overwrite: bool = False,
+    bom: bool = True,
+    progress: bool = True,
+    on_batch: Optional[Callable[[int], None]] = None,
+    unit: str = "row",
+) -> Tuple[List[Dict[str, str]], Dict[str, str]]:
+    """Make ``raw_path`` for ``items`` (see the module docstring); the caller holds
+    ``results_lock(raw_path)``. Returns ``(rows in item order, left_out)`` where
+    ``left_out`` maps the keys of items whose image could not be read to the reason.
+
+    ``on_batch(rows_on_disk)`` runs after each batch is on disk (tests interrupt there).
+    """
+    raw_path = Path(raw_path)
+    columns = list(columns)
+    record_path = run_record_path(raw_path)
+    digest = items_digest(items)
+    partial = raw_path.with_name(raw_path.stem + ".partial.csv")
+    if overwrite:
+        clear_outputs(raw_path)
+    record = _read_record(record_path)
+    by_key = {it.key: it for it in items}
+    if len(by_key) != len(items):
+        raise ValueError("evaluation items must have unique keys")
+    journal_columns = [KEY_COLUMN] + columns
+    existed = raw_path.exists()
+
+    if existed:
+        if record is None:
+            log.info("%s exists with no record of what made it (written by the reference or by hand): "
+                     "taken as it is, not generated again", raw_path)
+            return read_csv_rows(raw_path), {}
+        diffs = _check_same_run(record, identity, digest, raw_path)
+        if diffs:
+            raise _refuse(raw_path, diffs, outputs_of(raw_path))
+        rows = read_csv_rows(raw_path)
+        left_out = dict(record.get("left_out", {}))
+        if not left_out:
+            log.info("%s is complete (%d rows): not generated again", raw_path, len(rows))
+            return rows, {}
+        # Rows on disk are the items in order, less those left out: give them their keys back.
+        keys = [it.key for it in items if it.key not in left_out]
+        if len(keys) != len(rows):
+            raise ValueError(f"{raw_path} holds {len(rows)} rows, its record says {len(keys)}; move it away to start over")
+        log.info("%s: %d item(s) were left out (unreadable images); trying them again", raw_path, len(left_out))
+        journal = CsvJournal(raw_path, journal_columns, bom=bom)
+        if len(journal) == 0:
+            journal.append({KEY_COLUMN: k, **r} for k, r in zip(keys, rows))
+    else:
+        if partial.exists() and record is not None:
+            diffs = _check_same_run(record, identity, digest, partial)
+            if diffs:
+                raise _refuse(partial, diffs, outputs_of(raw_path))
+        elif partial.exists():
+            raise ValueError(f"{partial} has no record of what made it ({record_path} is missing): "
+                             "move it away, or pass overwrite=True to start afresh")
+        journal = CsvJournal(raw_path, journal_columns, bom=bom)
+        damage = journal.damage_report()
+        if damage:
+            log.warning("%s", damage)
+    _write_record(record_path, {"identity": identity, "items_digest": digest, "items": len(items),
+                                "complete": False, "left_out": {}})
+    done = _rows_by_key(journal, by_key)
+    if done:
+        log.info("%s: resuming with %d of %d rows on disk", journal.path, len(done), len(items))
+    pending = [it for it in items if it.key not in done]
+    left_out: Dict[str, str] = {}
+    bar = tqdm(total=len(items), initial=len(done), desc=raw_path.stem, disable=not progress, unit=unit)
+    for lo in range(0, len(pending), engine.batch_size):
+        batch = pending[lo : lo + engine.batch_size]
+        kept, images, bad = load_images(batch, image_loader)
+        if bad:
+            log.warning("left out %d item(s) whose image cannot be read (tried again on the next run), e.g. %s",
+                        len(bad), next(iter(bad.values())))
+            left_out.update(bad)
+        if kept:
+            rows = make_rows(engine, kept, images)
+            journal.append({KEY_COLUMN: it.key, **r} for it, r in zip(kept, rows))
+        bar.update(len(batch))
+        if on_batch is not None:
+            on_batch(len(journal))
+    bar.close()
+    done = _rows_by_key(journal, by_key)
+    ordered = [{c: done[it.key][c] for c in columns} for it in items if it.key in done]
+    if raw_path.exists() and not existed:
+        raise ValueError(f"{raw_path} appeared while this run was making it (another process wrote it); "
+                         f"it is left as it is and this run's rows stay in {journal.path}")
+    write_csv_atomic(raw_path, columns, ordered, bom=bom)
+    _write_record(record_path, {"identity": identity, "items_digest": digest, "items": len(items),
+                                "complete": not left_out, "left_out": left_out})
+    journal.path.unlink()
+    if left_out:
+        log.warning("%s: %d of %d items left out because their image cannot be read; run the same command "
+                    "again to retry them", raw_path, len(left_out), len(items))
+    return read_csv_rows(raw_path), left_out
+
+
+def _rows_by_key(journal: CsvJournal, by_key: Mapping[str, EvalItem]) -> Dict[str, Dict[str, str]]:
+    """Rows on disk by key; a row for another question set is an error, never reused."""
+    out: Dict[str, Dict[str, str]] = {}
+    for r in journal.rows():
+        it = by_key.get(r[KEY_COLUMN])
+        if it is None or ("output" in r and r["output"] != cell(it.answer)) or ("image" in r and r["image"] != cell(it.image)):
+            raise ValueError(
+                f"{journal.path} does not belong to this run: its row for key {r[KEY_COLUMN]!r} "
+                f"({r.get('image')!r} / {r.get('output')!r}) matches no question of this run. "
+                "Move it away (or pass overwrite=True) to start over."
+            )
+        out[r[KEY_COLUMN]] = r
+    return out
+
+
+def load_images(
+    batch: Sequence[EvalItem], image_loader: Callable[[str], torch.Tensor]
+) -> Tuple[List[EvalItem], List[Optional[torch.Tensor]], Dict[str, str]]:
+    """``(kept items, their images (None: no image), {key: reason} of unreadable ones)``."""
+    kept: List[EvalItem] = []
+    images: List[Optional[torch.Tensor]] = []
+    bad: Dict[str, str] = {}
+    for it in batch:
+        try:
+            images.append(None if it.file is None else image_loader(it.file))
+            kept.append(it)
+        except BadSample as e:
+            bad[it.key] = e.reason
+    return kept, images, bad
+
+
+_SAMPLE = 4 << 20  # bytes hashed at each end of a large file
+
+
+def file_identity(path: str | Path) -> Dict[str, Any]:
+    """A file's identity without reading gigabytes: its name, size and a sha256 of its
+    size, first and last 4 MiB (all of it when smaller). Trained weights differ
+    everywhere, so another checkpoint under the same name is told apart."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_SAMPLE))
+        if size > 2 * _SAMPLE:
+            f.seek(size - _SAMPLE)
+        h.update(f.read(_SAMPLE))
+    return {"name": path.name, "size": size, "sha256_sampled": h.hexdigest()[:24]}
+
+
+def folder_identity(folder: str | Path, files: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """A model folder's identity: its name, and the identity of its weight and config
+    files (the ones given, else every ``*.safetensors``/``*.bin``/``*.json`` in it)."""
+    folder = Path(folder)
+    names = list(files) if files else sorted(
+        p.name for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".pt")
+    ) if folder.is_dir() else []
+    for extra in ("config.json",):
+        if (folder / extra).is_file() and extra not in names:
+            names.append(extra)
+    return {"name": folder.name, "files": {n: file_identity(folder / n)["sha256_sampled"] for n in names if (folder / n).is_file()}}
