@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from medcap.demo import (
+    DemoSettings,
     LMSizes,
     MODALITY_KEYS,
     bpe_encode,
@@ -124,3 +125,30 @@ def test_hf_save_loads_back_with_equal_logits(tmp_path, demo_tokenizer):
     with torch.no_grad():
         ref = hf(tokens).logits
     torch.testing.assert_close(ref, want, rtol=1e-4, atol=1e-4)
+
+
+def test_demo_generate_config_leaves_every_description_its_budget(tmp_path):
+    """The reference's description budget counts the prompt with its special tokens
+    spelled out, which the demo's small BPE spells in hundreds of tokens: the demo
+    config's dataset_max_seq_len must still leave the full max_new_tokens for every
+    vqa_type and question, or the descriptions come out empty (as they once did)."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from medcap.demo import build_tokenizer
+    from medcap.demo._world import QUESTION_TYPES
+    from medcap.eval._protocol import VQA_TYPES, description_budget
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "recipes" / "configs" / "demo" / "generate.yaml")
+    build_tokenizer(tmp_path, DemoSettings().bpe_merges)
+    tok = llama3_tokenizer(path=str(tmp_path / "tokenizer.model"),
+                           special_tokens_path=str(tmp_path / "special_tokens.json"))
+    engine = SimpleNamespace(tokenizer=tok, num_image_tokens=int(cfg.model.num_image_tokens))
+    assert cfg.max_new_tokens == 40
+    for vqa_type in VQA_TYPES:
+        for _, _, question in QUESTION_TYPES:
+            budget = description_budget(engine, vqa_type, question, max_seq_len=int(cfg.dataset_max_seq_len),
+                                        max_new_tokens=int(cfg.max_new_tokens))
+            assert budget == (0 if vqa_type == "omit" else 40), (vqa_type, question, budget)
