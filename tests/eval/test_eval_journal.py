@@ -76,3 +76,75 @@ def test_jsonl_cache_drops_a_cut_line(tmp_path):
     assert "img1" in c2 and "img2" not in c2 and c2["img1"] == "a description"
     c2.put_many({"img2": "again"})
     assert JsonlCache(path).data == {"img1": "a description", "img2": "again"}
+
+
+def test_a_damaged_row_in_the_middle_costs_only_itself(tmp_path, caplog):
+    """A garbled record mid-file (a torn write followed by more rows): every intact row
+    before and after it is kept, the damage is reported, and recovery is linear."""
+    final = tmp_path / "r.csv"
+    j = CsvJournal(final, COLUMNS)
+    rows = [{"image": f"{i}.png", "instruction": f'line "{i}"\nmore', "output": str(i), "generated": f"g{i}"}
+            for i in range(3000)]
+    j.append(rows)
+    data = j.path.read_bytes()
+    cut = data.index(b"1500.png")
+    # Row 1500 loses its middle (from inside its quoted field to its last line): its
+    # quotes no longer balance, so a naive reader would swallow every later row.
+    torn = data[:cut] + data[cut : cut + 20] + b"\n" + data[data.index(b"1501.png") :]
+    j.path.write_bytes(torn)
+    import time
+
+    t0 = time.perf_counter()
+    j2 = CsvJournal(final, COLUMNS)
+    elapsed = time.perf_counter() - t0
+    kept = [r["output"] for r in j2.rows()]
+    assert kept == [str(i) for i in range(3000) if i != 1500]
+    assert j2.dropped_bytes > 0 and "dropped 1 damaged record" in j2.damage_report()
+    assert CsvJournal(final, COLUMNS).rows() == j2.rows()  # the file was rewritten with the intact rows
+    assert elapsed < 20  # the quadratic scan took minutes for this size
+    # A cut row with the next row glued onto its line (no newline between) costs both.
+    j2.path.write_bytes(torn.replace(b"\n" + data[data.index(b"1501.png") :], data[data.index(b"1501.png") :]))
+    assert [r["output"] for r in CsvJournal(final, COLUMNS).rows()] == [str(i) for i in range(3000) if i not in (1500, 1501)]
+
+
+def test_append_never_recreates_a_vanished_journal(tmp_path):
+    j = CsvJournal(tmp_path / "r.csv", COLUMNS)
+    j.append(ROWS[:1])
+    j.path.unlink()
+    with pytest.raises(FileNotFoundError, match="vanished"):
+        j.append(ROWS[1:2])
+    assert not j.path.exists()
+
+
+def test_a_second_writer_is_refused_at_once_naming_the_holder(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from medcap._fs import LockedError
+    from medcap.eval import results_lock
+
+    raw = tmp_path / "omnimedvqa-omit-raw-ck-0_50.csv"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from medcap.eval._loop import results_lock
+            with results_lock({str(raw)!r}):
+                print("held", flush=True)
+                time.sleep(60)
+        """)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockedError, match=rf"in use by process {holder.pid}") as e:
+            with results_lock(raw):
+                pass
+        assert e.value.holder == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel released it with the process: the next run goes ahead.
+    with results_lock(raw):
+        assert os.path.exists(raw.with_name("." + raw.name + ".lock"))

@@ -23,13 +23,15 @@ OMNI_RAW = RAW + ["option_A", "option_B", "option_C", "option_D", "modality_type
 
 
 def _recount(rows):
-    """Accuracy from the written rows alone: correct iff the prediction is an offered
-    option equal to the ground truth; mean over modalities of each one's accuracy."""
+    """Accuracy from the written rows alone: ``predict`` is a letter, correct iff the
+    option it names (A-D, absent ones empty) is the first one equal to the ground
+    truth; mean over modalities of each one's accuracy."""
     per = {}
     for r in rows:
-        options = [r[f"option_{L}"] for L in "ABCD" if r[f"option_{L}"] != ""]
-        assert r["predict"] == "" or r["predict"] in options
-        ok = int(r["predict"] != "" and r["predict"] == r["output"])
+        options = [r[f"option_{L}"] for L in "ABCD"]
+        assert len(r["predict"]) <= 1
+        ok = int(r["predict"] in ("A", "B", "C", "D") and r["output"] in options
+                 and "ABCD".index(r["predict"]) == options.index(r["output"]))
         assert int(r["correct"]) == ok
         per.setdefault(r["modality_type"], []).append(ok)
     return sum(sum(v) / len(v) for v in per.values()) / len(per)
@@ -48,20 +50,29 @@ def test_omnimedvqa_letter_scoring_then_loglik_rescore(gen_assets, gen_config, g
                      dataset_source=gen_assets["datasets"], max_new_tokens=8)
     recipe, res = gen_run(cfg)
     assert recipe.ckpt == "meta_model_last"
-    raw = tmp_path / "omnimedvqa-no_cond_desc-raw-meta_model_last-0_1.csv"
+    raw = tmp_path / "omnimedvqa-no_cond_desc-raw-meta_model_last-0_50.csv"  # the reference's name for this line
     rows = read_csv_rows(raw)
     assert list(rows[0].keys()) == OMNI_RAW
     assert len(rows) == gen_assets["omni"]["kept"] - gen_assets["omni"]["missing_images"]
     assert {r["modality_type"] for r in rows} == set(OMNIMEDVQA_MODALITIES)
     assert all(question_from_instruction(r["instruction"]).startswith("What finding is visible") for r in rows)
-    report = json.loads((tmp_path / "omnimedvqa-no_cond_desc-raw-meta_model_last-0_1.report.json").read_text())
+    assert all(not Path(r["image"]).is_absolute() and r["image"].startswith("Images/") for r in rows)  # as in the data set
+    assert all(not r["instruction"].startswith("<|begin_of_text|>") for r in rows)
+    assert raw.read_bytes().startswith(b"\xef\xbb\xbf")
+    report = json.loads((tmp_path / "omnimedvqa-no_cond_desc-raw-meta_model_last-0_50.report.json").read_text())
     assert report["missing_images"] == 1 and report["modality_key_instead_of_modality_type"] == 1
     out = res["test_omnimedvqa"]
     scored = read_csv_rows(out["scored_path"])
     assert list(scored[0].keys()) == OMNI_RAW + ["predict_generated", "predict", "correct"]
     acc = _recount(scored)
     assert out["accuracy"] == pytest.approx(acc)
-    assert Path(out["scored_path"]).name == f"{raw.stem}-{acc:.4f}.csv"
+    assert Path(out["scored_path"]).name == f"{raw.stem}-{round(acc, 4)}.csv"
+    # medcap rescore recomputes it from the rows, with no model.
+    from medcap.eval._rescore import rescore
+
+    again = rescore(out["scored_path"])["scores"]
+    assert again["letter_macro"]["recomputed"] == pytest.approx(acc)
+    assert again["letter_micro"]["recomputed"] == pytest.approx(sum(int(r["correct"]) for r in scored) / len(scored))
     for suffix in (".csv", ".json", ".png"):
         assert Path(out["scored_path"]).with_name(Path(out["scored_path"]).stem + "-modality" + suffix).is_file()
     assert "macro accuracy" in capsys.readouterr().out
@@ -79,7 +90,7 @@ def test_omnimedvqa_letter_scoring_then_loglik_rescore(gen_assets, gen_config, g
         scores = json.loads(r["predict_generated"])
         options = {L: r[f"option_{L}"] for L in "ABCD" if r[f"option_{L}"] != ""}
         assert set(scores) == set(options)
-        assert r["predict"] == options[max(scores, key=scores.get)]
+        assert r["predict"] == max(scores, key=scores.get)  # the letter of the best option
     lacc = _recount(lrows)
     assert res2["test_omnimedvqa"]["accuracy"] == pytest.approx(lacc) and 0 < lacc
 
@@ -195,6 +206,32 @@ def test_documented_command_killed_and_restarted_ends_with_the_same_files(gen_as
     assert 2 <= n_before < len(gen_assets["vqarad"]["expected"]) and not (out / name).exists()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming after" in done.stderr
+    assert "resuming with" in done.stderr
     assert (out / name).read_bytes() == (ref_dir / name).read_bytes()
     assert not partial.exists()
+
+
+def test_another_model_under_the_same_checkpoint_name_never_reuses_rows(gen_assets, gen_config, gen_run, tmp_path):
+    """Model B, saved as meta_model_last.pt like model A, evaluated into A's folder: the
+    finished file of A is refused (naming what to move), never re-scored as B's; with
+    overwrite=True B gets its own rows, equal to B evaluated in a fresh folder."""
+    from medcap.checkpointing import save_vision_checkpoint
+    from medcap.models import medcap_tiny
+
+    torch.manual_seed(77)
+    other = tmp_path / "b" / "meta_model_last.pt"
+    save_vision_checkpoint(medcap_tiny(**gen_assets["model_kwargs"], num_image_tokens=4), other)
+    common = dict(test_vqarad=True, vqa_type="no_cond_desc", dataset_source=gen_assets["datasets"], max_new_tokens=6)
+    shared, fresh = tmp_path / "shared", tmp_path / "fresh"
+    gen_run(gen_config(gen_assets, shared, **common))
+    name = "vqarad-no_cond_desc-raw-meta_model_last.csv"
+    a_bytes = (shared / name).read_bytes()
+    with pytest.raises(ValueError, match=r"another model.*vision_checkpoint.*overwrite=True"):
+        gen_run(gen_config(gen_assets, shared, vision_checkpoint=str(other), **common))
+    assert (shared / name).read_bytes() == a_bytes
+    gen_run(gen_config(gen_assets, shared, vision_checkpoint=str(other), overwrite=True, **common))
+    gen_run(gen_config(gen_assets, fresh, vision_checkpoint=str(other), **common))
+    assert (shared / name).read_bytes() == (fresh / name).read_bytes()
+    # Other settings (a longer description budget) are refused the same way.
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        gen_run(gen_config(gen_assets, fresh, vision_checkpoint=str(other), **{**common, "max_new_tokens": 9}))
