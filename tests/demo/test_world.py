@@ -201,7 +201,7 @@ def test_a_moved_world_still_loads(tmp_path, monkeypatch):
     captions, report = read_caption_set(new / "test.json")
     questions, _ = read_omnimedvqa(new)
     assert len(train) == 6 and report["kept"] == 5 and report["bad"] == 0 and len(questions) == 5
-    images = [Path(p) for p in train + [c.image for c in captions] + [q.image for q in questions]]
+    images = [Path(p) for p in train + [c.file for c in captions] + [q.file for q in questions]]  # the files loaded
     for p in images:
         assert p.resolve().is_relative_to(new.resolve()) and p.is_file(), p
     # the captions' and the questions' images are the same five held-out files
