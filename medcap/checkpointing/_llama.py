@@ -7,7 +7,11 @@ and checks that what comes out is exactly the decoder, no more and no less.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -16,6 +20,9 @@ from torch import nn
 from torchtune import training
 from torchtune.training import FullModelHFCheckpointer
 from torchtune.training.checkpointing import ModelType
+from torchtune.training.checkpointing import _checkpointer as _tt_checkpointer
+
+log = logging.getLogger("medcap.checkpointing")
 
 CheckpointFiles = Union[List[str], Dict[str, str]]
 
@@ -66,6 +73,43 @@ def _scratch_parent(checkpoint_dir: Path) -> Optional[str]:
     return None
 
 
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KB", "MB"):
+        if nbytes < 1000:
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} GB"
+
+
+@contextlib.contextmanager
+def _log_each_shard(num_shards: int):
+    """Log every shard torchtune's checkpointer reads (name, size, seconds): the 8B
+    model's four shards take minutes on a slow disk, which should not look like a hang.
+    The checkpointer reads through its module's ``safe_torch_load``, wrapped here
+    for the duration of one load (left alone if a torchtune release renames it)."""
+    inner = getattr(_tt_checkpointer, "safe_torch_load", None)
+    if inner is None:
+        yield
+        return
+    done = [0]
+
+    def load(path, *args, **kwargs):
+        start = time.perf_counter()
+        state = inner(path, *args, **kwargs)
+        done[0] += 1
+        log.info(
+            "LLM shard %d/%d %s (%s) read in %.1f s",
+            done[0], num_shards, os.path.basename(str(path)), _size(os.path.getsize(path)), time.perf_counter() - start,
+        )
+        return state
+
+    _tt_checkpointer.safe_torch_load = load
+    try:
+        yield
+    finally:
+        _tt_checkpointer.safe_torch_load = inner
+
+
 def _short(keys, n: int = 8) -> str:
     keys = sorted(keys)
     more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
@@ -106,6 +150,7 @@ def load_llama_weights(
             "build it on a real device first"
         )
 
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="medcap-ckpt-", dir=_scratch_parent(ckpt_dir)) as scratch:
         checkpointer = FullModelHFCheckpointer(
             checkpoint_dir=str(ckpt_dir),
@@ -113,7 +158,11 @@ def load_llama_weights(
             model_type=model_type,
             output_dir=scratch,
         )
-        tune_sd = checkpointer.load_checkpoint()[training.MODEL_KEY]
+        paths = [Path(p) for p in getattr(checkpointer, "_checkpoint_paths", [])]
+        total = sum(p.stat().st_size for p in paths if p.is_file())
+        log.info("loading the LLM from %s: %d shard(s), %s", ckpt_dir, len(paths), _size(total))
+        with _log_each_shard(len(paths)):
+            tune_sd = checkpointer.load_checkpoint()[training.MODEL_KEY]
 
     # EarlyFusionModel keeps the decoder's embedding at ``model.tok_embeddings`` but
     # reports it (and accepts it back) as ``decoder.tok_embeddings.*`` through its
@@ -147,4 +196,5 @@ def load_llama_weights(
         raise RuntimeError(
             f"decoder weights did not all land: missing {stray[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
+    log.info("LLM loaded: %d tensors in %.1f s", len(full_sd), time.perf_counter() - start)
     return {"checkpoint_dir": str(ckpt_dir), "num_tensors": len(full_sd)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -82,3 +84,13 @@ def test_not_a_medcap_model_is_named(tiny_llm):
     with pytest.raises(TypeError, match="torch.nn.Linear"):
         load_model({"_component_": "torch.nn.Linear", "in_features": 2, "out_features": 2},
                    _cfg_ckpt(tiny_llm), device="cpu", dtype="fp32")
+
+
+def test_llm_loading_logs_each_shard_and_the_time(tiny_llm, caplog):
+    caplog.set_level("INFO", logger="medcap")
+    load_model(_cfg_model(tiny_llm), _cfg_ckpt(tiny_llm), device="cpu", dtype="fp32", train_vision=True)
+    text = caplog.text
+    shard = tiny_llm["checkpoint_files"][0]
+    assert "1 shard(s)" in text
+    assert re.search(rf"LLM shard 1/1 {re.escape(shard)} \(\d+\.\d [KMG]B\) read in \d+\.\d s", text)
+    assert re.search(r"LLM loaded: \d+ tensors in \d+\.\d s", text)
