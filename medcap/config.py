@@ -142,12 +142,12 @@ def from_config(cls, data: Mapping[str, Any], *, where: str = "", variables: Ite
     for key, value in data.items():
         name = legacy.get(key, key) if key in legacy else key
         if key in legacy and name is None:
-            log.info("%s%s is the reference's key and has no effect in medcap; ignored", where, key)
+            log.debug("%s%s is the reference's key and has no effect in medcap; ignored", where, key)
             continue
         if name not in fields:
             if key in variables:
                 continue
-            raise ConfigError(f"unknown key {where}{key!r}{suggest(key, list(fields) + list(legacy))}")
+            raise ConfigError(f"unknown key '{where}{key}'{suggest(key, list(fields) + list(legacy))}")
         values[name] = _convert(value, hints[name], f"{where}{name}", fields[name].metadata)
     missing = [n for n, f in fields.items() if n not in values
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -230,7 +230,9 @@ def plain(cfg) -> Tuple[Dict[str, Any], List[str]]:
     """``(resolved plain dict, names used only as ${...} variables)`` of a config."""
     from omegaconf import DictConfig, OmegaConf
 
-    if isinstance(cfg, DictConfig):
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        raw = data = dataclasses.asdict(cfg)
+    elif isinstance(cfg, DictConfig):
         raw = OmegaConf.to_container(cfg, resolve=False)
         try:
             data = OmegaConf.to_container(cfg, resolve=True)

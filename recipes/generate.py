@@ -36,80 +36,46 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 from torchtune import config, training
 
 from medcap.checkpointing import load_llama_weights, load_vision_weights
-from medcap.eval import (
-    SCORING_METHODS,
-    ImageLoader,
-    check_vqa_type,
-    checkpoint_name,
-    run_test_metrics,
-    run_test_omnimedvqa,
-    run_test_vqarad,
-)
-from medcap.eval._datasets import FILE_ORDERS
+from medcap.config import from_config, plain, run_recipe, save_resolved
+from medcap.eval import ImageLoader, checkpoint_name, run_test_metrics, run_test_omnimedvqa, run_test_vqarad
+from medcap.eval._config import FREE_TEXT, GenerateConfig
 from medcap.eval._loop import file_identity, folder_identity
 from medcap.generation import GenerationEngine, prompt_text
-from medcap.models import MedcapModel, check_vision
+from medcap.models import MedcapModel
 
 log = logging.getLogger("medcap.generate")
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-SUITES = ("test_metrics", "test_vqarad", "test_omnimedvqa")
+
+
+def read_config(cfg: Union[DictConfig, GenerateConfig]) -> GenerateConfig:
+    """The YAML + overrides as a checked ``GenerateConfig``: every key, value and path
+    the run will read, before anything is loaded."""
+    if isinstance(cfg, GenerateConfig):
+        conf = cfg
+    else:
+        data, variables = plain(cfg)
+        conf = from_config(GenerateConfig, data, variables=variables)
+    conf.check()
+    return conf
 
 
 class GenerateRecipe:
     """Build the model once, then run the suites (or the single-shot mode) the config asks for."""
 
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
-        self._check_config(cfg)
-        self.device = self._setup_device(cfg.get("device", "cuda"))
-        self.dtype = DTYPES[cfg.get("dtype", "bf16")]
-        seed = cfg.get("seed")
-        self.seed = int(seed) if seed is not None else 0
+    def __init__(self, cfg: Union[DictConfig, GenerateConfig]):
+        self.cfg = read_config(cfg)
+        self.device = self._setup_device(self.cfg.device)
+        self.dtype = DTYPES[self.cfg.dtype]
+        self.seed = self.cfg.seed if self.cfg.seed is not None else 0
         torch.manual_seed(self.seed)
-
-    # ------------------------------------------------------------------ checks
-    @staticmethod
-    def _check_config(cfg: DictConfig) -> None:
-        check_vision(cfg.get("vision", "biomedclip"))
-        if cfg.get("dtype", "bf16") not in DTYPES:
-            raise ValueError(f"dtype={cfg.get('dtype')!r}; choose one of {list(DTYPES)}")
-        if cfg.get("quantizer") is not None:
-            raise ValueError(
-                "quantizer is not supported by medcap's generation (the reference's default, null, is); "
-                "set quantizer=null"
-            )
-        style = cfg.get("dataset_conversation_style", "sharegpt")
-        if style != "sharegpt":
-            raise ValueError(f"dataset_conversation_style={style!r}: medcap reads sharegpt data only")
-        if any(cfg.get(s, False) for s in ("test_vqarad", "test_omnimedvqa")):
-            check_vqa_type(cfg.get("vqa_type", "no_cond_desc"))
-        if cfg.get("omnimedvqa_file_order", "sorted") not in FILE_ORDERS:
-            raise ValueError(f"omnimedvqa_file_order={cfg.get('omnimedvqa_file_order')!r}; choose one of {list(FILE_ORDERS)}")
-        if cfg.get("vqa_scoring", "letter") not in SCORING_METHODS:
-            raise ValueError(f"vqa_scoring={cfg.get('vqa_scoring')!r}; choose one of {list(SCORING_METHODS)}")
-        for key in ("batch_size", "max_new_tokens", "dataset_max_seq_len", "test_chunk"):
-            v = cfg.get(key)
-            if v is not None and int(v) < 1:
-                raise ValueError(f"{key} must be >= 1, got {v}")
-        temperature = cfg.get("temperature", 0.0)
-        if temperature is not None and float(temperature) < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        top_k = cfg.get("top_k")
-        if top_k is not None and int(top_k) < 1:
-            raise ValueError(f"top_k must be >= 1 or null, got {top_k}")
-        if not any(cfg.get(s, False) for s in SUITES) and not _images_of(cfg):
-            raise ValueError(
-                "nothing to do: switch on a suite (test_metrics=True, test_vqarad=True or test_omnimedvqa=True) "
-                "or give images for the single-shot mode (image=path1,path2 [prompt=\"question\"])"
-            )
 
     @staticmethod
     def _setup_device(name: str) -> torch.device:
@@ -122,43 +88,39 @@ class GenerateRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         self.tokenizer = self._setup_tokenizer(cfg.tokenizer)
-        self.model = self._setup_model(cfg.model, cfg.checkpointer, cfg.get("vision_checkpoint"))
+        self.model = self._setup_model(cfg.model, cfg.checkpointer, cfg.vision_checkpoint)
         self.engine = self._setup_engine(cfg)
         self.image_loader = ImageLoader(self.model.vision.visual.image_size)
-        self.ckpt = checkpoint_name(cfg.get("vision_checkpoint"))
+        self.ckpt = checkpoint_name(cfg.vision_checkpoint)
         self.identity = self._identity(cfg)
 
-    def _identity(self, cfg: DictConfig) -> Dict[str, Any]:
+    def _identity(self, cfg: GenerateConfig) -> Dict[str, Any]:
         """What the results depend on, recorded beside each results file (and
         fingerprinting the description caches): a change means new rows."""
-        vc = cfg.get("vision_checkpoint")
-        files = cfg.checkpointer.get("checkpoint_files")
-        if isinstance(files, (ListConfig, DictConfig)):
-            files = OmegaConf.to_container(files, resolve=True)
         return {
-            "vision_checkpoint": file_identity(vc) if vc else None,
-            "llm": folder_identity(cfg.checkpointer.checkpoint_dir, files if isinstance(files, list) else None),
+            "vision_checkpoint": file_identity(cfg.vision_checkpoint) if cfg.vision_checkpoint else None,
+            "llm": folder_identity(cfg.checkpointer.checkpoint_dir, cfg.checkpointer.checkpoint_files),
             "model": str(cfg.model.get("_component_", "")),
-            "dtype": str(cfg.get("dtype", "bf16")),
-            "temperature": float(cfg.get("temperature") or 0.0),
-            "top_k": None if cfg.get("top_k") is None else int(cfg.get("top_k")),
+            "dtype": cfg.dtype,
+            "temperature": float(cfg.temperature or 0.0),
+            "top_k": cfg.top_k,
             "seed": self.seed,
-            "dataset_max_seq_len": int(cfg.get("dataset_max_seq_len") or 500),
-            "max_new_tokens": int(cfg.get("max_new_tokens", 300)),
+            "dataset_max_seq_len": cfg.dataset_max_seq_len,
+            "max_new_tokens": cfg.max_new_tokens,
         }
 
-    def _setup_tokenizer(self, cfg_tokenizer: DictConfig):
-        tok = config.instantiate(cfg_tokenizer)
+    def _setup_tokenizer(self, cfg_tokenizer: Dict[str, Any]):
+        tok = config.instantiate(DictConfig(cfg_tokenizer))
         if getattr(tok, "max_seq_len", None):
             log.info("tokenizer.max_seq_len is ignored at generation: prompts are checked against the model instead")
         return tok
 
-    def _setup_model(self, cfg_model: DictConfig, cfg_checkpointer: DictConfig, vision_checkpoint: Optional[str]) -> MedcapModel:
+    def _setup_model(self, cfg_model: Dict[str, Any], checkpointer, vision_checkpoint: Optional[str]) -> MedcapModel:
         overrides: Dict[str, Any] = {}
         if vision_checkpoint and cfg_model.get("vision_pretrained"):
             overrides["vision_pretrained"] = None  # overwritten by the checkpoint at once
         with training.set_default_dtype(self.dtype), self.device:
-            model = config.instantiate(cfg_model, **overrides)
+            model = config.instantiate(DictConfig(cfg_model), **overrides)
         if not isinstance(model, MedcapModel):
             raise TypeError(f"model._component_ built a {type(model).__name__}, not a MedcapModel")
         if model.image_token_id != self.tokenizer.image_id:
@@ -166,12 +128,9 @@ class GenerateRecipe:
                 f"the tokenizer's image id ({self.tokenizer.image_id}) is not the model's image_token_id "
                 f"({model.image_token_id}): tokenizer and model do not belong together"
             )
-        files = cfg_checkpointer.get("checkpoint_files")
-        if isinstance(files, (ListConfig, DictConfig)):
-            files = OmegaConf.to_container(files, resolve=True)
         load_llama_weights(
-            model, cfg_checkpointer.checkpoint_dir, checkpoint_files=files,
-            model_type=cfg_checkpointer.get("model_type", "LLAMA3"),
+            model, checkpointer.checkpoint_dir, checkpoint_files=checkpointer.checkpoint_files,
+            model_type=checkpointer.model_type,
         )
         if vision_checkpoint:
             load_vision_weights(model, vision_checkpoint)
@@ -182,61 +141,49 @@ class GenerateRecipe:
         model.eval()
         return model
 
-    def _setup_engine(self, cfg: DictConfig) -> GenerationEngine:
-        use_cache = bool(cfg.get("enable_kv_cache", True))
-        if not use_cache:
+    def _setup_engine(self, cfg: GenerateConfig) -> GenerationEngine:
+        if not cfg.enable_kv_cache:
             log.warning("enable_kv_cache=False: the reference's slow path (one sample at a time, full recompute per token)")
         return GenerationEngine(
-            self.model, self.tokenizer,
-            batch_size=int(cfg.get("batch_size", 8)),
-            temperature=float(cfg.get("temperature") or 0.0),
-            top_k=cfg.get("top_k"),
-            seed=self.seed,
-            use_cache=use_cache,
+            self.model, self.tokenizer, batch_size=cfg.batch_size, temperature=float(cfg.temperature or 0.0),
+            top_k=cfg.top_k, seed=self.seed, use_cache=cfg.enable_kv_cache,
         )
 
     # ------------------------------------------------------------------ run
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
-        debug = bool(cfg.get("debug", False))
-        out = Path(cfg.get("output_dir", "."))
+        out = Path(cfg.output_dir)
         limit = None
-        if debug:
+        if cfg.debug:
             # A few samples into a separate folder, so a debug run never passes for a real one.
             out = out / "debug"
-            limit = int(cfg.get("debug_samples", 4))
+            limit = cfg.debug_samples
             log.info("debug: %d samples per suite, files in %s", limit, out)
+        if cfg.suites():
+            log.info("config as run: %s", save_resolved(cfg, out, f"generate-{self.ckpt}.config.yaml"))
         common = dict(
             output_dir=out, ckpt=self.ckpt, image_loader=self.image_loader, limit=limit,
-            progress=bool(cfg.get("progress", True)), identity=self.identity,
-            overwrite=bool(cfg.get("overwrite", False)),
+            progress=cfg.progress, identity=self.identity, overwrite=cfg.overwrite,
         )
-        max_new = int(cfg.get("max_new_tokens", 300))
-        max_seq_len = int(cfg.get("dataset_max_seq_len") or 500)
         results: Dict[str, Any] = {}
         t0 = time.perf_counter()
-        if _images_of(cfg):
-            results["single"] = self.single_shot(_images_of(cfg), cfg.get("prompt"), max_new)
-        if cfg.get("test_metrics", False):
+        if cfg.image_paths():
+            results["single"] = self.single_shot(cfg.image_paths(), cfg.prompt, cfg.max_new_tokens)
+        if cfg.test_metrics:
             results["test_metrics"] = run_test_metrics(
-                self.engine, dataset_source=str(cfg.dataset_source), max_new_tokens=max_new, **common
+                self.engine, dataset_source=str(cfg.dataset_source), max_new_tokens=cfg.max_new_tokens, **common
             )
-        if cfg.get("test_vqarad", False):
-            results["test_vqarad"] = run_test_vqarad(
-                self.engine, dataset_source=str(cfg.dataset_source), vqa_type=cfg.get("vqa_type", "no_cond_desc"),
-                max_seq_len=max_seq_len, max_new_tokens=max_new, **common,
-            )
-        if cfg.get("test_omnimedvqa", False):
-            idx = cfg.get("test_chunk_idx")
+        vqa = dict(dataset_source=str(cfg.dataset_source), vqa_type=cfg.vqa_type, max_seq_len=cfg.dataset_max_seq_len,
+                   max_new_tokens=cfg.max_new_tokens)
+        if cfg.test_vqarad:
+            results["test_vqarad"] = run_test_vqarad(self.engine, **vqa, **common)
+        if cfg.test_omnimedvqa:
             results["test_omnimedvqa"] = run_test_omnimedvqa(
-                self.engine, dataset_source=str(cfg.dataset_source), vqa_type=cfg.get("vqa_type", "no_cond_desc"),
-                max_seq_len=max_seq_len, max_new_tokens=max_new,
-                test_chunk_idx=None if idx is None else int(idx), test_chunk=int(cfg.get("test_chunk", 50)),
-                scoring=cfg.get("vqa_scoring", "letter"),
-                include_modality_key=bool(cfg.get("omnimedvqa_include_modality_key", False)),
-                file_order=str(cfg.get("omnimedvqa_file_order", "sorted")), **common,
+                self.engine, **vqa, test_chunk_idx=cfg.test_chunk_idx, test_chunk=cfg.test_chunk,
+                scoring=cfg.vqa_scoring, include_modality_key=cfg.omnimedvqa_include_modality_key,
+                file_order=cfg.omnimedvqa_file_order, **common,
             )
-        if debug:
+        if cfg.debug:
             _show_rows(results)
         log.info("done in %.1f s", time.perf_counter() - t0)
         return results
@@ -248,7 +195,7 @@ class GenerateRecipe:
         texts = self.engine.generate_texts(
             [tokens] * len(images), tensors, max_new_tokens, [f"single:{p}" for p in images]
         )
-        if self.cfg.get("debug", False):
+        if self.cfg.debug:
             print(prompt_text(self.tokenizer, tokens))
         out = []
         for p, t in zip(images, texts):
@@ -270,26 +217,14 @@ def _show_rows(results: Dict[str, Any], n: int = 2) -> None:
                   f"(reference: {row['output']!r})", flush=True)
 
 
-def _images_of(cfg: DictConfig) -> List[str]:
-    """``image=a.png,b.png`` or ``images=[a.png, b.png]`` -> paths."""
-    found: List[str] = []
-    for key in ("image", "images"):
-        v = cfg.get(key)
-        if v is None:
-            continue
-        if isinstance(v, (ListConfig, list, tuple)):
-            found += [str(x) for x in v]
-        else:
-            found += [s.strip() for s in str(v).split(",") if s.strip()]
-    return found
-
-
-@config.parse
-def recipe_main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    recipe = GenerateRecipe(cfg)
+def main(cfg: DictConfig) -> Dict[str, Any]:
+    recipe = GenerateRecipe(cfg)  # every key, value and path checked: nothing is loaded yet
     recipe.setup()
-    recipe.run()
+    return recipe.run()
+
+
+def recipe_main(argv: Optional[List[str]] = None) -> int:
+    return run_recipe(main, argv, free_text=FREE_TEXT)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ def _load_recipe_module(name: str):
 
 def _tiny_config(config_name: str, assets: Dict[str, Any], out_dir, settings: Dict[str, Any], overrides: Dict[str, Any]):
     """``recipes/configs/{config_name}.yaml`` on the tiny assets: ``settings`` (plain keys)
-    first, then the dotted ``overrides`` (which may replace them), resolved."""
+    first, then the dotted ``overrides`` (which may replace them). Interpolations are
+    left for the recipe to resolve, as on the command line: ``${assets_dir}`` keys are
+    config variables that the typed configs accept only as such."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(RECIPES / "configs" / f"{config_name}.yaml")
@@ -37,7 +39,6 @@ def _tiny_config(config_name: str, assets: Dict[str, Any], out_dir, settings: Di
         cfg[key] = value
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, force_add=True)
-    OmegaConf.resolve(cfg)
     return cfg
 
 
@@ -75,13 +76,8 @@ def train_run():
     in this process (setup, train, cleanup)."""
 
     def run(cfg, recipe: str = "full_finetune_single_device"):
-        mod = _load_recipe_module(recipe)
-        cls = {
-            "full_finetune_single_device": "FullFinetuneRecipeSingleDevice",
-            "full_finetune_distributed": "FullFinetuneRecipeDistributed",
-        }[recipe]
-        r = getattr(mod, cls)(cfg=cfg)
-        r.setup(cfg=cfg)
+        r = _load_recipe_module(recipe).FullFinetuneRecipe(cfg)
+        r.setup()
         summary = r.train()
         r.cleanup()
         return r, summary

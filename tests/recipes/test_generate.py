@@ -235,3 +235,45 @@ def test_another_model_under_the_same_checkpoint_name_never_reuses_rows(gen_asse
     # Other settings (a longer description budget) are refused the same way.
     with pytest.raises(ValueError, match="max_new_tokens"):
         gen_run(gen_config(gen_assets, fresh, vision_checkpoint=str(other), **{**common, "max_new_tokens": 9}))
+
+
+def _cli(gen_assets, tmp_path, *overrides, env=None):
+    cmd = [sys.executable, "-m", "medcap.cli", "run", "generate", "--config", "tiny/generate",
+           f"assets_dir={gen_assets['assets_dir']}", f"output_dir={tmp_path / 'out'}", "progress=False",
+           f"vision_checkpoint={gen_assets['vision_checkpoint']}", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["test_metrics=True", "batch_sze=4"], "medcap run: error: unknown key 'batch_sze' (did you mean 'batch_size'?)"),
+        (["test_metrics=True", "tokenizer.path=/nowhere/tokenizer.model"],
+         "medcap run: error: tokenizer.path='/nowhere/tokenizer.model': no such file"),
+        (["test_metrics=True", "model.num_layer=3"], "medcap run: error: model.num_layer: medcap.models.medcap_tiny "
+                                                      "takes no argument 'num_layer' (did you mean 'num_layers'?)"),
+    ],
+)
+def test_user_errors_are_one_line_before_any_model_is_built(gen_assets, tmp_path, overrides, message):
+    done = _cli(gen_assets, tmp_path, *overrides)
+    assert done.returncode == 2
+    # The launcher's echo of the command it runs, then the recipe's one line.
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip() and not ln.startswith(f"medcap run: {sys.executable}")]
+    assert lines == [message], done.stderr[-2000:]  # no traceback, and no weight was read (nothing else logged)
+    assert not (tmp_path / "out").exists()
+
+
+def test_debug_env_shows_the_traceback(gen_assets, tmp_path):
+    done = _cli(gen_assets, tmp_path, "test_metrics=True", "batch_sze=4", env={"MEDCAP_DEBUG": "1"})
+    assert done.returncode != 0 and "Traceback" in done.stderr and "ConfigError" in done.stderr
+
+
+@pytest.mark.integration
+def test_free_text_prompts_stay_free_text(gen_assets, tmp_path):
+    img = sorted(Path(gen_assets["train_json"]).parent.glob("images/*.png"))[0]
+    for prompt in ("[urgent] Modality: which one?", "yes"):
+        done = _cli(gen_assets, tmp_path, f"image={img}", f"prompt={prompt}", "debug=True", "max_new_tokens=2")
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"<|start_header_id|>user<|end_header_id|>\n\n" in done.stdout
+        assert f"\n\n{prompt}<|eot_id|><|start_header_id|>assistant" in done.stdout  # the question as typed
