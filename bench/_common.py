@@ -457,9 +457,9 @@ def to_hf_llama(model, dims: LlamaDims, device: torch.device, dtype: torch.dtype
     from torchtune.models.convert_weights import tune_to_hf
     from transformers import LlamaForCausalLM
 
-    from medcap.testing import tiny_llama_hf_config
+    from medcap.models._builders import hf_llama3_1_config
 
-    cfg = tiny_llama_hf_config(
+    cfg = hf_llama3_1_config(
         dims.vocab_size,
         num_layers=dims.num_layers,
         num_heads=dims.num_heads,

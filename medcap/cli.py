@@ -3,6 +3,8 @@
     medcap run [--dry-run] [torchrun options] RECIPE --config CONFIG [key=value ...]
     medcap ls
     medcap cp CONFIG_OR_RECIPE DEST [--force]
+    medcap cat CONFIG
+    medcap validate CONFIG [key=value ...]
     medcap validate-data ...
     medcap demo ...
     medcap rescore FILE...
@@ -11,8 +13,11 @@ Why not ``tune run``: it looks names up in torchtune's built-in recipes first
 (``tune run full_finetune_distributed`` would silently run torchtune's
 text-only recipe), imports recipe files as modules of a ``recipes`` package
 that torchtune's own wheel shadows, and rejects absolute paths. ``medcap run``
-resolves medcap's names to the files in the top-level ``recipes/`` folder and
-then runs the file by path. Without torchrun options the recipe replaces the
+resolves medcap's names (the table ``RECIPES``) to the files in medcap's
+recipes folder and then runs the file by path. That folder is the top-level
+``recipes/`` of a source checkout, or ``medcap/_recipes`` inside an installed
+wheel (pyproject.toml maps it there: torchtune's wheel owns the top-level
+name ``recipes``). Without torchrun options the recipe replaces the
 launcher (``os.execv`` of the current Python), so the PID a scheduler knows is
 the recipe's; with them it runs ``python -m torch.distributed.run`` as a child
 that gets the launcher's SIGINT/SIGTERM/SIGHUP, dies with the launcher (Linux)
@@ -27,12 +32,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -53,11 +58,20 @@ commands:
   ls             list medcap's recipes and their configs
   cp NAME DEST [--force]
                  copy a config (or a recipe) out for editing
+  cat CONFIG     print a config with its comments
+  validate CONFIG [--recipe NAME] [key=value ...]
+                 check every key and every path of a config (with overrides), loading
+                 nothing (medcap validate -h)
   validate-data  check a sharegpt JSON dataset (medcap validate-data -h)
   demo           run the offline end-to-end demo (medcap demo -h)
   rescore FILE...
                  recompute every score of results files from their rows, no model
                  (medcap rescore -h)
+  caption IMAGE_OR_FOLDER... --checkpoint VISION_CKPT [--question "..."] [--llm DIR] [--out F.jsonl|.csv]
+                 caption images (or answer a question about each) with a trained model
+                 (medcap caption -h)
+  chat IMAGE --checkpoint VISION_CKPT [--llm DIR]
+                 talk about one image, several turns; q quits (medcap chat -h)
 """
 
 
@@ -66,12 +80,33 @@ class CLIError(Exception):
 
 
 # ---------------------------------------------------------------------------------------
-# where recipes and configs live
+# the registry: medcap's recipes and the configs written for each
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A recipe file (relative to the recipes folder) and its configs (names under
+    ``configs/``, without ``.yaml``), the first being the one to try first."""
+
+    file: str
+    configs: Tuple[str, ...]
+
+
+RECIPES: Dict[str, Recipe] = {
+    "full_finetune_single_device": Recipe(
+        "full_finetune_single_device.py",
+        ("tiny/full_finetune_single_device", "llama3_1/8B_full_single_device", "demo/train"),
+    ),
+    "full_finetune_distributed": Recipe(
+        "full_finetune_distributed.py", ("tiny/full_finetune_distributed", "llama3_1/8B_full")
+    ),
+    "generate": Recipe("generate.py", ("tiny/generate", "custom_generation_config", "demo/generate")),
+}
 
 
 def recipes_dir() -> Path:
-    """The top-level ``recipes/`` folder next to the ``medcap`` package (an editable
-    install or a source checkout), or the folder named by ``$MEDCAP_RECIPES_DIR``."""
+    """medcap's recipes folder: ``$MEDCAP_RECIPES_DIR``, else the one an installed wheel
+    carries (``medcap/_recipes``), else the source checkout's top-level ``recipes/``."""
     env = os.environ.get(RECIPES_ENV)
     if env:
         path = Path(env).expanduser()
@@ -80,14 +115,20 @@ def recipes_dir() -> Path:
         return path.resolve()
     import medcap
 
-    path = Path(medcap.__file__).resolve().parents[1] / "recipes"
-    if not path.is_dir():
-        raise CLIError(
-            f"medcap's recipes/ folder was not found at {str(path)!r}. The recipes live in the "
-            "source checkout: install it with `pip install -e .` from the repository root, or set "
-            f"${RECIPES_ENV} to the recipes folder."
-        )
-    return path
+    package = Path(medcap.__file__).resolve().parent
+    if (package / "_recipes").is_dir():
+        return package / "_recipes"
+    # A site-packages folder also has a top-level recipes/ (torchtune's): only a checkout,
+    # recognisable by its pyproject.toml, has ours there.
+    checkout = package.parent
+    if (checkout / "recipes").is_dir() and (checkout / "pyproject.toml").is_file():
+        return checkout / "recipes"
+    raise CLIError(
+        f"medcap's recipes were not found (neither {str(package / '_recipes')!r}, which an installed "
+        f"wheel carries, nor a source checkout's recipes/ at {str(checkout / 'recipes')!r}). Reinstall "
+        f"medcap (`pip install .`, or `pip install -e .` from the repository root), or set "
+        f"${RECIPES_ENV} to the recipes folder."
+    )
 
 
 def configs_dir() -> Path:
@@ -95,12 +136,11 @@ def configs_dir() -> Path:
 
 
 def recipe_names() -> List[str]:
-    """Every ``*.py`` at the top of ``recipes/``, except private and package files."""
-    return sorted(p.stem for p in recipes_dir().glob("*.py") if not p.name.startswith("_"))
+    return sorted(RECIPES)
 
 
 def config_names() -> List[str]:
-    """Config names: paths under ``recipes/configs`` without the ``.yaml`` suffix."""
+    """Config names: the YAML files under ``configs/`` (registered or not), without the suffix."""
     cdir = configs_dir()
     if not cdir.is_dir():
         return []
@@ -109,6 +149,19 @@ def config_names() -> List[str]:
         for p in cdir.rglob("*")
         if p.is_file() and p.suffix in _CONFIG_SUFFIXES
     )
+
+
+def recipe_of_config(name: str) -> Optional[str]:
+    """The recipe a registered config name belongs to (None for an unregistered one)."""
+    name = _strip_suffix(name)
+    return next((r for r, rec in RECIPES.items() if name in rec.configs), None)
+
+
+def _strip_suffix(name: str) -> str:
+    for suffix in _CONFIG_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -127,7 +180,10 @@ def resolve_recipe(spec: str) -> Path:
         return path.resolve()
     names = recipe_names()
     if spec in names:
-        return recipes_dir() / f"{spec}.py"
+        path = recipes_dir() / RECIPES[spec].file
+        if not path.is_file():
+            raise CLIError(f"recipe {spec!r} is registered but its file {str(path)!r} is missing")
+        return path
     raise CLIError(
         f"unknown recipe {spec!r}: medcap's recipes are {names} (in {str(recipes_dir())!r}); "
         "or give the path of a .py file"
@@ -141,10 +197,7 @@ def resolve_config(spec: str) -> Path:
     if path.is_file():
         return path.resolve()
     cdir = configs_dir()
-    name = spec
-    for suffix in _CONFIG_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
+    name = _strip_suffix(spec)
     for suffix in _CONFIG_SUFFIXES:
         cand = cdir / f"{name}{suffix}"
         if cand.is_file() and not Path(spec).is_absolute():
@@ -298,29 +351,15 @@ def _supervise(cmd: List[str]) -> int:
 # medcap ls / cp
 
 
-def _config_recipe(config_path: Path, names: Sequence[str]) -> Optional[str]:
-    """The recipe a config names first in its comments (configs say how to run them)."""
-    best: Optional[Tuple[int, str]] = None
-    comments = "\n".join(
-        line for line in config_path.read_text(errors="replace").splitlines() if line.lstrip().startswith("#")
-    )
-    for name in names:
-        m = re.search(rf"(?<![\w/.-]){re.escape(name)}(?![\w-])", comments) or re.search(
-            rf"recipes/{re.escape(name)}\.py", comments
-        )
-        if m and (best is None or m.start() < best[0]):
-            best = (m.start(), name)
-    return best[1] if best else None
-
-
 def recipe_table() -> Dict[str, List[str]]:
-    """``{recipe name: [config names]}``; configs naming no recipe go under ``""``."""
-    names = recipe_names()
-    table: Dict[str, List[str]] = {n: [] for n in names}
-    cdir = configs_dir()
-    for cfg in config_names():
-        path = next(cdir / f"{cfg}{s}" for s in _CONFIG_SUFFIXES if (cdir / f"{cfg}{s}").is_file())
-        table.setdefault(_config_recipe(path, names) or "", []).append(cfg)
+    """``{recipe name: [config names]}`` from ``RECIPES``, listing only configs whose file
+    exists; YAML files the registry does not name go under ``""``."""
+    on_disk = config_names()
+    table = {name: [c for c in rec.configs if c in on_disk] for name, rec in RECIPES.items()}
+    registered = {c for rec in RECIPES.values() for c in rec.configs}
+    others = [c for c in on_disk if c not in registered]
+    if others:
+        table[""] = others
     return table
 
 
@@ -349,7 +388,7 @@ def _cp(argv: List[str]) -> int:
     parser.add_argument("-f", "--force", action="store_true", help="overwrite DEST if it exists")
     args = parser.parse_args(argv)
 
-    src = recipes_dir() / f"{args.name}.py" if args.name in recipe_names() else resolve_config(args.name)
+    src = resolve_recipe(args.name) if args.name in recipe_names() else resolve_config(args.name)
     dest = Path(args.dest).expanduser()
     if dest.is_dir() or args.dest.endswith(("/", os.sep)):
         dest = dest / src.name
@@ -363,6 +402,61 @@ def _cp(argv: List[str]) -> int:
     shutil.copyfile(src, dest)
     print(f"copied {src} -> {dest}")
     return 0
+
+
+def _cat(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(prog="medcap cat", description="Print a medcap config with its comments.")
+    parser.add_argument("config", help="config name (see `medcap ls`) or path")
+    args = parser.parse_args(argv)
+    if args.config in RECIPES:
+        raise CLIError(
+            f"{args.config!r} is a recipe; its configs are {list(RECIPES[args.config].configs)} "
+            f"(`medcap cp {args.config} DEST` copies the recipe itself)"
+        )
+    sys.stdout.write(resolve_config(args.config).read_text(encoding="utf-8"))
+    return 0
+
+
+def _validate(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="medcap validate",
+        description="Check a config as its recipe will read it: every key (unknown ones name the closest "
+        "valid key), every value, every path the run would read. Nothing is loaded.",
+    )
+    parser.add_argument("config", help="config name (see `medcap ls`) or path")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, as given to `medcap run`")
+    parser.add_argument("--recipe", choices=recipe_names(),
+                        help="the recipe the config is for (needed for a config file medcap does not ship)")  # fmt: skip
+    args = parser.parse_intermixed_args(argv)
+    recipe = args.recipe or _recipe_for_validate(args.config)
+    path = resolve_config(args.config)
+
+    from medcap import config
+
+    try:
+        schema = config.schema_for(recipe)
+        free_text = getattr(sys.modules[schema.__module__], "FREE_TEXT", ())
+        _, cfg = config.parse_args(["--config", str(path), *args.overrides], free_text)
+        config.validate(recipe, cfg)
+    except (config.ConfigError, OSError) as e:
+        msg = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e)
+        print(f"medcap validate: error: {msg}", file=sys.stderr)
+        return 1
+    print(f"medcap validate: {args.config} is a valid config for {recipe} (every key and path checked)")
+    return 0
+
+
+def _recipe_for_validate(spec: str) -> str:
+    """The recipe of a registered config name, or of a copy that kept its file name
+    (``medcap cp tiny/generate .`` gives ``generate.yaml``) when that name is unambiguous."""
+    recipe = recipe_of_config(spec)
+    if recipe is None and Path(spec).suffix in _CONFIG_SUFFIXES:
+        stem = Path(spec).stem
+        owners = {r for r, rec in RECIPES.items() for c in rec.configs if c.rsplit("/", 1)[-1] == stem}
+        recipe = owners.pop() if len(owners) == 1 else None
+    if recipe is None:
+        raise CLIError(f"which recipe is {spec!r} for? add --recipe NAME (one of {recipe_names()})")
+    return recipe
 
 
 # ---------------------------------------------------------------------------------------
@@ -443,9 +537,13 @@ _COMMANDS: Dict[str, Union[Callable[[List[str]], int], Tuple[str, str]]] = {
     "run": _run,
     "ls": _ls,
     "cp": _cp,
+    "cat": _cat,
+    "validate": _validate,
     "validate-data": ("medcap.data", "validate_main"),
     "demo": ("medcap.demo", "main"),
     "rescore": ("medcap.eval._rescore", "rescore_main"),
+    "caption": ("medcap._caption", "caption_main"),
+    "chat": ("medcap._caption", "chat_main"),
 }
 
 

@@ -1,53 +1,46 @@
-"""Small, locally made stand-ins for the real assets, for tests, benchmarks and the demo.
+"""Locally made stand-ins for the real assets, for the tests and the benchmarks; no
+production module imports this one (tests/test_architecture.py checks).
 
-Everything here is made on the spot, offline, in the same file formats as the
-real thing: a tiktoken ``tokenizer.model`` with remapped special tokens, an HF
-checkpoint directory of a Llama-3.1-architecture model (``config.json`` +
-safetensors), synthetic images, and sharegpt JSON in the reference's layout.
+Everything is made on the spot, offline, in the real file formats: a tiktoken
+``tokenizer.model`` with remapped special tokens, an HF folder of a
+Llama-3.1-architecture model (``config.json`` + safetensors), synthetic images,
+sharegpt JSON in the reference's layout, and VQA-RAD / OmniMedVQA folder layouts
+with the real sets' quirks. It is also the command that makes the assets the tiny
+configs (``recipes/configs/tiny/*.yaml``) run on, in seconds on a CPU:
+
+    python -m medcap.testing /tmp/medcap-tiny [--samples 8] [--bad 0]
+
+writes ``llm/`` (the tokenizer under ``original/`` and the seeded tiny model) and
+``data/train.json`` (sharegpt records over synthetic images; ``--bad N`` appends N
+broken records, to exercise the bad-sample accounting). Then:
+``medcap run full_finetune_single_device --config tiny/full_finetune_single_device assets_dir=/tmp/medcap-tiny``.
+
+OmniMedVQA quirks reproduced by ``make_omnimedvqa_layout``: the dataset's own
+modality spellings (``OCT (Optical Coherence Tomography`` without its parenthesis,
+``MR (Mag-netic Resonance Imaging)``, lower-case ``ultrasound``), near-miss
+spellings that the reference does not keep, records naming the modality in
+``modality`` instead of ``modality_type``, questions with two or three options,
+and image paths that point at no file.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import random
+import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from medcap.models._builders import hf_llama3_1_config
 from medcap.models._tokenizer import model_vocab_size, write_tiktoken_tokenizer
 
 PLACEHOLDER_CHAR = "\u2460"  # '①', the reference's image placeholder character
-
-
-def tiny_llama_hf_config(vocab_size: int, **sizes: Any):
-    """A transformers ``LlamaConfig`` equal to torchtune's ``llama3_1`` builder at small
-    sizes: rope theta 5e5, llama3 rope scaling, rms eps 1e-5, untied embeddings."""
-    from transformers import LlamaConfig
-
-    num_layers = sizes.get("num_layers", 2)
-    num_heads = sizes.get("num_heads", 4)
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=sizes.get("embed_dim", 64),
-        intermediate_size=sizes.get("intermediate_dim", 128),
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=sizes.get("num_kv_heads", 2),
-        max_position_embeddings=sizes.get("max_seq_len", 512),
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-    )
-
+# The sizes recipes/configs/tiny/*.yaml assume (medcap_tiny's defaults).
+TINY_VOCAB_SIZE = 268  # 256 byte tokens + 12 special tokens; <|image|> = 268, outside the vocabulary
+_WORDS = ["lesion", "mass", "nodule", "effusion", "fracture", "opacity", "normal", "edema", "cyst", "tumor"]
 
 def make_tiny_llm(
     out_dir: str | Path,
@@ -83,7 +76,7 @@ def make_tiny_llm(
         max_seq_len=max_seq_len,
     )
     torch.manual_seed(seed)
-    hf = LlamaForCausalLM(tiny_llama_hf_config(vocab, **sizes))
+    hf = LlamaForCausalLM(hf_llama3_1_config(vocab, **sizes))
     hf.save_pretrained(out, safe_serialization=True)
     files = sorted(p.name for p in out.glob("*.safetensors"))
     return {
@@ -142,3 +135,176 @@ def make_caption_dataset(
     path = out / name
     path.write_text(json.dumps(records, indent=1))
     return path
+
+
+# ------------------------------------------------------------ the tiny configs' assets
+
+
+def add_bad_records(train_json: Path, n_bad: int) -> None:
+    """Append ``n_bad`` records that cannot become samples (alternating: image file
+    missing, image file not an image)."""
+    records = json.loads(train_json.read_text())
+    img_dir = train_json.parent / "images"
+    for k in range(n_bad):
+        if k % 2 == 0:
+            rel = f"missing_{k:03d}.png"
+        else:
+            rel = f"corrupt_{k:03d}.png"
+            (img_dir / rel).write_bytes(b"this is not a PNG file")
+        records.append(
+            {
+                "conversations": [
+                    {"from": "human", "value": PLACEHOLDER_CHAR * 50},
+                    {"from": "gpt", "value": "A broken record."},
+                ],
+                "image": rel,
+                "meta": f"dir={img_dir}",
+            }
+        )
+    train_json.write_text(json.dumps(records, indent=1))
+
+
+def make_tiny_training_assets(
+    out_dir: str | Path, *, samples: int = 8, bad: int = 0, seed: int = 0, name: str = "train.json"
+) -> Dict[str, Any]:
+    """Write the tiny LLM, tokenizer and a sharegpt dataset; returns their paths and
+    ``overrides`` (``key=value`` strings naming them for a tiny config)."""
+    out = Path(out_dir)
+    llm = make_tiny_llm(out / "llm", seed=seed)
+    if llm["model_kwargs"]["vocab_size"] != TINY_VOCAB_SIZE:  # the configs hard-code it
+        raise RuntimeError(f"tiny vocabulary is {llm['model_kwargs']['vocab_size']}, configs expect {TINY_VOCAB_SIZE}")
+    train_json = make_caption_dataset(out / "data", samples, seed=seed, name=name)
+    if bad:
+        add_bad_records(train_json, bad)
+    return {
+        "assets_dir": str(out),
+        "tokenizer_path": llm["tokenizer_path"],
+        "special_tokens_path": llm["special_tokens_path"],
+        "checkpoint_dir": llm["checkpoint_dir"],
+        "checkpoint_files": llm["checkpoint_files"],
+        "train_json": str(train_json),
+        "model_kwargs": llm["model_kwargs"],
+        "overrides": [f"assets_dir={out}"],
+    }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m medcap.testing", description="Make the assets the tiny configs run on.")
+    p.add_argument("out_dir")
+    p.add_argument("--samples", type=int, default=8, help="good samples (default 8)")
+    p.add_argument("--bad", type=int, default=0, help="broken records to append (default 0)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    info = make_tiny_training_assets(args.out_dir, samples=args.samples, bad=args.bad, seed=args.seed)
+    print(f"tiny assets in {info['assets_dir']}; pass: {' '.join(info['overrides'])}")
+    return 0
+
+
+# ------------------------------------------------------------ evaluation set layouts
+
+
+def make_vqarad_layout(root: str | Path, *, n_images: int = 4, seed: int = 0, image_size: int = 40) -> Dict[str, Any]:
+    """``{root}/VQA_RAD/VQA_RAD Dataset Public.json`` + ``VQA_RAD Image Folder/``.
+
+    Each image gets a closed free-form question, a closed paraphrase, an open
+    question and a closed training question: only the first two are test items.
+    Returns ``{"root", "expected": [(image_name, question, answer), ...]}``.
+    """
+    root = Path(root)
+    base = root / "VQA_RAD"
+    img_dir = base / "VQA_RAD Image Folder"
+    rng = random.Random(seed)
+    records: List[Dict[str, Any]] = []
+    expected = []
+    qid = 0
+    for i in range(n_images):
+        name = f"synpic{1000 + i}.jpg"
+        make_image(img_dir / name, image_size, seed=seed * 100 + i)
+        w = rng.choice(_WORDS)
+        rows = [
+            ("test_freeform", "CLOSED", f"Is there a {w}?", rng.choice(["Yes", "No"])),
+            ("test_para", "CLOSED", f"Does the image show a {w}?", rng.choice(["yes", "no"])),
+            ("test_freeform", "OPEN", f"Where is the {w}?", "left lung"),
+            ("freeform", "CLOSED", f"Is this a {w}?", "no"),
+        ]
+        for phrase_type, answer_type, q, a in rows:
+            qid += 1
+            records.append(
+                {"qid": qid, "image_name": name, "image_organ": "CHEST", "answer": a, "answer_type": answer_type,
+                 "question_type": "PRES", "question": q, "phrase_type": phrase_type}
+            )
+            if phrase_type in ("test_freeform", "test_para") and answer_type == "CLOSED":
+                expected.append((name, q, a))
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "VQA_RAD Dataset Public.json").write_text(json.dumps(records, indent=1))
+    return {"root": str(root), "expected": expected}
+
+
+def make_omnimedvqa_layout(
+    root: str | Path, *, per_modality: int = 2, seed: int = 0, image_size: int = 40, quirks: bool = True
+) -> Dict[str, Any]:
+    """``{root}/OmniMedVQA/QA_information/Open-access/*.json`` + images under ``{root}/OmniMedVQA/Images/``.
+
+    ``per_modality`` questions for each of the 8 kept modalities, spread over two
+    files. With ``quirks``: one record uses ``modality``, some lack option C/D,
+    one image is missing, and a few records carry spellings that are not kept.
+    Returns counts for checking: ``kept`` (questions the reader keeps by default;
+    the ``modality`` record is left out as the reference leaves it out),
+    ``missing_images``, ``excluded`` (by spelling), ``modality_key``, ``no_option_C``.
+    """
+    root = Path(root)
+    base = root / "OmniMedVQA"
+    qa_dir = base / "QA_information" / "Open-access"
+    qa_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    files: Dict[str, List[Dict[str, Any]]] = {"Dataset-A.json": [], "Dataset-B.json": []}
+    counts = {"kept": 0, "missing_images": 0, "excluded": 0, "modality_key": 0, "no_option_C": 0}
+    n = 0
+    from medcap.eval._datasets import OMNIMEDVQA_MODALITIES
+
+    for m_i, modality in enumerate(OMNIMEDVQA_MODALITIES):
+        for k in range(per_modality):
+            n += 1
+            rel = f"Images/{m_i}/img_{k:03d}.png"
+            make_image(base / rel, image_size, seed=seed * 1000 + n)
+            options = [f"{rng.choice(_WORDS)} {j}" for j in range(4)]
+            n_opts = 4 if (not quirks or n % 3) else (2 if n % 2 else 3)
+            rec: Dict[str, Any] = {
+                "question_id": f"q{n:04d}",
+                "dataset": "Dataset-A" if n % 2 else "Dataset-B",
+                "question_type": "Modality Recognition",
+                "question": f"What finding is visible in image {n}?",
+                "gt_answer": options[rng.randrange(n_opts)],
+                "image_path": rel,
+                "modality_type": modality,
+            }
+            for j in range(n_opts):
+                rec[f"option_{'ABCD'[j]}"] = options[j]
+            if n_opts < 3 and not (quirks and n == 3):  # among the questions kept by default
+                counts["no_option_C"] += 1
+            if quirks and n == 3:
+                rec["modality"] = rec.pop("modality_type")
+                counts["modality_key"] += 1
+                counts["kept"] -= 1  # undone by the += 1 below: left out by default
+            if quirks and n == 5:
+                rec["image_path"] = "Images/does_not_exist.png"
+                counts["missing_images"] += 1
+            counts["kept"] += 1
+            files["Dataset-A.json" if n % 2 else "Dataset-B.json"].append(rec)
+    if quirks:
+        for j, odd in enumerate(("MR (Magnetic Resonance Imaging)", "OCT (Optical Coherence Tomography)", "Ultrasound")):
+            n += 1
+            rel = f"Images/odd/img_{j}.png"
+            make_image(base / rel, image_size, seed=seed * 1000 + n)
+            files["Dataset-B.json"].append(
+                {"question_id": f"q{n:04d}", "dataset": "Dataset-B", "question_type": "x", "question": "Which one?",
+                 "gt_answer": "a", "image_path": rel, "option_A": "a", "option_B": "b", "modality_type": odd}
+            )
+            counts["excluded"] += 1
+    for name, recs in files.items():
+        (qa_dir / name).write_text(json.dumps(recs, indent=1))
+    return {"root": str(root), **counts}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

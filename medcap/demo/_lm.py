@@ -241,9 +241,9 @@ def pretrain(
 
 def hf_config(sizes: LMSizes):
     """The ``LlamaConfig`` that equals torchtune's ``llama3_1`` at these sizes."""
-    from medcap.testing import tiny_llama_hf_config
+    from medcap.models._builders import hf_llama3_1_config
 
-    return tiny_llama_hf_config(sizes.vocab_size, **{k: v for k, v in asdict(sizes).items() if k != "vocab_size"})
+    return hf_llama3_1_config(sizes.vocab_size, **{k: v for k, v in asdict(sizes).items() if k != "vocab_size"})
 
 
 def save_hf(decoder, sizes: LMSizes, out_dir: str | Path) -> Path:

@@ -3,7 +3,7 @@ builders with fixed sizes (the real model and tiny ones) for configs' ``_compone
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from torchtune.models.llama3_1 import llama3_1
 
@@ -130,4 +130,34 @@ def medcap_tiny(
         num_image_tokens=num_image_tokens,
         projector_hidden_dim=projector_hidden_dim,
         image_token_id=image_token_id,
+    )
+
+
+def hf_llama3_1_config(vocab_size: int, **sizes: Any):
+    """The transformers ``LlamaConfig`` of the decoder ``llama3_1`` builds at these sizes
+    (``num_layers``, ``num_heads``, ``num_kv_heads``, ``embed_dim``, ``intermediate_dim``,
+    ``max_seq_len``): rope theta 5e5, llama3 rope scaling, rms eps 1e-5, untied embeddings.
+    For writing small decoders in Hugging Face format (the demo's LM, tests' tiny LLMs)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=sizes.get("embed_dim", 64),
+        intermediate_size=sizes.get("intermediate_dim", 128),
+        num_hidden_layers=sizes.get("num_layers", 2),
+        num_attention_heads=sizes.get("num_heads", 4),
+        num_key_value_heads=sizes.get("num_kv_heads", 2),
+        max_position_embeddings=sizes.get("max_seq_len", 512),
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
     )

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medcap.checkpointing import load_llama_weights
-from medcap.testing import tiny_llama_hf_config
+from medcap.models._builders import hf_llama3_1_config
 
 
 def _text_tokens(vocab_size: int, b: int = 2, s: int = 24) -> torch.Tensor:
@@ -54,7 +54,7 @@ def sharded_llm(tmp_path_factory, tiny_llm):
 
     sizes = {k: v for k, v in tiny_llm["model_kwargs"].items() if k not in ("vocab_size", "image_token_id")}
     torch.manual_seed(7)
-    hf = LlamaForCausalLM(tiny_llama_hf_config(tiny_llm["model_kwargs"]["vocab_size"], **sizes))
+    hf = LlamaForCausalLM(hf_llama3_1_config(tiny_llm["model_kwargs"]["vocab_size"], **sizes))
     out = tmp_path_factory.mktemp("sharded")
     # two shards: torchtune's checkpointer runs a full gc.collect per shard (~0.7 s here)
     hf.save_pretrained(out, max_shard_size="300KB")
