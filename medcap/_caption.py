@@ -72,7 +72,8 @@ def _parser(chat: bool) -> argparse.ArgumentParser:
         p.add_argument("--question", "-q", default=None,
                        help="ask this about every image instead of captioning (taken as typed)")
         p.add_argument("--out", default=None, help="also write the results to this .jsonl or .csv file")
-        p.add_argument("--batch-size", type=int, default=8, help="images generated together (default 8)")
+        p.add_argument("--batch-size", type=int, default=None,
+                       help="images generated together (default: the config's batch_size)")
     p.add_argument("--checkpoint", default=None,
                    help="the trained vision tower + projector (.safetensors or the reference's .pt); "
                    "default: the config's vision_checkpoint")
@@ -308,7 +309,7 @@ def caption(cap: Captioner, images: Sequence[str], question: Optional[str], *, o
 def _caption_main(argv: List[str]) -> int:
     args = _parser(chat=False).parse_intermixed_args(argv)
     specs, overrides = split_overrides(args.images)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.out and not args.out.lower().endswith((".jsonl", ".csv")):
         raise UserError(f"--out {args.out!r}: give a .jsonl or .csv file")
@@ -316,7 +317,7 @@ def _caption_main(argv: List[str]) -> int:
     if not images:
         raise UserError("no images given")
     cfg = resolve_model_config(args, overrides)
-    cap = _loaded(cfg, args, batch_size=args.batch_size)
+    cap = _loaded(cfg, args, batch_size=args.batch_size or int(cfg.get("batch_size") or 8))
     rows, failed = caption(cap, images, args.question, on_row=lambda r: print(f"{r['image']}: {r['answer']}", flush=True))
     if args.out:
         _write_rows(args.out, rows)
@@ -334,7 +335,8 @@ def chat(cap: Captioner, image_path: str, lines, write=print) -> List[Dict[str, 
     """A conversation about one image: each line from ``lines`` is a user turn (the
     first carries the image), each reply is written as ``ASSISTANT: ...``. Ends at
     ``q``/``quit``/``exit``, at the end of ``lines``, or when the context is full."""
-    from medcap.generation import clean_text, question_messages
+    from medcap.generation import clean_text
+    from medcap.generation._prompt import question_messages
 
     image = cap.image(image_path)
     messages: List[Dict[str, str]] = []
