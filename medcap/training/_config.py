@@ -1,191 +1,223 @@
-"""Config checks and the settings both recipes read, in one place so they cannot drift.
+"""The fine-tuning recipe's config: one typed dataclass, every default written once.
 
-The configs keep the reference's keys (torchtune's full fine-tune keys plus
-``vision`` and ``vision_checkpoint``). Optional keys of ours, with defaults:
+``TrainConfig.from_config(cfg)`` turns the YAML + ``key=value`` overrides into a
+``TrainConfig`` (unknown keys name the closest valid one, values are converted
+and bounded by key). ``check()`` then looks at every file the run will read,
+still before anything heavy is built. The reference's legacy keys and values
+are mapped here and nowhere else:
 
-* ``checkpoint_format``: ``safetensors`` (default) or ``pt`` (the reference's dict).
-* ``save_last_every_seconds`` (28800, the reference's 8 h; null: never by time) and
-  ``save_last_every_steps`` (null): when ``meta_model_last`` + ``recipe_state.pt``
-  are written during training (also at every epoch end, and the weights at the end).
-* ``group_by_length`` (False): batches of similar length, random batch order.
-* ``num_workers`` (0): DataLoader worker processes.
-* ``stop_after_steps`` (null): stop after that many optimizer steps *without*
-  saving, as if the job were killed there (resume tests, time-boxed smoke runs).
-* ``log_every_n_steps`` (1), ``clip_grad_norm`` (null), ``lr_scheduler`` (none).
-* ``resume_from_checkpoint``: False, True or ``auto``; ``overwrite`` (False): a new
-  run may replace the run already in ``checkpointer.output_dir`` (see ``_run_dir``).
-* ``vision_random_init`` (False): allow a random vision tower when neither
-  ``model.vision_pretrained`` nor ``vision_checkpoint`` is given.
+* ``compile``, ``enable_activation_offloading``, ``log_peak_memory_stats``:
+  accepted, no effect (the log says so);
+* ``checkpointer._component_``: only torchtune's HF checkpointer, which is what
+  ``checkpointer`` describes anyway (the LLM is read from a Hugging Face folder);
+* ``dataset._component_=torchtune.datasets.chat_dataset`` (text only) becomes
+  ``medcap.data.chat_dataset`` with the same arguments, and the log says so;
+* a torchtune cross-entropy ``loss`` becomes ``LabelTokenCrossEntropy`` (same maths).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Dict, Literal, Optional, Tuple
 
-from omegaconf import DictConfig, OmegaConf
-
-from medcap.models import check_vision
+from medcap.config import ConfigError, check_component, from_config, must_exist, plain
 
 log = logging.getLogger("medcap.training")
 
-# The reference wrote meta_model_last every 8 hours.
-DEFAULT_SAVE_LAST_EVERY_SECONDS = 8 * 3600
 CHECKPOINT_FORMATS = {"safetensors": ".safetensors", "pt": ".pt"}
-DTYPES = ("bf16", "fp32")
-
 TORCHTUNE_CHAT_DATASET = "torchtune.datasets.chat_dataset"
 MEDCAP_CHAT_DATASET = "medcap.data.chat_dataset"
 LOSS_COMPONENT = "medcap.training.LabelTokenCrossEntropy"
+HF_CHECKPOINTER = "torchtune.training.FullModelHFCheckpointer"
 # Losses a torchtune-style config may name; all mean "next-token CE over labels".
 _CE_LOSSES = (
     "torch.nn.CrossEntropyLoss",
     "torchtune.modules.loss.CEWithChunkedOutputLoss",
     "torchtune.modules.loss.LinearCrossEntropyLoss",
 )
-HF_CHECKPOINTER = "torchtune.training.FullModelHFCheckpointer"
-
-_REQUIRED = ("model", "tokenizer", "checkpointer", "dataset", "optimizer", "batch_size", "epochs", "output_dir")
-
-
-def check_config(cfg: DictConfig, *, distributed: bool) -> None:
-    """Fail before any weight is loaded when the config cannot work, saying why."""
-    missing = [k for k in _REQUIRED if cfg.get(k) is None]
-    if missing:
-        raise ValueError(f"the config lacks required keys: {missing}")
-    check_vision(cfg.get("vision", "biomedclip"))
-    model_vision = cfg.model.get("vision")
-    if model_vision is not None and model_vision != cfg.get("vision", "biomedclip"):
-        raise ValueError(f"vision={cfg.get('vision')!r} but model.vision={model_vision!r}: they must agree")
-
-    dtype = cfg.get("dtype", "bf16")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported for training; choose one of {list(DTYPES)}")
-
-    _positive_int(cfg, "batch_size")
-    _positive_int(cfg, "epochs")
-    gas = _positive_int(cfg, "gradient_accumulation_steps", default=1)
-    for key in ("max_steps_per_epoch", "save_last_every_steps", "stop_after_steps"):
-        if cfg.get(key) is not None:
-            _positive_int(cfg, key)
-    secs = cfg.get("save_last_every_seconds", DEFAULT_SAVE_LAST_EVERY_SECONDS)
-    if secs is not None and float(secs) <= 0:
-        raise ValueError(f"save_last_every_seconds must be > 0 or null, got {secs}")
-
-    fmt = cfg.get("checkpoint_format", "safetensors")
-    if fmt not in CHECKPOINT_FORMATS:
-        raise ValueError(f"checkpoint_format={fmt!r}: choose one of {list(CHECKPOINT_FORMATS)}")
-
-    if cfg.get("optimizer_in_bwd", False):
-        if gas != 1:
-            raise ValueError(
-                f"optimizer_in_bwd=True steps the optimizer inside backward, so it cannot accumulate "
-                f"gradients: set gradient_accumulation_steps=1 (got {gas}) or optimizer_in_bwd=False"
-            )
-        if cfg.get("clip_grad_norm") is not None:
-            raise ValueError("clip_grad_norm needs all gradients at once: it cannot be used with optimizer_in_bwd=True")
-        if distributed:
-            raise ValueError(
-                "optimizer_in_bwd is for the single-device recipe; the distributed recipe must reduce "
-                "gradients across ranks before stepping. Set optimizer_in_bwd=False."
-            )
-
-    comp = cfg.checkpointer.get("_component_", HF_CHECKPOINTER)
-    if comp != HF_CHECKPOINTER:
-        raise ValueError(
-            f"checkpointer._component_={comp!r}: the LLM is read from a Hugging Face checkpoint folder "
-            f"({HF_CHECKPOINTER} with checkpoint_dir, checkpoint_files, model_type)"
-        )
-    if not cfg.checkpointer.get("checkpoint_dir"):
-        raise ValueError("checkpointer.checkpoint_dir must name the Llama checkpoint folder")
-
-    if cfg.get("compile", False):
-        log.warning("compile=True is ignored by medcap's recipes (eager mode)")
-    if cfg.get("enable_activation_offloading", False):
-        log.warning("enable_activation_offloading=True is ignored by medcap's recipes")
-
-
-def _positive_int(cfg: DictConfig, key: str, default: Optional[int] = None) -> int:
-    value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key} must be a positive integer, got {value!r}")
-    return value
-
-
-def resolve_dataset_config(cfg_dataset: DictConfig) -> Tuple[DictConfig, bool]:
-    """Swap torchtune's text-only ``chat_dataset`` for medcap's image-aware one.
-
-    The reference's launch lines name ``torchtune.datasets.chat_dataset``, which
-    would drop the images; ``medcap.data.chat_dataset`` takes the same arguments.
-    Returns the (possibly swapped) config and whether it was swapped.
-    """
-    comp = cfg_dataset.get("_component_")
-    if comp == TORCHTUNE_CHAT_DATASET:
-        swapped = OmegaConf.create(OmegaConf.to_container(cfg_dataset, resolve=True))
-        swapped._component_ = MEDCAP_CHAT_DATASET
-        log.warning(
-            "dataset._component_=%s is torchtune's text-only chat dataset; using %s with the same "
-            "arguments so that the images are read",
-            TORCHTUNE_CHAT_DATASET,
-            MEDCAP_CHAT_DATASET,
-        )
-        return swapped, True
-    return cfg_dataset, False
-
-
-def resolve_loss_config(cfg_loss: Optional[DictConfig]) -> DictConfig:
-    """The loss is always next-token CE over label positions; a torchtune-style CE
-    component is replaced by :class:`LabelTokenCrossEntropy` (same maths, no full logits)."""
-    if cfg_loss is None:
-        return OmegaConf.create({"_component_": LOSS_COMPONENT})
-    comp = cfg_loss.get("_component_")
-    if comp == LOSS_COMPONENT:
-        return cfg_loss
-    if comp in _CE_LOSSES:
-        log.info("loss %s -> %s (cross-entropy computed only at label positions)", comp, LOSS_COMPONENT)
-        kept = {k: v for k, v in OmegaConf.to_container(cfg_loss, resolve=True).items() if k == "ignore_index"}
-        return OmegaConf.create({"_component_": LOSS_COMPONENT, **kept})
-    raise ValueError(f"loss._component_={comp!r} is not supported; use {LOSS_COMPONENT}")
+_MIN1 = {"min": 1}
 
 
 @dataclass
-class TrainSettings:
-    """The loop's knobs, read once from the config."""
+class CheckpointerConfig:
+    """Where the frozen LLM comes from and where the run's checkpoints go."""
 
-    epochs: int
-    batch_size: int
-    gradient_accumulation_steps: int = 1
-    max_steps_per_epoch: Optional[int] = None
-    clip_grad_norm: Optional[float] = None
-    log_every_n_steps: int = 1
-    checkpoint_dir: Path = Path(".")
-    checkpoint_format: str = "safetensors"
-    save_last_every_seconds: Optional[float] = DEFAULT_SAVE_LAST_EVERY_SECONDS
-    save_last_every_steps: Optional[int] = None
-    stop_after_steps: Optional[int] = None
-    output_dir: Path = Path(".")
+    LEGACY = {"_component_": "component"}
+
+    checkpoint_dir: str  # the Llama Hugging Face folder (config.json + safetensors shards)
+    checkpoint_files: Any = None  # shard names (a list), torchtune's {filename_format, max_filename}, or null: every *.safetensors
+    model_type: Literal["LLAMA3"] = "LLAMA3"  # torchtune's name for Llama 3.x weights
+    output_dir: Optional[str] = None  # meta_model_{epoch}, meta_model_last, recipe_state.pt; null: output_dir
+    recipe_checkpoint: Optional[str] = None  # resume state file; null: {checkpointer.output_dir}/recipe_state.pt
+    component: str = HF_CHECKPOINTER  # the reference's checkpointer._component_: only the HF checkpointer reads our layout
+
+    def __post_init__(self) -> None:
+        if self.component != HF_CHECKPOINTER:
+            raise ConfigError(
+                f"checkpointer._component_={self.component!r}: the LLM is read from a Hugging Face checkpoint "
+                f"folder ({HF_CHECKPOINTER}: give checkpoint_dir, checkpoint_files, model_type)"
+            )
+
+
+@dataclass
+class TrainConfig:
+    """Every key of ``recipes/configs/*/full_finetune_*.yaml`` and ``llama3_1/8B_full*.yaml``."""
+
+    LEGACY = {"compile": None, "enable_activation_offloading": None, "log_peak_memory_stats": None}
+
+    # --- run and inputs
+    output_dir: str  # logs, the resolved config; checkpoints go to checkpointer.output_dir
+    model: Dict[str, Any]  # _component_ building a MedcapModel (medcap.models.medcap_llama3_1_8b, medcap_tiny)
+    tokenizer: Dict[str, Any]  # _component_ building the Llama 3 tokenizer (medcap.models.llama3_tokenizer)
+    dataset: Dict[str, Any]  # _component_ building the image-chat dataset (medcap.data.chat_dataset)
+    checkpointer: CheckpointerConfig
+    optimizer: Dict[str, Any]  # _component_ of a torch optimizer, over the vision tower and projector only
+    batch_size: int = field(metadata=_MIN1)  # samples per step per process
+    epochs: int = field(metadata=_MIN1)
+    vision: Literal["biomedclip"] = "biomedclip"  # the vision tower design
+    vision_checkpoint: Optional[str] = None  # start the tower + projector from a medcap/reference checkpoint
+    vision_random_init: bool = False  # allow a random tower when neither model.vision_pretrained nor vision_checkpoint is given
+
+    # --- data order
+    seed: Optional[int] = None  # null: a random seed, recorded so that a resumed run keeps the data order
+    shuffle: bool = True  # reshuffle every epoch (seed + epoch)
+    group_by_length: bool = False  # batches of similar length (less padding), in random order
+    num_workers: int = field(default=0, metadata={"min": 0})  # DataLoader worker processes
+
+    # --- optimisation
+    loss: Optional[Dict[str, Any]] = None  # null: LabelTokenCrossEntropy with its defaults
+    lr_scheduler: Optional[Dict[str, Any]] = None  # a torchtune scheduler (given num_training_steps); null: constant lr
+    max_steps_per_epoch: Optional[int] = field(default=None, metadata=_MIN1)  # cap optimizer steps per epoch
+    gradient_accumulation_steps: int = field(default=1, metadata=_MIN1)  # batches per optimizer step
+    optimizer_in_bwd: bool = False  # step each parameter inside backward (one process, accumulation 1, no clipping)
+    clip_grad_norm: Optional[float] = None  # max global gradient norm; null: no clipping
+
+    # --- checkpoints and resume
+    resume_from_checkpoint: Any = False  # True: continue the run in checkpointer.output_dir; auto: if there is one
+    overwrite: bool = False  # a new run may delete the checkpoints of the run already in checkpointer.output_dir
+    checkpoint_format: Literal["safetensors", "pt"] = "safetensors"  # pt: the reference's {'visual','projector'} dict
+    save_last_every_seconds: Optional[float] = 8 * 3600.0  # meta_model_last every 8 h, as the reference; null: never by time
+    save_last_every_steps: Optional[int] = field(default=None, metadata=_MIN1)  # and/or every N optimizer steps
+    stop_after_steps: Optional[int] = field(default=None, metadata=_MIN1)  # stop without saving, as if killed (tests, smoke runs)
+
+    # --- environment and logging
+    device: str = "cuda"  # cuda or cpu (cuda without a GPU is an error, not a fallback)
+    dtype: Literal["bf16", "fp32"] = "bf16"  # weights and compute (fp32 on the CPU)
+    enable_activation_checkpointing: bool = False  # recompute the decoder layers in backward
+    metric_logger: Optional[Dict[str, Any]] = None  # torchtune logger; null: DiskLogger in {output_dir}/logs
+    log_every_n_steps: int = field(default=1, metadata=_MIN1)  # metrics to the metric logger every N steps
+    progress: bool = True  # a bar on a terminal, else a line every few seconds (step, loss, rate, ETA)
 
     @classmethod
-    def from_config(cfg_cls, cfg: DictConfig) -> "TrainSettings":
-        secs = cfg.get("save_last_every_seconds", DEFAULT_SAVE_LAST_EVERY_SECONDS)
-        clip = cfg.get("clip_grad_norm")
-        return cfg_cls(
-            epochs=int(cfg.epochs),
-            batch_size=int(cfg.batch_size),
-            gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps", 1)),
-            max_steps_per_epoch=cfg.get("max_steps_per_epoch"),
-            clip_grad_norm=float(clip) if clip is not None else None,
-            log_every_n_steps=int(cfg.get("log_every_n_steps", 1)),
-            checkpoint_dir=Path(cfg.checkpointer.get("output_dir") or cfg.output_dir),
-            checkpoint_format=cfg.get("checkpoint_format", "safetensors"),
-            save_last_every_seconds=float(secs) if secs is not None else None,
-            save_last_every_steps=cfg.get("save_last_every_steps"),
-            stop_after_steps=cfg.get("stop_after_steps"),
-            output_dir=Path(cfg.output_dir),
-        )
+    def from_config(cls, cfg) -> "TrainConfig":
+        """From the YAML + overrides (a DictConfig or a plain mapping)."""
+        data, variables = plain(cfg)
+        return from_config(cls, data, variables=variables)
+
+    def __post_init__(self) -> None:
+        from medcap.training._run_dir import resume_mode
+
+        self.resume = resume_mode(self.resume_from_checkpoint)  # "no", "yes" or "auto"
+        if self.save_last_every_seconds is not None and self.save_last_every_seconds <= 0:
+            raise ConfigError(f"save_last_every_seconds must be > 0 or null, got {self.save_last_every_seconds}")
+        if self.model.get("vision") not in (None, self.vision):
+            raise ConfigError(f"vision={self.vision!r} but model.vision={self.model['vision']!r}: they must agree")
+        if self.optimizer_in_bwd:
+            if self.gradient_accumulation_steps != 1:
+                raise ConfigError(
+                    "optimizer_in_bwd=True steps the optimizer inside backward, so it cannot accumulate gradients: "
+                    f"set gradient_accumulation_steps=1 (got {self.gradient_accumulation_steps}) or optimizer_in_bwd=False"
+                )
+            if self.clip_grad_norm is not None:
+                raise ConfigError("clip_grad_norm needs all gradients at once: it cannot be used with optimizer_in_bwd=True")
+        self.dataset = resolve_dataset_config(self.dataset)[0]
+        self.loss = resolve_loss_config(self.loss)
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpointer.output_dir or self.output_dir)
 
     @property
     def checkpoint_suffix(self) -> str:
         return CHECKPOINT_FORMATS[self.checkpoint_format]
+
+    def check_world(self, world_size: int) -> None:
+        """What only the number of processes decides."""
+        if self.optimizer_in_bwd and world_size > 1:
+            raise ConfigError(
+                "optimizer_in_bwd is for single-device runs: with several processes the gradients must be "
+                "reduced across ranks before stepping. Set optimizer_in_bwd=False."
+            )
+
+    def check(self) -> None:
+        """Every component's arguments and every file the run reads, nothing loaded."""
+        for key in ("model", "tokenizer", "dataset", "optimizer", "loss", "lr_scheduler", "metric_logger"):
+            section = getattr(self, key)
+            if section is not None:
+                check_component(section, key)
+        ds = self.dataset
+        if ds.get("source") not in (None, "json", "jsonl"):
+            must_exist(ds["source"], "dataset.source")
+        elif isinstance(ds.get("data_files"), str):
+            must_exist(ds["data_files"], "dataset.data_files")
+        if ds.get("image_dir"):
+            must_exist(ds["image_dir"], "dataset.image_dir", "dir")
+        for key in ("path", "special_tokens_path"):
+            if self.tokenizer.get(key):
+                must_exist(self.tokenizer[key], f"tokenizer.{key}")
+        ckpt = must_exist(self.checkpointer.checkpoint_dir, "checkpointer.checkpoint_dir", "dir")
+        if isinstance(self.checkpointer.checkpoint_files, list):
+            for name in self.checkpointer.checkpoint_files:
+                must_exist(ckpt / name, "checkpointer.checkpoint_files")
+        pretrained = self.model.get("vision_pretrained")
+        if self.vision_checkpoint:
+            must_exist(self.vision_checkpoint, "vision_checkpoint")
+        elif pretrained and not str(pretrained).startswith("hf-hub:"):
+            local = Path(str(pretrained)).expanduser()
+            must_exist(local / "open_clip_pytorch_model.bin" if local.is_dir() else local, "model.vision_pretrained")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_train_config(cfg, world_size: int = 1) -> TrainConfig:
+    """The typed, checked config: what a recipe does first."""
+    typed = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_config(cfg)
+    typed.check_world(world_size)
+    typed.check()
+    return typed
+
+
+def resolve_dataset_config(cfg_dataset: Dict[str, Any]) -> Tuple[Dict[str, Any], bool]:
+    """Swap torchtune's text-only ``chat_dataset`` for medcap's image-aware one (which takes
+    the same arguments). Returns the (possibly swapped) section and whether it was swapped."""
+    if cfg_dataset.get("_component_") != TORCHTUNE_CHAT_DATASET:
+        return cfg_dataset, False
+    swapped = dict(cfg_dataset, _component_=MEDCAP_CHAT_DATASET)
+    log.warning(
+        "dataset._component_=%s is torchtune's text-only chat dataset; using %s with the same "
+        "arguments so that the images are read",
+        TORCHTUNE_CHAT_DATASET,
+        MEDCAP_CHAT_DATASET,
+    )
+    return swapped, True
+
+
+def resolve_loss_config(cfg_loss: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The loss is always next-token CE over label positions; a torchtune-style CE
+    component is replaced by :class:`LabelTokenCrossEntropy` (same maths, no full logits)."""
+    if cfg_loss is None:
+        return {"_component_": LOSS_COMPONENT}
+    comp = cfg_loss.get("_component_")
+    if comp == LOSS_COMPONENT:
+        return dict(cfg_loss)
+    if comp in _CE_LOSSES:
+        log.info("loss %s -> %s (cross-entropy computed only at label positions)", comp, LOSS_COMPONENT)
+        kept = {k: v for k, v in cfg_loss.items() if k == "ignore_index"}
+        return {"_component_": LOSS_COMPONENT, **kept}
+    raise ConfigError(f"loss._component_={comp!r} is not supported; use {LOSS_COMPONENT}")

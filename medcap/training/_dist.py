@@ -26,12 +26,16 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, List
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from medcap.config import ConfigError
 
 log = logging.getLogger("medcap.training")
 
@@ -151,11 +155,6 @@ class DistEnv:
             dist.destroy_process_group()
 
 
-def single_device_env(device: str = "cuda") -> DistEnv:
-    """The device for a one-process run; ``cuda`` falls back loudly when absent."""
-    return DistEnv(device=_resolve_device(device, 0))
-
-
 def init_distributed_env(device: str = "cuda") -> DistEnv:
     """Join torchrun's process group: NCCL on CUDA, Gloo on CPU.
 
@@ -182,7 +181,7 @@ def _resolve_device(device: str, local_rank: int) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(
+            raise ConfigError(
                 "device=cuda but no CUDA device is available; pass device=cpu (and dtype=fp32) to run on the CPU"
             )
         if dev.index is None:
@@ -209,3 +208,14 @@ def shard_frozen_decoder(model: nn.Module, train_module: nn.Module, env: DistEnv
         n / 1e6,
         n / 1e6 / env.world_size,
     )
+
+
+def peak_memory_gib(device: torch.device, reset: bool = True) -> float:
+    """CUDA: peak allocated since the last reset. CPU: the process's peak RSS so far."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)

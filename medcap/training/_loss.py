@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
@@ -120,3 +121,28 @@ class LabelTokenCrossEntropy:
 def _chunk_ce(model, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     logits = model.logits(h)  # [c, vocab] float32
     return F.cross_entropy(logits, t, reduction="none")  # [c]
+
+
+class TrainForward(nn.Module):
+    """Fused forward + label-only loss as one module: the FSDP root in a distributed run,
+    plain otherwise. Returns ``(loss_sum, label_count)``.
+
+    ``keep_graph``: when a rank's batch has no image, its input embeddings would not need
+    grad and backward would skip the (sharded) decoder layers, leaving the other ranks
+    waiting in their all-gathers. Marking the embeddings as requiring grad makes every
+    rank run the same backward.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LabelTokenCrossEntropy, keep_graph: bool = False):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.keep_graph = keep_graph
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, images: Optional[torch.Tensor] = None):
+        embeds = self.model.embed(tokens, images)  # [b, s, d]
+        if self.keep_graph and torch.is_grad_enabled() and not embeds.requires_grad:
+            embeds = embeds.detach().requires_grad_(True)
+        hidden = self.model.hidden_states(tokens, embeds=embeds)  # [b, s, d]
+        out = self.loss_fn(self.model, hidden, labels)
+        return out.total, torch.tensor(out.count)

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
-from omegaconf import DictConfig
-
 from medcap._fs import exclusive_lock, remove_stale_tmp
+from medcap.config import ConfigError
 from medcap.training._state import RECIPE_STATE_FILE, find_recipe_state
 
 log = logging.getLogger("medcap.training")
@@ -47,7 +46,7 @@ def resume_mode(value: Any) -> str:
     text = str(value).strip().lower()
     if text in ("auto", "true", "false"):
         return {"auto": "auto", "true": "yes", "false": "no"}[text]
-    raise ValueError(f"resume_from_checkpoint={value!r}: use True, False or auto")
+    raise ConfigError(f"resume_from_checkpoint={value!r}: use True, False or auto")
 
 
 def checkpoint_lock_path(folder: Path) -> Path:
@@ -63,6 +62,10 @@ def run_files(folder: Path) -> List[Path]:
         return []
     found = {p for pattern in _RUN_FILE_PATTERNS for p in folder.glob(pattern) if p.is_file()}
     return sorted(found)
+
+
+class UsedFolderError(ConfigError, FileExistsError):
+    """A new run would mix its checkpoints with another run's: a user error (one line)."""
 
 
 @dataclass
@@ -88,7 +91,7 @@ def open_run_folder(
     checks before ``overwrite`` deletes anything."""
     folder = Path(folder)
     if overwrite and resume != "no":
-        raise ValueError(
+        raise ConfigError(
             "overwrite=True starts a new run and deletes the old one's checkpoints; it cannot go "
             "with resume_from_checkpoint=True or auto"
         )
@@ -133,22 +136,24 @@ def _claim_for_new_run(folder: Path, *, overwrite: bool, auto: bool) -> None:
     names = ", ".join(p.name for p in existing)
     why = "holds checkpoints but no resumable state" if auto else "already holds a run"
     continue_hint = "" if auto else " Continue that run with resume_from_checkpoint=True (or auto);"
-    raise FileExistsError(
+    raise UsedFolderError(
         f"checkpointer.output_dir={str(folder)!r} {why} ({names}); nothing was changed."
         f"{continue_hint} start over with overwrite=True (deletes those files), or choose another "
         "checkpointer.output_dir."
     )
 
 
-def check_vision_start(cfg: DictConfig, *, resuming: bool) -> str:
+def check_vision_start(cfg: Any, *, resuming: bool) -> str:
     """Where the vision tower's weights come from; refuses a random tower unless
-    ``vision_random_init=True``. Local files are checked here, before anything is built."""
-    random_ok = cfg.get("vision_random_init", False)
+    ``vision_random_init=True``. Local files are checked here, before anything is built;
+    an ``hf-hub:`` ``model.vision_pretrained`` is fetched now and replaced by the local file.
+    ``cfg``: a ``TrainConfig`` (or anything with those attributes and a ``model`` mapping)."""
+    random_ok = getattr(cfg, "vision_random_init", False)
     if not isinstance(random_ok, bool):
-        raise ValueError(f"vision_random_init must be True or False, got {random_ok!r}")
+        raise ConfigError(f"vision_random_init must be True or False, got {random_ok!r}")
     if resuming:
         return "the recipe state"
-    checkpoint = cfg.get("vision_checkpoint")
+    checkpoint = getattr(cfg, "vision_checkpoint", None)
     if checkpoint:
         if not Path(checkpoint).exists():
             raise FileNotFoundError(f"vision_checkpoint={checkpoint!r}: no such file")
@@ -157,10 +162,10 @@ def check_vision_start(cfg: DictConfig, *, resuming: bool) -> str:
     if pretrained:
         local = _fetch_pretrained(str(pretrained))
         if local != str(pretrained):
-            cfg.model.vision_pretrained = local  # the tower reads the fetched file
+            cfg.model["vision_pretrained"] = local  # the tower reads the fetched file
         return f"model.vision_pretrained {pretrained}"
     if not random_ok:
-        raise ValueError(_NO_VISION_SOURCE)
+        raise ConfigError(_NO_VISION_SOURCE)
     log.warning("vision_random_init=True: the vision tower starts from random weights")
     return "random weights (vision_random_init=True)"
 

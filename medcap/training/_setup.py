@@ -1,4 +1,5 @@
-"""Building the pieces a recipe needs from its config: model, data, metric logger."""
+"""Building the data pieces a recipe needs from its config (dataset, sampler, loader) and
+its metric logger."""
 
 from __future__ import annotations
 
@@ -7,16 +8,13 @@ from functools import partial
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from torchtune import config as tt_config
-from torchtune import training as tt_training
-from tqdm import tqdm
 
-from medcap.checkpointing import load_llama_weights, load_vision_weights
+from medcap._progress import progress
 from medcap.data import BadSample, collate_image_chat
-from medcap.models import MedcapModel, assert_only_vision_trainable
-from medcap.training._config import resolve_dataset_config
+from medcap.models import MedcapModel
 from medcap.training._dist import DistEnv
 from medcap.training._loss import IGNORE_INDEX
 from medcap.training._sampler import ResumableBatchSampler
@@ -25,77 +23,9 @@ from medcap.training._signals import ignore_sigint_in_worker
 log = logging.getLogger("medcap.training")
 
 
-def training_dtype(name: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
-def setup_model(
-    cfg_model: DictConfig,
-    cfg_checkpointer: DictConfig,
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-    vision_checkpoint: Optional[str] = None,
-    enable_activation_checkpointing: bool = False,
-    vision_weights_follow: bool = False,
-) -> MedcapModel:
-    """Build the fused model in ``dtype`` on ``device``, load the LLM from the HF
-    checkpoint folder (and the vision side from ``vision_checkpoint`` when given),
-    freeze everything but the vision tower and projector, and check that.
-
-    ``vision_weights_follow``: the vision weights will be loaded later (resume),
-    so BiomedCLIP's pretrained weights (``model.vision_pretrained``) are not read.
-    """
-    overrides: Dict[str, Any] = {}
-    if (vision_checkpoint or vision_weights_follow) and cfg_model.get("vision_pretrained"):
-        # They would be overwritten at once; skipping them also avoids a download.
-        log.info("model.vision_pretrained not read: the vision weights come from a checkpoint")
-        overrides["vision_pretrained"] = None
-    with tt_training.set_default_dtype(dtype), device:
-        model = tt_config.instantiate(cfg_model, **overrides)
-    if not isinstance(model, MedcapModel):
-        raise TypeError(
-            f"model._component_={cfg_model.get('_component_')!r} built a {type(model).__name__}; "
-            "the recipes train a MedcapModel (e.g. medcap.models.medcap_llama3_1_8b)"
-        )
-    files = cfg_checkpointer.get("checkpoint_files")
-    if isinstance(files, (ListConfig, DictConfig)):
-        files = OmegaConf.to_container(files, resolve=True)
-    info = load_llama_weights(
-        model,
-        cfg_checkpointer.checkpoint_dir,
-        checkpoint_files=files,
-        model_type=cfg_checkpointer.get("model_type", "LLAMA3"),
-    )
-    log.info("LLM weights loaded from %s (%s tensors)", info.get("checkpoint_dir"), info.get("num_tensors"))
-    if vision_checkpoint:
-        load_vision_weights(model, vision_checkpoint)
-        log.info("vision tower and projector loaded from %s", vision_checkpoint)
-
-    model.requires_grad_(False)
-    model.vision.requires_grad_(True)
-    assert_only_vision_trainable(model)
-
-    if enable_activation_checkpointing:
-        from torchtune.modules import TransformerSelfAttentionLayer
-
-        # Only the decoder layers: they hold nearly all activations of a long sequence.
-        tt_training.set_activation_checkpointing(model.decoder, auto_wrap_policy={TransformerSelfAttentionLayer})
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
-    log.info("model: %.1f M parameters, %.1f M trainable (vision tower + projector)", n_all / 1e6, n_train / 1e6)
-    return model
-
-
 def setup_dataset(cfg_dataset: DictConfig, tokenizer, model: MedcapModel):
-    """Instantiate ``cfg.dataset`` (torchtune's chat_dataset becomes medcap's), with the
-    image-token count and image size taken from the model so they cannot disagree."""
-    cfg_dataset, _ = resolve_dataset_config(cfg_dataset)
-    if getattr(tokenizer, "image_id", None) != model.image_token_id:
-        raise ValueError(
-            f"the tokenizer's image id ({getattr(tokenizer, 'image_id', None)}) is not the model's "
-            f"image_token_id ({model.image_token_id}): tokenizer and model do not belong together"
-        )
+    """Instantiate ``cfg.dataset`` with the image-token count and image size taken from
+    the model, so that they cannot disagree."""
     kwargs: Dict[str, Any] = {}
     for key, value in (("num_image_tokens", model.num_image_tokens), ("image_size", model.vision.visual.image_size)):
         given = cfg_dataset.get(key)
@@ -116,12 +46,14 @@ def sample_lengths(dataset, env: DistEnv) -> List[int]:
         else:
             cap = getattr(dataset, "max_seq_len", None)
             lengths = []
-            for i in tqdm(range(len(dataset)), desc="sample lengths", unit="sample", mininterval=2.0):
-                try:
-                    n = dataset.tokenize(dataset.parse(i)).full_length
-                except BadSample:
-                    n = 0
-                lengths.append(min(n, cap) if cap else n)
+            with progress(len(dataset), "sample lengths", "samples") as bar:
+                for i in range(len(dataset)):
+                    try:
+                        n = dataset.tokenize(dataset.parse(i)).full_length
+                    except BadSample:
+                        n = 0
+                    lengths.append(min(n, cap) if cap else n)
+                    bar.update(1)
     return env.broadcast_object(lengths)
 
 
@@ -186,17 +118,10 @@ class _NullLogger:
         pass
 
 
-def setup_metric_logger(cfg: DictConfig, env: DistEnv):
-    """``cfg.metric_logger`` (torchtune's loggers: DiskLogger by default, TensorBoardLogger,
-    ...) on rank 0; other ranks log nothing."""
+def setup_metric_logger(cfg_logger: Optional[Dict[str, Any]], output_dir: str, env: DistEnv):
+    """``metric_logger`` (torchtune's loggers: DiskLogger in ``{output_dir}/logs`` by default,
+    TensorBoardLogger, ...) on rank 0; other ranks log nothing."""
     if not env.is_main:
         return _NullLogger()
-    cfg_logger = cfg.get("metric_logger") or OmegaConf.create(
-        {"_component_": "torchtune.training.metric_logging.DiskLogger", "log_dir": f"{cfg.output_dir}/logs"}
-    )
-    logger = tt_config.instantiate(cfg_logger)
-    try:
-        logger.log_config(cfg)
-    except Exception as e:  # saving the config copy is a convenience, not a reason to stop
-        log.warning("could not save the config beside the logs: %s", e)
-    return logger
+    section = cfg_logger or {"_component_": "torchtune.training.metric_logging.DiskLogger", "log_dir": f"{output_dir}/logs"}
+    return tt_config.instantiate(OmegaConf.create(section))

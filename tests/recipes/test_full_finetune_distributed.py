@@ -23,7 +23,8 @@ DUMP_ENV = "MEDCAP_TEST_TRAIN_DUMP"
 
 def _rank_main() -> int:
     import torch
-    from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
+
+    from medcap.config import parse_args
 
     spec = importlib.util.spec_from_file_location("_dist_recipe", REPO / "recipes" / "full_finetune_distributed.py")
     mod = importlib.util.module_from_spec(spec)
@@ -32,16 +33,15 @@ def _rank_main() -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # as recipe_main
     torch.set_num_threads(1)
-    parser = TuneRecipeArgumentParser(description="test")
-    cfg = _merge_yaml_and_cli_args(*parser.parse_known_args(sys.argv[1:]))
-    recipe = mod.FullFinetuneRecipeDistributed(cfg=cfg)
-    recipe.setup(cfg=cfg)
+    _, cfg = parse_args(sys.argv[1:])  # as recipe_main (medcap.config.run_recipe)
+    recipe = mod.FullFinetuneRecipe(cfg)
+    recipe.setup()
     recipe.train()
     rank = recipe._env.rank
     torch.save(
         {
             "vision": {k: v.detach().clone() for k, v in recipe._model.vision.state_dict().items()},
-            "losses": [h["loss"] for h in recipe._trainer.history],
+            "losses": [h["loss"] for h in recipe.history],
             "world_size": recipe._env.world_size,
         },
         Path(os.environ[DUMP_ENV]) / f"rank{rank}.pt",
@@ -109,7 +109,7 @@ def test_two_ranks_train_one_vision_model(train_assets, train_config, train_run,
         "enable_activation_checkpointing": True,
     }
     single, _ = train_run(train_config("tiny/full_finetune_single_device", train_assets, tmp_path / "one", **over))
-    assert [h["loss"] for h in single._trainer.history] == pytest.approx(r0["losses"], rel=1e-5)
+    assert [h["loss"] for h in single.history] == pytest.approx(r0["losses"], rel=1e-5)
     worst = max(
         (float((r0["vision"][k] - v).abs().max()), k) for k, v in single._model.vision.state_dict().items()
     )

@@ -23,10 +23,11 @@ STOP_AT_STEP = 2  # of 4 in epoch 0: mid-epoch
 def _child_main(argv) -> int:
     import torch
 
-    from medcap.training import Trainer
-
     torch.set_num_threads(1)
-    original = Trainer.train_step
+    spec = importlib.util.spec_from_file_location("_single_recipe", REPO / "recipes" / "full_finetune_single_device.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    original = mod.FullFinetuneRecipe.train_step
 
     def paced(self, micro):
         out = original(self, micro)
@@ -37,10 +38,7 @@ def _child_main(argv) -> int:
                 time.sleep(0.02)
         return out
 
-    Trainer.train_step = paced
-    spec = importlib.util.spec_from_file_location("_single_recipe", REPO / "recipes" / "full_finetune_single_device.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod.FullFinetuneRecipe.train_step = paced
     sys.argv = ["full_finetune_single_device", *argv]
     return mod.recipe_main()
 
@@ -102,7 +100,7 @@ def test_ctrl_c_mid_epoch_saves_and_the_same_command_with_auto_finishes_the_run(
         second = train_config(SINGLE, train_assets, out, epochs=2, resume_from_checkpoint="auto")
         mod = train_recipe_module("full_finetune_single_device")
         with pytest.raises(LockedError, match=rf"in use by process {proc.pid}"):
-            mod.FullFinetuneRecipeSingleDevice(cfg=second)
+            mod.FullFinetuneRecipe(second)
         os.killpg(proc.pid, signal.SIGINT)
         rest, _ = proc.communicate(timeout=120)
     finally:
@@ -119,10 +117,10 @@ def test_ctrl_c_mid_epoch_saves_and_the_same_command_with_auto_finishes_the_run(
 
     resumed, summary = train_run(second)  # the same folder, resume_from_checkpoint=auto
     assert summary["global_step"] == 8 and not summary["stopped_early"]
-    assert [h["step"] for h in resumed._trainer.history] == list(range(STOP_AT_STEP + 1, 9))
+    assert [h["step"] for h in resumed.history] == list(range(STOP_AT_STEP + 1, 9))
     full, _ = train_run(train_config(SINGLE, train_assets, tmp_path / "full", epochs=2))
-    full_losses = {h["step"]: h["loss"] for h in full._trainer.history}
-    assert [h["loss"] for h in resumed._trainer.history] == [full_losses[s] for s in range(STOP_AT_STEP + 1, 9)]
+    full_losses = {h["step"]: h["loss"] for h in full.history}
+    assert [h["loss"] for h in resumed.history] == [full_losses[s] for s in range(STOP_AT_STEP + 1, 9)]
     _assert_same_weights(full._model, resumed._model)
 
 
@@ -151,9 +149,9 @@ def test_auto_starts_a_fresh_folder_and_continues_a_used_one(train_assets, train
         SINGLE, train_assets, tmp_path / "run", epochs=1, max_steps_per_epoch=1, resume_from_checkpoint="auto"
     )
     first, summary = train_run(cfg())
-    assert summary["global_step"] == 1 and [h["step"] for h in first._trainer.history] == [1]
+    assert summary["global_step"] == 1 and [h["step"] for h in first.history] == [1]
     again, summary = train_run(cfg())
-    assert summary["global_step"] == 1 and list(again._trainer.history) == []  # resumed at the end
+    assert summary["global_step"] == 1 and list(again.history) == []  # resumed at the end
     _assert_same_weights(first._model, again._model)
 
 
@@ -162,20 +160,15 @@ def test_the_8b_config_refuses_a_random_tower_before_building_anything(
 ):
     """The 8B config with the tiny stand-ins, minus the launch line's opt-in: refused in the
     constructor (nothing built, no folder written), the message naming both keys."""
-    from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
+    from medcap.config import parse_args
 
-    import medcap.training._recipe as recipe_base
-
-    monkeypatch.setattr(recipe_base, "setup_model", lambda *a, **k: pytest.fail("a model was built"))
-    args = [a for a in train_launch_args(train_assets, tmp_path / "OUT") if a != "vision_random_init=True"]
-    parser = TuneRecipeArgumentParser(description="test")
-    cfg = _merge_yaml_and_cli_args(*parser.parse_known_args(
-        ["--config", str(REPO / "recipes" / "configs" / "llama3_1" / "8B_full_single_device.yaml"), *args]
-    ))
-    assert cfg.model.vision_pretrained is None and not cfg.vision_random_init
     mod = train_recipe_module("full_finetune_single_device")
+    monkeypatch.setattr(mod, "load_model", lambda *a, **k: pytest.fail("a model was built"))
+    args = [a for a in train_launch_args(train_assets, tmp_path / "OUT") if a != "vision_random_init=True"]
+    _, cfg = parse_args(["--config", str(REPO / "recipes" / "configs" / "llama3_1" / "8B_full_single_device.yaml"), *args])
+    assert cfg.model.vision_pretrained is None and not cfg.vision_random_init
     with pytest.raises(ValueError, match=r"random weights.*model\.vision_pretrained.*vision_checkpoint.*vision_random_init=True"):
-        mod.FullFinetuneRecipeSingleDevice(cfg=cfg)
+        mod.FullFinetuneRecipe(cfg)
     assert not (tmp_path / "OUT" / "checkpoint").exists()
 
 
@@ -191,8 +184,8 @@ def test_the_8b_configs_start_from_biomedclip():
 def _run_with_global_rng_draws(cfg, recipe_module, monkeypatch, seen_order):
     """A recipe run whose model (dropout) and data (an 'augmentation') draw from the global
     RNG; ``seen_order`` collects (global step, sample index) as the data is read."""
-    recipe = recipe_module("full_finetune_single_device").FullFinetuneRecipeSingleDevice(cfg=cfg)
-    recipe.setup(cfg=cfg)
+    recipe = recipe_module("full_finetune_single_device").FullFinetuneRecipe(cfg)
+    recipe.setup()
     recipe._model.vision.visual.head.drop.p = 0.5
     dataset_cls = type(recipe._dataset)
     original = dataset_cls.__getitem__
@@ -200,7 +193,7 @@ def _run_with_global_rng_draws(cfg, recipe_module, monkeypatch, seen_order):
     def augmenting(self, i):
         sample = original(self, i)
         torch.rand(3)  # an augmentation's draw
-        seen_order.append((recipe._trainer.global_step, i))
+        seen_order.append((recipe.global_step, i))
         return sample
 
     monkeypatch.setattr(dataset_cls, "__getitem__", augmenting)
@@ -226,8 +219,8 @@ def test_a_mid_epoch_resume_is_exact_when_the_model_draws_from_the_global_rng(
     assert s2["global_step"] == 8
     # the data order after the resume point is the uninterrupted run's
     assert resumed_order == [x for x in full_order if x[0] >= 2]
-    full_losses = {h["step"]: h["loss"] for h in full._trainer.history}
-    assert [h["loss"] for h in resumed._trainer.history] == [full_losses[s] for s in range(3, 9)]
+    full_losses = {h["step"]: h["loss"] for h in full.history}
+    assert [h["loss"] for h in resumed.history] == [full_losses[s] for s in range(3, 9)]
     _assert_same_weights(full._model, resumed._model)
     state = torch.load(tmp_path / "stopped" / "checkpoint" / "recipe_state.pt", weights_only=True)
     assert len(state["data_rng"]) == 1 and state["data_rng"][0].dtype == torch.uint8  # the loader's generator

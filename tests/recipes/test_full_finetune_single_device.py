@@ -33,13 +33,13 @@ def test_golden_losses_match_an_independent_training_loop(train_assets, train_co
     DistributedSampler order, full-vocabulary logits, F.cross_entropy, torch AdamW."""
     cfg = train_config(SINGLE, train_assets, tmp_path / "run", epochs=1, max_steps_per_epoch=3)
     mod = train_recipe_module("full_finetune_single_device")
-    recipe = mod.FullFinetuneRecipeSingleDevice(cfg=cfg)
-    recipe.setup(cfg=cfg)
+    recipe = mod.FullFinetuneRecipe(cfg)
+    recipe.setup()
     model0 = copy.deepcopy(recipe._model)  # the starting weights, before any step
     dataset = recipe._dataset
     summary = recipe.train()
     recipe.cleanup()
-    losses = [h["loss"] for h in recipe._trainer.history]
+    losses = [h["loss"] for h in recipe.history]
     assert len(losses) == 3 and summary["global_step"] == 3
 
     # the independent loop
@@ -74,8 +74,8 @@ def test_only_the_vision_side_trains(train_assets, train_config, train_recipe_mo
     if optimizer_in_bwd:
         over.update({"optimizer_in_bwd": True, "optimizer._component_": "bitsandbytes.optim.PagedAdamW8bit"})
     cfg = train_config(SINGLE, train_assets, tmp_path / "run", **over)
-    recipe = train_recipe_module("full_finetune_single_device").FullFinetuneRecipeSingleDevice(cfg=cfg)
-    recipe.setup(cfg=cfg)
+    recipe = train_recipe_module("full_finetune_single_device").FullFinetuneRecipe(cfg)
+    recipe.setup()
     model = recipe._model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     recipe.train()
@@ -122,9 +122,9 @@ def test_a_stopped_run_resumes_to_the_same_weights(train_assets, train_config, t
         train_config(SINGLE, train_assets, tmp_path / "stopped", resume_from_checkpoint=True, **over)
     )
     assert s2["global_step"] == 8 and not s2["stopped_early"]
-    assert [h["step"] for h in resumed._trainer.history] == [7, 8]
-    full_losses = {h["step"]: h["loss"] for h in full._trainer.history}
-    assert [h["loss"] for h in resumed._trainer.history] == pytest.approx([full_losses[7], full_losses[8]], rel=1e-6)
+    assert [h["step"] for h in resumed.history] == [7, 8]
+    full_losses = {h["step"]: h["loss"] for h in full.history}
+    assert [h["loss"] for h in resumed.history] == pytest.approx([full_losses[7], full_losses[8]], rel=1e-6)
     a, b = _vision_state(full._model), _vision_state(resumed._model)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
@@ -143,8 +143,8 @@ def test_bad_samples_are_skipped_counted_and_reported(train_bad_assets, train_co
     kinds = " ".join(summary["bad_sample_reasons"].values())
     assert "not found" in kinds and "corrupt" in kinds
     assert "3 of 9 skipped" in summary["summary"]
-    assert all(h["label_tokens"] > 0 for h in recipe._trainer.history)  # every step trained on full batches
-    assert recipe._trainer.history[-1]["skipped_samples"] >= 3
+    assert all(h["label_tokens"] > 0 for h in recipe.history)  # every step trained on full batches
+    assert recipe.history[-1]["skipped_samples"] >= 3
     log_text = "".join(p.read_text() for p in (tmp_path / "run" / "logs").glob("*.txt"))
     assert "bad_samples:3" in log_text and "skipped_samples:" in log_text
     assert "bad samples: 3" in capsys.readouterr().err
@@ -193,8 +193,38 @@ def test_reference_launch_line_runs_through_medcap_run(train_assets, train_launc
     text = proc.stdout + proc.stderr
     assert "using medcap.data.chat_dataset" in text
     assert "PagedAdamW8bit" in text and "stepped in backward" in text
+    assert "building the model" in text  # the marker the user-error tests below look for
     assert (out / "checkpoint" / "meta_model_0.safetensors").is_file()
     assert (out / "checkpoint" / "recipe_state.pt").is_file()
     log_text = "".join(p.read_text() for p in (out / "log").glob("*.txt"))
     for key in ("loss:", "lr:", "tokens_per_second:", "peak_memory_gib:"):
         assert key in log_text
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("batch_sze=4", "medcap run: error: unknown key 'batch_sze' (did you mean 'batch_size'?)"),
+        ("dataset.source={missing}", "medcap run: error: dataset.source='{missing}': no such file"),
+        ("checkpointer.checkpoint_files=[other.safetensors]", "medcap run: error: checkpointer.checkpoint_files="),
+    ],
+    ids=["misspelled_key", "missing_dataset", "missing_llm_shard"],
+)
+def test_a_user_error_is_one_line_before_any_model_is_built(train_assets, tmp_path, override, expected):
+    """`medcap run` as a user types it: one error line (after the launcher's echo of the
+    command) naming the key, a non-zero exit,
+    and no model built (the recipe logs "building the model" just before it builds one;
+    the launch-line test above sees that line in a good run)."""
+    missing = str(tmp_path / "nope.json")
+    cmd = [sys.executable, "-m", "medcap.cli", "run", "full_finetune_single_device", "--config", SINGLE,
+           f"assets_dir={train_assets['assets_dir']}", f"output_dir={tmp_path / 'run'}", override.format(missing=missing)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("MEDCAP_DEBUG", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("medcap run: error:")]
+    assert errors == lines[-1:] and errors[0].startswith(expected.format(missing=missing)), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "building the model" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing written either

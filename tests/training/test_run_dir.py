@@ -14,13 +14,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from medcap._fs import LockedError
-from medcap.training import (
-    StopSignals,
-    check_vision_start,
-    checkpoint_lock_path,
-    open_run_folder,
-    resume_mode,
-)
+from medcap.training import StopSignals, check_vision_start, open_run_folder
+from medcap.training._run_dir import checkpoint_lock_path, resume_mode
 
 
 def _open(folder, resume="no", overwrite=False, before_claim=None):

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import torch
-from omegaconf import OmegaConf
-
-from medcap.training import LabelTokenCrossEntropy, TrainForward, TrainSettings, peak_memory_gib
+from medcap.training import LabelTokenCrossEntropy, TrainForward, peak_memory_gib
 
 
 def _text_only_batch(model, b=2, s=10):
@@ -34,16 +32,6 @@ def test_keep_graph_lets_every_rank_run_backward_without_images(tiny_model):
         h.remove()
     assert len(seen) == len(model.decoder.layers)  # backward went through every layer
     torch.testing.assert_close(total.detach(), plain_total)
-
-
-def test_settings_defaults_follow_the_reference():
-    cfg = OmegaConf.create(
-        {"epochs": 1, "batch_size": 2, "output_dir": "/o", "checkpointer": {"output_dir": "/o/ckpt"}}
-    )
-    s = TrainSettings.from_config(cfg)
-    assert s.save_last_every_seconds == 8 * 3600 and s.save_last_every_steps is None
-    assert s.checkpoint_format == "safetensors" and s.checkpoint_suffix == ".safetensors"
-    assert str(s.checkpoint_dir) == "/o/ckpt"
 
 
 def test_peak_memory_is_reported_on_cpu():
