@@ -118,7 +118,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     reps = args.reps or (1 if args.quick else 2)
     logging.getLogger("medcap").setLevel(logging.WARNING)
 
-    from medcap.eval import make_omnimedvqa_layout
+    from medcap.eval._synthetic import make_omnimedvqa_layout
     from medcap.generation import GenerationEngine
 
     tmp = Path(tempfile.mkdtemp(prefix="medcap-bench-eval-"))

@@ -1,133 +1,53 @@
-"""Evaluation: captioning metrics, the two-step VQA protocol, VQA-RAD and OmniMedVQA
-readers, scoring (letter mapping or log-likelihood), and resumable results files."""
+"""Evaluation: the reference's suites (captioning metrics, VQA-RAD, OmniMedVQA)
+run through one resumable loop, the two-step VQA protocol, scoring, the judge,
+and ``rescore`` (every number recomputed from the rows on disk).
 
-from medcap.eval._datasets import (
-    MIN_CHUNK,
-    OMNIMEDVQA_MODALITIES,
-    OPTION_LETTERS,
-    VQARAD_PHRASE_TYPES,
-    CaptionItem,
-    VQAItem,
-    chunk_bounds,
-    drop_missing_images,
-    read_caption_set,
-    read_omnimedvqa,
-    read_vqarad,
-    select_chunk,
-)
-from medcap.eval._judge import (
-    JUDGE_PROMPT,
-    Judge,
-    chat_loop,
-    eval_vqa,
-    is_right,
-    judge_main,
-    judge_prompt,
-    quantization_config,
-)
-from medcap.eval._journal import CsvJournal, JsonlCache, partial_path, read_csv_rows, write_csv_atomic
-from medcap.eval._metrics import METRIC_NAMES, JavaNotFoundError, caption_metrics, check_java, write_metrics_csv
-from medcap.eval._loop import EvalItem, results_lock, run_items
-from medcap.eval._protocol import (
-    ANSWER_MAX_NEW_TOKENS,
-    RAW_COLUMNS,
-    VQA_TYPES,
-    answer_messages,
-    check_vqa_type,
-    description_budget,
-    description_messages,
-    instruction_text,
-    reference_text,
-    run_vqa,
-    uses_image,
-)
-from medcap.eval._scoring import (
-    LETTER_INSTRUCTION,
-    LETTER_MAX_NEW_TOKENS,
-    SCORE_COLUMNS,
-    SCORING_METHODS,
-    accuracy_by_modality,
-    accuracy_name,
-    is_correct,
-    draw_modality_chart,
-    letter_prompt,
-    read_letter,
-    row_options,
-    score_file,
-)
-from medcap.eval._synthetic import make_omnimedvqa_layout, make_vqarad_layout
-from medcap.eval._suites import (
-    OMNIMEDVQA_EXTRA_COLUMNS,
-    ImageLoader,
-    checkpoint_name,
-    run_test_metrics,
-    run_test_omnimedvqa,
-    run_test_vqarad,
-)
+Names are imported when first used, so ``tools/judge.py --help`` and
+``medcap rescore -h`` start without loading torch.
+"""
 
-__all__ = [
-    "ANSWER_MAX_NEW_TOKENS",
-    "CaptionItem",
-    "CsvJournal",
-    "EvalItem",
-    "ImageLoader",
-    "JUDGE_PROMPT",
-    "JavaNotFoundError",
-    "Judge",
-    "JsonlCache",
-    "LETTER_INSTRUCTION",
-    "LETTER_MAX_NEW_TOKENS",
-    "METRIC_NAMES",
-    "MIN_CHUNK",
-    "OMNIMEDVQA_EXTRA_COLUMNS",
-    "OMNIMEDVQA_MODALITIES",
-    "OPTION_LETTERS",
-    "RAW_COLUMNS",
-    "SCORE_COLUMNS",
-    "SCORING_METHODS",
-    "VQARAD_PHRASE_TYPES",
-    "VQAItem",
-    "VQA_TYPES",
-    "accuracy_by_modality",
-    "accuracy_name",
-    "checkpoint_name",
-    "instruction_text",
-    "is_correct",
-    "reference_text",
-    "results_lock",
-    "run_items",
-    "answer_messages",
-    "caption_metrics",
-    "chat_loop",
-    "check_java",
-    "check_vqa_type",
-    "chunk_bounds",
-    "description_budget",
-    "description_messages",
-    "draw_modality_chart",
-    "drop_missing_images",
-    "eval_vqa",
-    "is_right",
-    "judge_main",
-    "judge_prompt",
-    "letter_prompt",
-    "make_omnimedvqa_layout",
-    "make_vqarad_layout",
-    "partial_path",
-    "quantization_config",
-    "read_caption_set",
-    "read_csv_rows",
-    "read_letter",
-    "read_omnimedvqa",
-    "read_vqarad",
-    "row_options",
-    "run_test_metrics",
-    "run_test_omnimedvqa",
-    "run_test_vqarad",
-    "run_vqa",
-    "score_file",
-    "select_chunk",
-    "uses_image",
-    "write_csv_atomic",
-    "write_metrics_csv",
-]
+import importlib
+from typing import Any, List
+
+# public name -> the private module that defines it
+_EXPORTS = {
+    # the one loop and its items
+    "EvalItem": "_loop",
+    "run_items": "_loop",
+    "results_lock": "_loop",
+    # the suites (what recipes/generate.py runs) and their config
+    "GenerateConfig": "_config",
+    "ImageLoader": "_suites",
+    "checkpoint_name": "_suites",
+    "run_test_metrics": "_suites",
+    "run_test_vqarad": "_suites",
+    "run_test_omnimedvqa": "_suites",
+    "VQA_TYPES": "_protocol",
+    "run_vqa": "_protocol",
+    # data sets
+    "read_caption_set": "_datasets",
+    "read_vqarad": "_datasets",
+    "read_omnimedvqa": "_datasets",
+    # scores
+    "score_file": "_scoring",
+    "letter_prompt": "_scoring",
+    "LETTER_INSTRUCTION": "_scoring",
+    "caption_metrics": "_metrics",
+    "check_java": "_metrics",
+    "rescore": "_rescore",
+    "read_csv_rows": "_journal",
+    "judge_main": "_judge",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'medcap.eval' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"medcap.eval.{module}"), name)
+
+
+def __dir__() -> List[str]:
+    return __all__

@@ -28,6 +28,11 @@ BOM = "\ufeff"
 _MAX_RECORD_BYTES = 1 << 22
 
 
+def accuracy_name(acc: float, places: int = 4) -> str:
+    """An accuracy as the reference writes it in file names: ``round(acc, places)``."""
+    return f"{round(float(acc), places)}"
+
+
 def cell(value: Any) -> str:
     """A value as it is written to a results CSV (None/NaN -> empty, CR -> LF)."""
     if value is None:

@@ -24,11 +24,8 @@ import logging
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from tqdm import tqdm
 
-from medcap.eval._journal import CsvJournal, cell, read_csv_rows
-from medcap.eval._scoring import accuracy_name
-from medcap.generation import question_from_instruction
+from medcap.eval._journal import CsvJournal, accuracy_name, cell, read_csv_rows
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +143,8 @@ def eval_vqa(
     missing = {"instruction", "output", "generated"} - set(rows[0] if rows else {})
     if rows and missing:
         raise ValueError(f"{csv_path} lacks the columns {sorted(missing)}: is it a raw VQA file of recipes/generate.py?")
+    from medcap.generation import question_from_instruction  # torch: only once there is work
+
     partial, final_for = judged_paths(csv_path, bit)
     prompts = [judge_prompt(question_from_instruction(r["instruction"]), r["generated"], r["output"]) for r in rows]
     journal = CsvJournal(None, JUDGED_COLUMNS, partial=partial, bom=True)
@@ -153,6 +152,8 @@ def eval_vqa(
         a["instruction"] != cell(p) or a["image"] != cell(r.get("image", "")) for a, p, r in zip(journal.rows(), prompts, rows)
     ):
         raise ValueError(f"{partial} does not match {csv_path}; move it away to judge again")
+    from tqdm import tqdm
+
     for r, prompt in tqdm(list(zip(rows, prompts))[len(journal) :], initial=len(journal), total=len(rows), desc="judging",
                           disable=not progress):
         reply = chat([{"role": "user", "content": prompt}])

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from medcap.data import BadSample
 from medcap.eval._loop import OPTION_LETTERS
-from medcap.eval._journal import CsvJournal, write_csv_atomic
+from medcap.eval._journal import CsvJournal, accuracy_name, write_csv_atomic
 from medcap.generation import prompt_tokens_from_text, question_from_instruction
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,7 @@ def is_correct(letter: str, options: Dict[str, str], answer: str) -> int:
     return int(OPTION_LETTERS.index(letter) == texts.index(answer))
 
 
-def accuracy_name(acc: float, places: int = 4) -> str:
-    """An accuracy as the reference writes it in file names: ``round(acc, places)``."""
-    return f"{round(float(acc), places)}"
+
 
 
 def accuracy_by_modality(rows: Sequence[Dict[str, str]], group: str = "modality_type") -> Tuple[float, Dict[str, Dict[str, float]]]:

@@ -7,7 +7,8 @@ import csv
 
 import pytest
 
-from medcap.eval import CsvJournal, JsonlCache, read_csv_rows
+from medcap.eval import read_csv_rows
+from medcap.eval._journal import CsvJournal, JsonlCache
 
 COLUMNS = ["image", "instruction", "output", "generated"]
 ROWS = [

@@ -8,20 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from medcap.eval import (
-    OMNIMEDVQA_EXTRA_COLUMNS,
-    ImageLoader,
-    VQA_TYPES,
-    VQAItem,
-    answer_messages,
-    description_budget,
-    drop_missing_images,
-    make_omnimedvqa_layout,
-    read_csv_rows,
-    read_omnimedvqa,
-    run_vqa,
-)
-from medcap.generation import IMAGE_PLACEHOLDER, question_from_instruction
+from medcap.eval import ImageLoader, VQA_TYPES, read_csv_rows, read_omnimedvqa, run_vqa
+from medcap.eval._datasets import VQAItem, drop_missing_images
+from medcap.eval._protocol import answer_messages, description_budget
+from medcap.eval._suites import OMNIMEDVQA_EXTRA_COLUMNS
+from medcap.eval._synthetic import make_omnimedvqa_layout
+from medcap.generation import question_from_instruction
+from medcap.generation._prompt import IMAGE_PLACEHOLDER
 from medcap.testing import make_image
 
 

@@ -125,7 +125,7 @@ def gen_assets(tmp_path_factory) -> Dict[str, Any]:
     import torch
 
     from medcap.checkpointing import save_vision_checkpoint
-    from medcap.eval import make_omnimedvqa_layout, make_vqarad_layout
+    from medcap.eval._synthetic import make_omnimedvqa_layout, make_vqarad_layout
     from medcap.models import medcap_tiny
     from medcap.training.tiny_assets import make_tiny_training_assets
 

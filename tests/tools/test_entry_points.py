@@ -57,16 +57,7 @@ def run_to_closed_pipe(argv, **kw) -> subprocess.CompletedProcess:
         os.close(write_end)
 
 
-# Known, in packages whose owners are changing them: `import medcap.eval` imports torch
-# (its __init__ imports _protocol, _scoring, _suites and _loop eagerly; _judge imports
-# medcap.generation, whose __init__ imports _engine). Remove the mark once that is lazy.
-EVAL_IMPORTS_TORCH = pytest.mark.xfail(
-    reason="medcap.eval's __init__ imports torch (medcap.eval -> _protocol/_scoring/_suites/_loop -> torch)",
-    strict=True,
-)
-
-
-@pytest.mark.parametrize("tool", [pytest.param(t, marks=EVAL_IMPORTS_TORCH) if t == "judge.py" else t for t in TOOLS])
+@pytest.mark.parametrize("tool", TOOLS)
 def test_help_does_not_import_torch(tool):
     res = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "tools" / tool), "--help"],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
