@@ -124,3 +124,13 @@ def test_two_ranks_train_one_vision_model(train_assets, train_config, train_run,
     flat = {**{f"visual.{k}": v for k, v in state["visual"].items()}, **{f"projector.{k}": v for k, v in state["projector"].items()}}
     for k, v in r0["vision"].items():
         assert torch.equal(flat[k], v), k
+
+
+def test_both_recipe_names_run_one_file():
+    """The single-device recipe is the distributed one in a world of one process, so the
+    two cannot drift apart: `medcap run` resolves both names to the same code."""
+    from medcap.cli import resolve_recipe
+
+    single = Path(resolve_recipe("full_finetune_single_device")).resolve()
+    dist = Path(resolve_recipe("full_finetune_distributed")).resolve()
+    assert single.read_bytes() == dist.read_bytes()
