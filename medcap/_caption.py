@@ -391,6 +391,9 @@ def _chat_main(argv: List[str]) -> int:
 
 def _run(prog: str, main, argv: List[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from medcap._progress import quiet_library_noise
+
+    quiet_library_noise()
     try:
         return main(list(argv))
     except UserError as e:

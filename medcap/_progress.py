@@ -17,9 +17,14 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import re
 import sys
+import tempfile
 import time
-from typing import Any, Callable, Optional, TextIO
+from typing import Any, Callable, Iterator, Optional, TextIO
 
 
 def _is_tty(stream: Any) -> bool:
@@ -144,3 +149,64 @@ def progress(
     if _is_tty(stream):
         return _Bar(total, desc, unit, stream)
     return _Lines(total, desc, unit, stream, every_s, clock)
+
+
+# ----------------------------------------------------------------------------- library noise
+
+# Warnings known to be harmless in medcap's own code paths, by the logger that emits them.
+_HARMLESS = {
+    # The tiny and demo LLMs keep Llama 3.1's rope scaling (original context 8192) with a
+    # context of a few hundred positions on purpose: the same rope code as the 8B model.
+    "transformers.modeling_rope_utils": re.compile(r"original_max_position_embeddings field must be less than"),
+}
+
+
+class _DropMatching(logging.Filter):
+    def __init__(self, pattern: "re.Pattern[str]"):
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+def quiet_library_noise() -> None:
+    """Call once logging is configured (``logging.basicConfig``): every torchtune line
+    is printed once, and the harmless library warnings above not at all."""
+    # torchtune's get_logger gives its logger a handler of its own when torchtune is imported
+    # before logging is configured; with the root's handler that prints each line (the
+    # seed line) twice.
+    tt = logging.getLogger("torchtune.utils._logging")
+    if logging.getLogger().handlers:
+        for handler in list(tt.handlers):
+            if type(handler) is logging.StreamHandler:
+                tt.removeHandler(handler)
+    for name, pattern in _HARMLESS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMatching) for f in logger.filters):
+            logger.addFilter(_DropMatching(pattern))
+
+
+@contextlib.contextmanager
+def quiet_stderr_fd() -> Iterator[None]:
+    """Hold back what child processes (Java's PTB tokenizer, METEOR) write to the stderr
+    file descriptor, which ``contextlib.redirect_stderr`` cannot reach; it is written
+    out after all if the block fails, so an error message is never lost."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (AttributeError, OSError, ValueError):  # no real stderr (embedded, closed)
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            os.write(2, held.read())
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

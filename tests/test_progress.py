@@ -67,3 +67,42 @@ def test_disabled_writes_nothing():
     with progress(3, "x", enabled=False, file=out) as bar:
         bar.update(3)
     assert out.getvalue() == ""
+
+
+def test_child_stderr_held_back_unless_the_block_fails(capfd):
+    import subprocess
+
+    import pytest
+
+    from medcap._progress import quiet_stderr_fd
+
+    with quiet_stderr_fd():
+        subprocess.run(["sh", "-c", "echo PTBTokenizer tokenized 3359 tokens >&2"], check=True)
+    assert "PTBTokenizer" not in capfd.readouterr().err
+    with pytest.raises(subprocess.CalledProcessError):
+        with quiet_stderr_fd():
+            subprocess.run(["sh", "-c", "echo Error: no java >&2; exit 3"], check=True)
+    assert "Error: no java" in capfd.readouterr().err
+
+
+def test_library_noise_quieted(caplog):
+    import logging
+
+    from medcap._progress import quiet_library_noise
+
+    tt = logging.getLogger("torchtune.utils._logging")
+    own = logging.StreamHandler(io.StringIO())  # what torchtune's get_logger adds before logging is set up
+    tt.addHandler(own)
+    rope = logging.getLogger("transformers.modeling_rope_utils")
+    saved_filters = list(rope.filters)
+    try:
+        quiet_library_noise()
+        assert own not in tt.handlers
+        caplog.set_level("WARNING")
+        rope.warning("`rope_parameters`'s original_max_position_embeddings field must be less than "
+                     "max_position_embeddings, got 8192 and max_position_embeddings=256")
+        rope.warning("some other rope problem")
+        assert [r.getMessage() for r in caplog.records] == ["some other rope problem"]
+    finally:
+        tt.removeHandler(own)
+        rope.filters[:] = saved_filters
