@@ -414,8 +414,8 @@ def build_model(dims: LlamaDims, *, num_image_tokens: int, device: torch.device,
     on the host). ``real_vision`` gives BiomedCLIP's tower and the 4096-wide projector."""
     from torchtune.models.llama3_1 import llama3_1
 
-    from medcap.models import medcap_fusion, tiny_tower
-    from medcap.models._vision import biomedclip_tower
+    from medcap.models._builders import medcap_fusion
+    from medcap.models._vision import biomedclip_tower, tiny_tower
 
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()
@@ -490,7 +490,8 @@ def bench_tokenizer(out_dir: Path, model_vocab_size: int, max_seq_len: Optional[
     (special tokens included) and whose ``<|image|>`` id is ``model_vocab_size``, as
     in Llama-3.1-8B (128,256). The merges are all byte pairs, then byte triples, in
     order: every id is reachable and decodes to bytes, so generated ids always decode."""
-    from medcap.models import llama3_tokenizer, model_vocab_size as mvs, write_tiktoken_tokenizer
+    from medcap.models import llama3_tokenizer, write_tiktoken_tokenizer
+    from medcap.models._tokenizer import model_vocab_size as mvs
 
     specials = mvs(0)
     want = model_vocab_size - specials - 256

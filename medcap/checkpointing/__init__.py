@@ -3,24 +3,16 @@
 
 from medcap.checkpointing._llama import load_llama_weights
 from medcap.checkpointing._vision import (
-    FORMAT_NAME,
-    LEGACY_SUFFIXES,
-    SAFETENSORS_SUFFIXES,
     atomic_write,
     load_vision_checkpoint,
     load_vision_weights,
     save_vision_checkpoint,
-    sidecar_path,
 )
 
 __all__ = [
-    "FORMAT_NAME",
-    "LEGACY_SUFFIXES",
-    "SAFETENSORS_SUFFIXES",
     "atomic_write",
     "load_llama_weights",
     "load_vision_checkpoint",
     "load_vision_weights",
     "save_vision_checkpoint",
-    "sidecar_path",
 ]

@@ -12,37 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "medcap.data._collate": ["collate_image_chat"],
-    "medcap.data._convert": ["CAPTION_INSTRUCTIONS", "Converter", "clean_text", "convert_main"],
-    "medcap.data._dataset": ["ImageChatDataset", "chat_dataset", "image_chat_dataset"],
-    "medcap.data._image": [
-        "DEFAULT_MAX_IMAGE_PIXELS",
-        "ImageTransform",
-        "image_transform",
-        "load_dicom",
-        "load_image",
-        "pad_to_square",
-        "resize_center_crop",
-        "to_rgb",
-    ],
-    "medcap.data._preprocess": ["find_images", "preprocess_file", "preprocess_image", "preprocess_images"],
-    "medcap.data._records": [
-        "IMAGE_MARKER",
-        "PLACEHOLDER_CHAR",
-        "ParsedRecord",
-        "Turn",
-        "parse_meta",
-        "parse_record",
-        "read_index",
-    ],
-    "medcap.data._skip": ["BAD_SAMPLE_POLICIES", "BadSample", "SkipLog"],
-    "medcap.data._tokenize": [
-        "CROSS_ENTROPY_IGNORE_IDX",
-        "Tokenized",
-        "make_labels",
-        "tokenize_conversation",
-        "truncate_tokenized",
-    ],
-    "medcap.data._validate": ["format_report", "validate_data", "validate_main"],
+    "medcap.data._convert": ["convert_main"],
+    "medcap.data._dataset": ["chat_dataset", "image_chat_dataset"],
+    "medcap.data._image": ["image_transform", "load_image"],
+    "medcap.data._preprocess": ["preprocess_images"],
+    "medcap.data._records": ["IMAGE_MARKER", "PLACEHOLDER_CHAR", "Turn", "parse_record", "read_index"],
+    "medcap.data._skip": ["BadSample", "SkipLog"],
+    "medcap.data._tokenize": ["make_labels", "tokenize_conversation"],
+    "medcap.data._validate": ["validate_main"],
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
@@ -63,34 +40,11 @@ def __dir__():
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from medcap.data._collate import collate_image_chat  # noqa: F401
-    from medcap.data._convert import CAPTION_INSTRUCTIONS, Converter, clean_text, convert_main  # noqa: F401
-    from medcap.data._dataset import ImageChatDataset, chat_dataset, image_chat_dataset  # noqa: F401
-    from medcap.data._image import (  # noqa: F401
-        DEFAULT_MAX_IMAGE_PIXELS,
-        ImageTransform,
-        image_transform,
-        load_dicom,
-        load_image,
-        pad_to_square,
-        resize_center_crop,
-        to_rgb,
-    )
-    from medcap.data._preprocess import find_images, preprocess_file, preprocess_image, preprocess_images  # noqa: F401
-    from medcap.data._records import (  # noqa: F401
-        IMAGE_MARKER,
-        PLACEHOLDER_CHAR,
-        ParsedRecord,
-        Turn,
-        parse_meta,
-        parse_record,
-        read_index,
-    )
-    from medcap.data._skip import BAD_SAMPLE_POLICIES, BadSample, SkipLog  # noqa: F401
-    from medcap.data._tokenize import (  # noqa: F401
-        CROSS_ENTROPY_IGNORE_IDX,
-        Tokenized,
-        make_labels,
-        tokenize_conversation,
-        truncate_tokenized,
-    )
-    from medcap.data._validate import format_report, validate_data, validate_main  # noqa: F401
+    from medcap.data._convert import convert_main  # noqa: F401
+    from medcap.data._dataset import chat_dataset, image_chat_dataset  # noqa: F401
+    from medcap.data._image import image_transform, load_image  # noqa: F401
+    from medcap.data._preprocess import preprocess_images  # noqa: F401
+    from medcap.data._records import IMAGE_MARKER, PLACEHOLDER_CHAR, Turn, parse_record, read_index  # noqa: F401
+    from medcap.data._skip import BadSample, SkipLog  # noqa: F401
+    from medcap.data._tokenize import make_labels, tokenize_conversation  # noqa: F401
+    from medcap.data._validate import validate_main  # noqa: F401

@@ -385,7 +385,7 @@ class Demo:
         from medcap.demo._report import collect_summary, draw_report
 
         self.seconds["report"] = time.perf_counter() - self._stage_t0  # so far: the summary is part of it
-        summary = collect_summary(self)
+        summary = collect_summary(self, STAGES, TARGETS)
         _write_json(self.summary_path(), summary)
         try:
             draw_report(self, summary, self.out / "report.png")

@@ -7,7 +7,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from medcap.demo._world import MODALITIES
 
@@ -120,14 +120,13 @@ def read_train_log(log_dir: Path) -> List[Tuple[int, float]]:
     return points
 
 
-def collect_summary(demo) -> Dict[str, Any]:
-    """``summary.json``: metrics of the trained model and the control, targets, seconds, commands."""
-    from medcap.demo._main import STAGES, TARGETS
-
+def collect_summary(demo, stages: Sequence[str], targets: Dict[str, float]) -> Dict[str, Any]:
+    """``summary.json``: metrics of the trained model and the control, targets, seconds, commands.
+    ``stages`` and ``targets`` are the demo's (passed in: the runner imports this module)."""
     trained = read_eval(demo.out / "eval" / "trained")
     control = read_eval(demo.out / "eval" / "control")
     seconds: Dict[str, float] = {}
-    for stage in STAGES:
+    for stage in stages:
         if stage in demo.seconds:
             seconds[stage] = round(demo.seconds[stage], 1)
             continue
@@ -145,7 +144,7 @@ def collect_summary(demo) -> Dict[str, Any]:
         print(f"chance CIDEr not computed: {type(e).__name__}: {e}", flush=True)
         cider_chance = None
     met = bool(
-        trained.get("CIDEr", 0) >= TARGETS["CIDEr"] and trained.get("macro_accuracy", 0) >= TARGETS["macro_accuracy"]
+        trained.get("CIDEr", 0) >= targets["CIDEr"] and trained.get("macro_accuracy", 0) >= targets["macro_accuracy"]
     )
 
     def _clean(v):  # JSON has no NaN
@@ -154,7 +153,7 @@ def collect_summary(demo) -> Dict[str, Any]:
     return {
         "trained": {k: _clean(v) for k, v in trained.items()},
         "control": {k: _clean(v) for k, v in control.items()},
-        "targets": TARGETS,
+        "targets": dict(targets),
         "targets_met": met,
         "chance_accuracy": _clean(chance),
         "chance_CIDEr": cider_chance,

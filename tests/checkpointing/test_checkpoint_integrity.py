@@ -14,7 +14,8 @@ import torch
 
 import medcap._fs as fs
 import medcap.checkpointing._vision as vision_ckpt
-from medcap.checkpointing import load_vision_checkpoint, load_vision_weights, save_vision_checkpoint, sidecar_path
+from medcap.checkpointing import load_vision_checkpoint, load_vision_weights, save_vision_checkpoint
+from medcap.checkpointing._vision import sidecar_path
 
 T = 4
 

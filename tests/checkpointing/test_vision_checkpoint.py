@@ -16,7 +16,8 @@ from torchtune.models.llama3_1 import llama3_1
 
 import medcap.checkpointing._vision as vision_ckpt
 from medcap.checkpointing import load_vision_checkpoint, load_vision_weights, save_vision_checkpoint
-from medcap.models import ImageTower, medcap_fusion
+from medcap.models._builders import medcap_fusion
+from medcap.models._vision import ImageTower
 
 T = 4
 

@@ -206,7 +206,7 @@ def test_transform_shortcut_for_exact_size(dh):
 def test_resize_center_crop_matches_torchvision_exactly(dh, w, h):
     from torchvision import transforms as T
 
-    from medcap.data import resize_center_crop
+    from medcap.data._image import resize_center_crop
 
     img = Image.fromarray(dh.rgb_array(w, h, w + h), "RGB")
     ref = T.Compose([T.Resize(24, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(24)])(img)

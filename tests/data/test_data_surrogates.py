@@ -12,7 +12,8 @@ import json
 
 import pytest
 
-from medcap.data import image_chat_dataset, validate_data, validate_main
+from medcap.data import image_chat_dataset, validate_main
+from medcap.data._validate import validate_data
 from medcap.eval import read_caption_set
 
 PH50 = "\\u2460" * 50  # the escape text of fifty placeholders, as written in the file

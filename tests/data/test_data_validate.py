@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medcap.data import image_chat_dataset, validate_data, validate_main
+from medcap.data import image_chat_dataset, validate_main
+from medcap.data._validate import validate_data
 
 REPO = Path(__file__).resolve().parents[2]
 

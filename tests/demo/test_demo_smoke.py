@@ -10,7 +10,8 @@ import shutil
 
 import pytest
 
-from medcap.demo import STAGES, main
+from medcap.demo import main
+from medcap.demo._main import STAGES
 
 pytestmark = [pytest.mark.integration]
 

@@ -7,7 +7,7 @@ import shlex
 
 import pytest
 
-from medcap.demo import STAGES, Demo, DemoSettings
+from medcap.demo._main import STAGES, Demo, DemoSettings
 from medcap.demo._main import _parse_settings, build_parser
 
 

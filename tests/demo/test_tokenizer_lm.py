@@ -9,20 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from medcap.demo import (
-    DemoSettings,
-    LMSizes,
-    MODALITY_KEYS,
-    bpe_encode,
-    build_decoder,
-    conversation,
-    corpus_texts,
-    pretokenize,
-    save_hf,
-    train_bpe,
-    vocab_ranks,
-)
-from medcap.models import llama3_tokenizer, model_vocab_size, write_tiktoken_tokenizer
+from medcap.demo._bpe import bpe_encode, pretokenize, train_bpe, vocab_ranks
+from medcap.demo._lm import LMSizes, build_decoder, conversation, corpus_texts, save_hf
+from medcap.demo._main import DemoSettings
+from medcap.demo._world import MODALITY_KEYS
+from medcap.models import llama3_tokenizer, write_tiktoken_tokenizer
+from medcap.models._tokenizer import model_vocab_size
 
 
 def test_bpe_counts_merges_by_hand():
@@ -137,7 +129,7 @@ def test_demo_generate_config_leaves_every_description_its_budget(tmp_path):
 
     from omegaconf import OmegaConf
 
-    from medcap.demo import build_tokenizer
+    from medcap.demo._bpe import build_tokenizer
     from medcap.demo._world import QUESTION_TYPES
     from medcap.eval._protocol import VQA_TYPES, description_budget
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medcap.demo import (
+from medcap.demo._main import DemoSettings
+from medcap.demo._world import (
     DATASET_NAME,
     KINDS,
     LOCATIONS,
     MODALITY_KEYS,
-    DemoSettings,
     Finding,
     caption,
     render,
@@ -171,7 +171,7 @@ def test_lesion_sits_in_its_quadrant(location):
 
 
 def test_bad_split_and_modality_are_clear(tmp_path):
-    from medcap.demo import make_split
+    from medcap.demo._world import make_split
 
     with pytest.raises(ValueError, match="split"):
         make_split(tmp_path, "valid", 1)

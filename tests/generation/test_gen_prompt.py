@@ -7,15 +7,13 @@ import pytest
 
 from medcap.data import image_chat_dataset
 from medcap.generation import (
-    IMAGE_PLACEHOLDER,
     build_prompt,
     clean_text,
-    decode_text,
-    parse_prompt_text,
     prompt_text,
     prompt_tokens_from_text,
     question_from_instruction,
 )
+from medcap.generation._prompt import IMAGE_PLACEHOLDER, decode_text, parse_prompt_text
 from medcap.testing import make_caption_dataset
 
 

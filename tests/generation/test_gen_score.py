@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medcap.generation import GenerationEngine, build_prompt, option_tokens, score_options
+from medcap.generation import GenerationEngine, build_prompt
+from medcap.generation._score import option_tokens, score_options
 
 
 def _manual(model, tok, prompt, image, option):

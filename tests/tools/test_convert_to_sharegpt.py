@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medcap.data import CAPTION_INSTRUCTIONS, convert_main
+from medcap.data import convert_main
+from medcap.data._convert import CAPTION_INSTRUCTIONS
 
 REPO = Path(__file__).resolve().parents[2]
 PH = "\u2460"
