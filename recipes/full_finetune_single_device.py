@@ -51,7 +51,7 @@ from medcap._progress import progress
 from medcap.checkpointing import save_vision_checkpoint
 from medcap.config import run_recipe, save_resolved
 from medcap.data import SkipLog
-from medcap.models._load import load_model, resolve_dtype
+from medcap.models import load_model
 from medcap.training import (
     RECIPE_STATE_FILE,
     StopSignals,
@@ -141,7 +141,6 @@ class FullFinetuneRecipe:
         if state is not None:
             self.seed = int(state["seed"])  # the data order is the stopped run's
 
-        self._dtype = resolve_dtype(cfg.dtype)
         self._tokenizer = tt_config.instantiate(_section(cfg.tokenizer))
         log.info("building the model (%s, %s on %s)", cfg.model["_component_"], cfg.dtype, env.device)
         self._model = model = load_model(
@@ -155,6 +154,7 @@ class FullFinetuneRecipe:
             train_vision=True,
             vision_weights_follow=state is not None,
         )
+        self._dtype = next(model.vision.parameters()).dtype  # images go in as the tower computes
         if cfg.enable_activation_checkpointing:
             from torchtune.modules import TransformerSelfAttentionLayer
 
@@ -371,7 +371,9 @@ class FullFinetuneRecipe:
 
     def _write_weights(self, name: str, **meta: Any) -> Path:
         path = self.cfg.checkpoint_dir / f"{name}{self.cfg.checkpoint_suffix}"
-        metadata = dict(meta, vision=self.cfg.vision, recipe=self.name, global_step=self.global_step)
+        # llm_dir: the LLM these weights were trained against (`medcap caption` finds it there)
+        metadata = dict(meta, vision=self.cfg.vision, recipe=self.name, global_step=self.global_step,
+                        llm_dir=str(Path(self.cfg.checkpointer.checkpoint_dir).resolve()))
         save_vision_checkpoint(self._model, path, metadata=metadata)
         if name == "meta_model_last":
             self._last_written_step = self.global_step
