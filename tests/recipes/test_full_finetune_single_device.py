@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -194,6 +195,9 @@ def test_reference_launch_line_runs_through_medcap_run(train_assets, train_launc
     assert "using medcap.data.chat_dataset" in text
     assert "PagedAdamW8bit" in text and "stepped in backward" in text
     assert "building the model" in text  # the marker the user-error tests below look for
+    # not a terminal: plain progress lines (no carriage-return redraws), with the loss
+    assert "\r" not in text
+    assert re.search(r"^epoch 1/1: \d+/\d+ steps \(100%\) \| .* loss=", proc.stderr, flags=re.M), proc.stderr[-2000:]
     assert (out / "checkpoint" / "meta_model_0.safetensors").is_file()
     assert (out / "checkpoint" / "recipe_state.pt").is_file()
     log_text = "".join(p.read_text() for p in (out / "log").glob("*.txt"))
