@@ -332,6 +332,9 @@ def run_recipe(main: Callable[[Any], Any], argv: Optional[Sequence[str]] = None,
                prog: str = "medcap run") -> int:
     """A recipe's entry point: parse, run ``main(cfg)``, report user errors in one line."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from medcap._progress import quiet_library_noise
+
+    quiet_library_noise()
     try:
         _, cfg = parse_args(sys.argv[1:] if argv is None else argv, free_text)
         main(cfg)

@@ -32,6 +32,7 @@ checkpoint, the LLM folder, the settings that change outputs) in a
 refused rather than mixed in; ``overwrite=True`` starts those files afresh.
 """
 
+import dataclasses
 import logging
 import sys
 import time
@@ -40,19 +41,17 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 from omegaconf import DictConfig
-from torchtune import config, training
+from torchtune import config
 
-from medcap.checkpointing import load_llama_weights, load_vision_weights
 from medcap.config import from_config, plain, run_recipe, save_resolved
 from medcap.eval import ImageLoader, checkpoint_name, run_test_metrics, run_test_omnimedvqa, run_test_vqarad
 from medcap.eval._config import FREE_TEXT, GenerateConfig
 from medcap.eval._loop import file_identity, folder_identity
 from medcap.generation import GenerationEngine, prompt_text
 from medcap.models import MedcapModel
+from medcap.models._load import resolve_dtype, load_model
 
 log = logging.getLogger("medcap.generate")
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 def read_config(cfg: Union[DictConfig, GenerateConfig]) -> GenerateConfig:
@@ -73,7 +72,7 @@ class GenerateRecipe:
     def __init__(self, cfg: Union[DictConfig, GenerateConfig]):
         self.cfg = read_config(cfg)
         self.device = self._setup_device(self.cfg.device)
-        self.dtype = DTYPES[self.cfg.dtype]
+        self.dtype = resolve_dtype(self.cfg.dtype)
         self.seed = self.cfg.seed if self.cfg.seed is not None else 0
         torch.manual_seed(self.seed)
 
@@ -116,30 +115,12 @@ class GenerateRecipe:
         return tok
 
     def _setup_model(self, cfg_model: Dict[str, Any], checkpointer, vision_checkpoint: Optional[str]) -> MedcapModel:
-        overrides: Dict[str, Any] = {}
-        if vision_checkpoint and cfg_model.get("vision_pretrained"):
-            overrides["vision_pretrained"] = None  # overwritten by the checkpoint at once
-        with training.set_default_dtype(self.dtype), self.device:
-            model = config.instantiate(DictConfig(cfg_model), **overrides)
-        if not isinstance(model, MedcapModel):
-            raise TypeError(f"model._component_ built a {type(model).__name__}, not a MedcapModel")
-        if model.image_token_id != self.tokenizer.image_id:
-            raise ValueError(
-                f"the tokenizer's image id ({self.tokenizer.image_id}) is not the model's image_token_id "
-                f"({model.image_token_id}): tokenizer and model do not belong together"
-            )
-        load_llama_weights(
-            model, checkpointer.checkpoint_dir, checkpoint_files=checkpointer.checkpoint_files,
-            model_type=checkpointer.model_type,
+        """The one model loader training uses too: built in dtype on the device, Llama
+        weights, the trained vision side, everything frozen."""
+        return load_model(
+            cfg_model, dataclasses.asdict(checkpointer), device=self.device, dtype=self.dtype,
+            tokenizer=self.tokenizer, vision_checkpoint=vision_checkpoint,
         )
-        if vision_checkpoint:
-            load_vision_weights(model, vision_checkpoint)
-            log.info("vision tower and projector loaded from %s", vision_checkpoint)
-        else:
-            log.warning("no vision_checkpoint: the vision tower and projector are untrained; outputs mean little")
-        model.requires_grad_(False)
-        model.eval()
-        return model
 
     def _setup_engine(self, cfg: GenerateConfig) -> GenerationEngine:
         if not cfg.enable_kv_cache:

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from tqdm import tqdm
 
 from medcap._fs import exclusive_lock
+from medcap._progress import progress as progress_bar
 from medcap.data import BadSample
 from medcap.eval._journal import CsvJournal, cell, read_csv_rows, write_csv_atomic
 
@@ -237,7 +237,8 @@ def run_items(
         log.info("%s: resuming with %d of %d rows on disk", journal.path, len(done), len(items))
     pending = [it for it in items if it.key not in done]
     left_out: Dict[str, str] = {}
-    bar = tqdm(total=len(items), initial=len(done), desc=raw_path.stem, disable=not progress, unit=unit)
+    bar = progress_bar(len(pending), f"{raw_path.stem} ({len(done)} of {len(items)} on disk)" if done else raw_path.stem,
+                       unit, enabled=progress)
     for lo in range(0, len(pending), engine.batch_size):
         batch = pending[lo : lo + engine.batch_size]
         kept, images, bad = load_images(batch, image_loader)

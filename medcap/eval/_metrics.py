@@ -61,15 +61,18 @@ def caption_metrics(references: Sequence[str], candidates: Sequence[str]) -> Dic
 
     gts = {i: [{"caption": str(r)}] for i, r in enumerate(references)}
     res = {i: [{"caption": str(c)}] for i, c in enumerate(candidates)}
+    from medcap._progress import quiet_stderr_fd
+
     tok = PTBTokenizer()
-    gts_t, res_t = tok.tokenize(gts), tok.tokenize(res)
+    with quiet_stderr_fd():  # the Java tokenizer's "PTBTokenizer tokenized N tokens" chatter
+        gts_t, res_t = tok.tokenize(gts), tok.tokenize(res)
     # The PTB tokenizer drops trailing empty lines, so empty captions can go missing.
     for d in (gts_t, res_t):
         for i in range(len(references)):
             d.setdefault(i, [""])
     scores: Dict[str, float] = OrderedDict()
     for scorer, names in ((Bleu(4), METRIC_NAMES[:4]), (_meteor(), ("METEOR",)), (Rouge(), ("ROUGE_L",)), (Cider(), ("CIDEr",))):
-        with contextlib.redirect_stdout(io.StringIO()):  # BLEU prints its internals
+        with contextlib.redirect_stdout(io.StringIO()), quiet_stderr_fd():  # BLEU's internals, METEOR's JVM
             value, _ = scorer.compute_score(gts_t, res_t)
         if isinstance(value, (list, tuple)):
             for n, v in zip(names, value):

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from tqdm import tqdm
+
+from medcap._progress import progress as progress_bar
 
 from medcap.data import BadSample
 from medcap.eval._loop import OPTION_LETTERS
@@ -114,7 +115,7 @@ def score_letter(
     questions: Optional[Dict[str, str]] = None,
 ) -> None:
     done = len(journal)
-    bar = tqdm(total=len(rows), initial=done, desc="scoring (letter)", disable=not progress, unit="q")
+    bar = progress_bar(len(rows) - done, "scoring (letter)", "q", enabled=progress)
     for lo in range(done, len(rows), engine.batch_size):
         batch = rows[lo : lo + engine.batch_size]
         prompts, opts = [], []
@@ -145,7 +146,7 @@ def score_loglik(
     reduction: str = "sum",
 ) -> None:
     done = len(journal)
-    bar = tqdm(total=len(rows), initial=done, desc="scoring (loglik)", disable=not progress, unit="q")
+    bar = progress_bar(len(rows) - done, "scoring (loglik)", "q", enabled=progress)
     for lo in range(done, len(rows), engine.batch_size):
         batch = rows[lo : lo + engine.batch_size]
         prompts, images, opts = [], [], []
@@ -230,6 +231,10 @@ def print_modality_report(acc: float, per: Dict[str, Dict[str, float]], title: s
     for g, p in per.items():
         lines.append(f"  {g:<40s} {p['accuracy']:.4f}  ({p['correct']}/{p['n']})")
     lines.append(f"  {'macro accuracy':<40s} {acc:.4f}")
+    odd = [g for g in per if g in ("MR (Mag-netic Resonance Imaging)", "OCT (Optical Coherence Tomography")]
+    if odd:
+        lines.append("  (modality names are OmniMedVQA's own spellings, kept so that results match the data set: "
+                     + ", ".join(repr(g) for g in odd) + ")")
     print("\n".join(lines), flush=True)
 
 
