@@ -3,7 +3,7 @@
 without a cache.
 
 A small data set in OmniMedVQA's layout is made on the spot
-(``medcap.eval.make_omnimedvqa_layout``: synthetic images, the 8 kept modalities,
+(``medcap.testing.make_omnimedvqa_layout``: synthetic images, the 8 kept modalities,
 2-4 options). Both sides run the same suite, ``run_test_omnimedvqa``: read,
 shuffle, the two-step protocol (``vqa_type``, default ``no_cond_desc``: a
 description per image, then the answer), the letter-mapping scoring step (a
@@ -118,7 +118,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     reps = args.reps or (1 if args.quick else 2)
     logging.getLogger("medcap").setLevel(logging.WARNING)
 
-    from medcap.eval._synthetic import make_omnimedvqa_layout
+    from medcap.testing import make_omnimedvqa_layout
     from medcap.generation import GenerationEngine
 
     tmp = Path(tempfile.mkdtemp(prefix="medcap-bench-eval-"))

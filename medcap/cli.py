@@ -24,7 +24,7 @@ that gets the launcher's SIGINT/SIGTERM/SIGHUP, dies with the launcher (Linux)
 and whose exit status is the launcher's.
 
 Flags are spelled ``--kebab-case``; the tools' older ``--snake_case`` spellings
-are still accepted (``accept_snake_case``).
+are still accepted (``medcap._cmdline.accept_snake_case``).
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+# The conventions every command and tool shares; imported here too because the tools
+# and older scripts import them from medcap.cli.
+from medcap._cmdline import accept_snake_case, quiet_broken_pipe  # noqa: F401
 
 RECIPES_ENV = "MEDCAP_RECIPES_DIR"
 _CONFIG_SUFFIXES = (".yaml", ".yml")
@@ -457,59 +461,6 @@ def _recipe_for_validate(spec: str) -> str:
     if recipe is None:
         raise CLIError(f"which recipe is {spec!r} for? add --recipe NAME (one of {recipe_names()})")
     return recipe
-
-
-# ---------------------------------------------------------------------------------------
-# conventions shared by the medcap command and the tools
-
-
-def accept_snake_case(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Also accept ``--snake_case`` for every ``--kebab-case`` option of ``parser``, so
-    scripts written for the older spellings keep working. The old spellings are rewritten
-    before parsing rather than registered as options: help stays kebab-case only, and
-    abbreviations (``--input`` for ``--input-dir``) do not become ambiguous."""
-    aliases = {
-        "--" + flag[2:].replace("-", "_"): flag
-        for action in parser._actions
-        for flag in action.option_strings
-        if flag.startswith("--") and "-" in flag[2:]
-    }
-    parse_known = parser.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
-        return parse_known(_kebab_args(args, aliases), namespace)
-
-    parser.parse_known_args = parse_known_args  # parse_args goes through it too
-    return parser
-
-
-def _kebab_args(args: List[str], aliases: Dict[str, str]) -> List[str]:
-    out: List[str] = []
-    for i, arg in enumerate(args):
-        if arg == "--":  # everything after it is positional
-            return out + args[i:]
-        flag, eq, value = arg.partition("=")
-        out.append(aliases[flag] + eq + value if flag in aliases else arg)
-    return out
-
-
-def quiet_broken_pipe(fn: Callable[[], Optional[int]]) -> int:
-    """``fn()``'s exit status; when the reader of stdout went away (``medcap ls | head``),
-    exit quietly with 141 (128 + SIGPIPE, what a Unix tool reports) instead of a traceback."""
-    try:
-        try:
-            rc = fn()
-        finally:  # also after argparse's SystemExit: the buffered lines can meet the closed pipe too
-            sys.stdout.flush()
-        return int(rc or 0)
-    except BrokenPipeError:
-        # Python flushes stdout again at exit; point it at /dev/null so that flush is silent.
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):  # stdout is not a file (captured): nothing flushes it at exit
-            pass
-        return 141
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 import sys
 
-from medcap.cli import quiet_broken_pipe
+from medcap._cmdline import quiet_broken_pipe
 from medcap.data import validate_main
 
 if __name__ == "__main__":

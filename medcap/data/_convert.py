@@ -435,7 +435,7 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
     """``tools/convert_to_sharegpt.py``; exit 0 on success, 1 when required inputs are missing."""
     import argparse
 
-    from medcap.cli import accept_snake_case
+    from medcap._cmdline import accept_snake_case
 
     p = argparse.ArgumentParser(
         prog="tools/convert_to_sharegpt.py",

@@ -10,8 +10,7 @@ import pytest
 
 from medcap.eval import read_caption_set, read_omnimedvqa, read_vqarad
 from medcap.eval._datasets import OMNIMEDVQA_MODALITIES, chunk_bounds, drop_missing_images, select_chunk
-from medcap.eval._synthetic import make_omnimedvqa_layout, make_vqarad_layout
-from medcap.testing import make_caption_dataset
+from medcap.testing import make_caption_dataset, make_omnimedvqa_layout, make_vqarad_layout
 
 
 def test_the_eight_modalities_are_the_datasets_own_spellings():

@@ -12,10 +12,9 @@ from medcap.eval import ImageLoader, VQA_TYPES, read_csv_rows, read_omnimedvqa, 
 from medcap.eval._datasets import VQAItem, drop_missing_images
 from medcap.eval._protocol import answer_messages, description_budget
 from medcap.eval._suites import OMNIMEDVQA_EXTRA_COLUMNS
-from medcap.eval._synthetic import make_omnimedvqa_layout
 from medcap.generation import question_from_instruction
 from medcap.generation._prompt import IMAGE_PLACEHOLDER
-from medcap.testing import make_image
+from medcap.testing import make_image, make_omnimedvqa_layout
 
 
 def _items(tmp_path, n_images=3, questions=((0, "Is it normal?"), (0, "Any mass?"), (1, "Which side?"), (0, "Size?"), (2, "Contrast?"))):

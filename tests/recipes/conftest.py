@@ -45,7 +45,7 @@ def _tiny_config(config_name: str, assets: Dict[str, Any], out_dir, settings: Di
 @pytest.fixture(scope="session")
 def train_assets(tmp_path_factory) -> Dict[str, Any]:
     """Tiny LLM + tokenizer + 8 good image-caption records (read-only)."""
-    from medcap.training.tiny_assets import make_tiny_training_assets
+    from medcap.testing import make_tiny_training_assets
 
     return make_tiny_training_assets(tmp_path_factory.mktemp("train_assets"), samples=8)
 
@@ -53,7 +53,7 @@ def train_assets(tmp_path_factory) -> Dict[str, Any]:
 @pytest.fixture(scope="session")
 def train_bad_assets(tmp_path_factory) -> Dict[str, Any]:
     """Like ``train_assets`` with 6 good records and 3 broken ones appended (read-only)."""
-    from medcap.training.tiny_assets import make_tiny_training_assets
+    from medcap.testing import make_tiny_training_assets
 
     return make_tiny_training_assets(tmp_path_factory.mktemp("train_bad_assets"), samples=6, bad=3)
 
@@ -125,9 +125,9 @@ def gen_assets(tmp_path_factory) -> Dict[str, Any]:
     import torch
 
     from medcap.checkpointing import save_vision_checkpoint
-    from medcap.eval._synthetic import make_omnimedvqa_layout, make_vqarad_layout
+    from medcap.testing import make_omnimedvqa_layout, make_vqarad_layout
     from medcap.models import medcap_tiny
-    from medcap.training.tiny_assets import make_tiny_training_assets
+    from medcap.testing import make_tiny_training_assets
 
     root = tmp_path_factory.mktemp("gen_assets")
     assets = make_tiny_training_assets(root, samples=5)
