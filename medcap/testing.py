@@ -260,6 +260,7 @@ def make_omnimedvqa_layout(
     files: Dict[str, List[Dict[str, Any]]] = {"Dataset-A.json": [], "Dataset-B.json": []}
     counts = {"kept": 0, "missing_images": 0, "excluded": 0, "modality_key": 0, "no_option_C": 0}
     n = 0
+    # imported here: medcap.eval loads torch, which the tiny-assets command does not need
     from medcap.eval._datasets import OMNIMEDVQA_MODALITIES
 
     for m_i, modality in enumerate(OMNIMEDVQA_MODALITIES):
