@@ -70,7 +70,6 @@ from medcap.training import (
     save_recipe_state,
     setup_data,
     setup_dataset,
-    setup_metric_logger,
     shard_frozen_decoder,
 )
 
@@ -136,7 +135,8 @@ class FullFinetuneRecipe:
         cfg, env = self.cfg, self._env
         if env.is_main:
             save_resolved(cfg.to_dict(), cfg.output_dir)  # the config as it runs, beside the outputs
-        self._metric_logger = setup_metric_logger(cfg.metric_logger, cfg.output_dir, env)
+        # metrics (DiskLogger, TensorBoardLogger, ...) are written by rank 0 alone
+        self._metric_logger = tt_config.instantiate(_section(cfg.metric_logger)) if env.is_main else None
         state = self._load_state() if self._run.resuming else None
         if state is not None:
             self.seed = int(state["seed"])  # the data order is the stopped run's
@@ -301,7 +301,7 @@ class FullFinetuneRecipe:
                     metrics, micro = self.train_step(micro), []
                     self.history.append(dict(metrics, step=self.global_step, epoch=epoch))
                     bar.update(1, step=self.global_step, loss=metrics["loss"])
-                    if self.global_step % cfg.log_every_n_steps == 0:
+                    if self._metric_logger and self.global_step % cfg.log_every_n_steps == 0:
                         self._metric_logger.log_dict(metrics, step=self.global_step)
                     if self.step_in_epoch >= n_steps:
                         break

@@ -9,15 +9,15 @@ from medcap.training._config import TrainConfig
 from medcap.training._dist import init_distributed_env, peak_memory_gib, shard_frozen_decoder
 from medcap.training._loss import LabelTokenCrossEntropy, TrainForward, count_label_tokens
 from medcap.training._optim import build_lr_scheduler, build_optimizer
-from medcap.training._run_dir import check_vision_start, open_run_folder
-from medcap.training._sampler import ResumableBatchSampler
-from medcap.training._setup import setup_data, setup_dataset, setup_metric_logger
-from medcap.training._signals import StopSignals
-from medcap.training._state import (
+from medcap.training._data import ResumableBatchSampler, setup_data, setup_dataset
+from medcap.training._run import (
     RECIPE_STATE_FILE,
+    StopSignals,
     atomic_write,
     capture_rng_state,
+    check_vision_start,
     load_recipe_state,
+    open_run_folder,
     restore_rng_state,
     save_recipe_state,
 )
@@ -43,6 +43,5 @@ __all__ = [
     "save_recipe_state",
     "setup_data",
     "setup_dataset",
-    "setup_metric_logger",
     "shard_frozen_decoder",
 ]

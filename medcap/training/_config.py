@@ -32,6 +32,7 @@ TORCHTUNE_CHAT_DATASET = "torchtune.datasets.chat_dataset"
 MEDCAP_CHAT_DATASET = "medcap.data.chat_dataset"
 LOSS_COMPONENT = "medcap.training.LabelTokenCrossEntropy"
 HF_CHECKPOINTER = "torchtune.training.FullModelHFCheckpointer"
+DEFAULT_METRIC_LOGGER = "torchtune.training.metric_logging.DiskLogger"
 # Losses a torchtune-style config may name; all mean "next-token CE over labels".
 _CE_LOSSES = (
     "torch.nn.CrossEntropyLoss",
@@ -118,7 +119,7 @@ class TrainConfig:
         return from_config(cls, data, variables=variables)
 
     def __post_init__(self) -> None:
-        from medcap.training._run_dir import resume_mode
+        from medcap.training._run import resume_mode
 
         self.resume = resume_mode(self.resume_from_checkpoint)  # "no", "yes" or "auto"
         if self.save_last_every_seconds is not None and self.save_last_every_seconds <= 0:
@@ -133,6 +134,8 @@ class TrainConfig:
                 )
             if self.clip_grad_norm is not None:
                 raise ConfigError("clip_grad_norm needs all gradients at once: it cannot be used with optimizer_in_bwd=True")
+        if self.metric_logger is None:
+            self.metric_logger = {"_component_": DEFAULT_METRIC_LOGGER, "log_dir": f"{self.output_dir}/logs"}
         self.dataset = resolve_dataset_config(self.dataset)[0]
         self.loss = resolve_loss_config(self.loss)
 

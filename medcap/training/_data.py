@@ -1,4 +1,6 @@
-"""Which samples each rank trains on, step by step, in a way a resumed run can replay.
+"""The data side of a run: which samples each rank trains on, and the loader.
+
+Which samples each rank trains on, step by step, in a way a resumed run can replay.
 
 The plan of an epoch is a pure function of (seed, epoch, dataset size, global
 batch size): shuffle with a generator seeded ``seed + epoch``, pad to a multiple
@@ -18,11 +20,24 @@ samples of similar length (less padding) while their order stays random.
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Iterator, List, Optional, Sequence
+from functools import partial
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import Sampler
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Sampler
+from torchtune import config as tt_config
+
+from medcap._progress import progress
+from medcap.data import BadSample, collate_image_chat
+from medcap.models import MedcapModel
+from medcap.training._dist import DistEnv
+from medcap.training._loss import IGNORE_INDEX
+from medcap.training._run import ignore_sigint_in_worker
+
+log = logging.getLogger("medcap.training")
 
 
 class ResumableBatchSampler(Sampler[List[int]]):
@@ -164,3 +179,82 @@ class ResumableBatchSampler(Sampler[List[int]]):
                 + "). Keep seed, shuffle, dataset, batch_size x number of processes and "
                 "group_by_length as they were."
             )
+
+
+def setup_dataset(cfg_dataset: DictConfig, tokenizer, model: MedcapModel):
+    """Instantiate ``cfg.dataset`` with the image-token count and image size taken from
+    the model, so that they cannot disagree."""
+    kwargs: Dict[str, Any] = {}
+    for key, value in (("num_image_tokens", model.num_image_tokens), ("image_size", model.vision.visual.image_size)):
+        given = cfg_dataset.get(key)
+        if given is None:
+            kwargs[key] = value
+        elif int(given) != int(value):
+            raise ValueError(f"dataset.{key}={given} but the model's is {value}; leave dataset.{key} out")
+    return tt_config.instantiate(cfg_dataset, tokenizer, **kwargs)
+
+
+def sample_lengths(dataset, env: DistEnv) -> List[int]:
+    """Token length of every sample (text only, no image decoding), for length grouping.
+    Computed on rank 0 and shared; a bad record counts as length 0 (it will be skipped)."""
+    lengths = None
+    if env.is_main:
+        if hasattr(dataset, "lengths"):
+            lengths = list(dataset.lengths)
+        else:
+            cap = getattr(dataset, "max_seq_len", None)
+            lengths = []
+            with progress(len(dataset), "sample lengths", "samples") as bar:
+                for i in range(len(dataset)):
+                    try:
+                        n = dataset.tokenize(dataset.parse(i)).full_length
+                    except BadSample:
+                        n = 0
+                    lengths.append(min(n, cap) if cap else n)
+                    bar.update(1)
+    return env.broadcast_object(lengths)
+
+
+def setup_data(
+    dataset,
+    *,
+    env: DistEnv,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    pad_id: int,
+    num_workers: int = 0,
+    group_by_length: bool = False,
+    drop_last: bool = True,
+) -> Tuple[ResumableBatchSampler, DataLoader]:
+    lengths = sample_lengths(dataset, env) if group_by_length else None
+    sampler = ResumableBatchSampler(
+        len(dataset),
+        batch_size,
+        num_replicas=env.world_size,
+        rank=env.rank,
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=drop_last,
+        lengths=lengths,
+        group_by_length=group_by_length,
+    )
+    if sampler.batches_per_epoch() == 0:
+        raise ValueError(
+            f"{len(dataset)} samples make no full batch of {batch_size} x {env.world_size} process(es); "
+            "lower batch_size or add data"
+        )
+    # The loader's own generator: making an epoch's iterator draws the workers' base seed
+    # from it instead of from the global RNG, which dropout and augmentation also use;
+    # the trainer saves its state so that a resumed epoch draws the same seed.
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=partial(collate_image_chat, pad_id=pad_id, ignore_idx=IGNORE_INDEX),
+        pin_memory=env.device.type == "cuda",
+        generator=generator,
+        worker_init_fn=ignore_sigint_in_worker if num_workers > 0 else None,
+    )
+    return sampler, loader
