@@ -1,12 +1,13 @@
 # medcap: one-command setup, tests and demo.
 #   make test   - create .venv if needed, install medcap, check Java, run the test suite
 #   make demo   - same setup, then run the offline end-to-end demo
+#   make counts - exported names and the modules from a config to a checkpoint / results file
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.medcap-installed
 
-.PHONY: setup test test-gpu demo java bench clean
+.PHONY: setup test test-gpu demo java bench counts clean
 
 setup: $(STAMP) java
 
@@ -32,6 +33,9 @@ bench: setup
 	$(PY) bench/generation.py
 	$(PY) bench/eval_omnimedvqa.py
 	$(PY) bench/train_step.py
+
+counts:
+	@$(or $(wildcard $(PY)),$(PYTHON)) docs/count_modules.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
