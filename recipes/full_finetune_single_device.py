@@ -301,7 +301,7 @@ class FullFinetuneRecipe:
                     metrics, micro = self.train_step(micro), []
                     self.history.append(dict(metrics, step=self.global_step, epoch=epoch))
                     bar.update(1, step=self.global_step, loss=metrics["loss"])
-                    if self._metric_logger and self.global_step % cfg.log_every_n_steps == 0:
+                    if self._metric_logger is not None and self.global_step % cfg.log_every_n_steps == 0:
                         self._metric_logger.log_dict(metrics, step=self.global_step)
                     if self.step_in_epoch >= n_steps:
                         break

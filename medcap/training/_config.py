@@ -185,7 +185,10 @@ class TrainConfig:
             must_exist(local / "open_clip_pytorch_model.bin" if local.is_dir() else local, "model.vision_pretrained")
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as it runs (legacy keys mapped, defaults filled in), for config.yaml."""
+        data = dataclasses.asdict(self)
+        del data["checkpointer"]["component"]  # the only one there is
+        return data
 
 
 def load_train_config(cfg, world_size: int = 1) -> TrainConfig:
