@@ -149,6 +149,12 @@ def test_bad_samples_are_skipped_counted_and_reported(train_bad_assets, train_co
     log_text = "".join(p.read_text() for p in (tmp_path / "run" / "logs").glob("*.txt"))
     assert "bad_samples:3" in log_text and "skipped_samples:" in log_text
     assert "bad samples: 3" in capsys.readouterr().err
+    # the config as it ran, beside the outputs: read back, it is the same typed config
+    from omegaconf import OmegaConf
+
+    from medcap.training import TrainConfig
+
+    assert TrainConfig.from_config(OmegaConf.load(tmp_path / "run" / "config.yaml")) == recipe.cfg
 
 
 def test_checkpoints_load_through_medcap_checkpointing(train_assets, train_config, train_run, tmp_path):
