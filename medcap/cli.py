@@ -8,6 +8,7 @@
     medcap validate-data ...
     medcap demo ...
     medcap rescore FILE...
+    medcap report RESULTS_DIR...
 
 Why not ``tune run``: it looks names up in torchtune's built-in recipes first
 (``tune run full_finetune_distributed`` would silently run torchtune's
@@ -71,6 +72,9 @@ commands:
   rescore FILE...
                  recompute every score of results files from their rows, no model
                  (medcap rescore -h)
+  report RESULTS_DIR...
+                 one table of every checkpoint's benchmark scores, as CSV, Markdown and PNG
+                 (medcap report -h)
   caption IMAGE_OR_FOLDER... --checkpoint VISION_CKPT [--question "..."] [--llm DIR] [--out F.jsonl|.csv]
                  caption images (or answer a question about each) with a trained model
                  (medcap caption -h)
@@ -493,6 +497,7 @@ _COMMANDS: Dict[str, Union[Callable[[List[str]], int], Tuple[str, str]]] = {
     "validate-data": ("medcap.data", "validate_main"),
     "demo": ("medcap.demo", "main"),
     "rescore": ("medcap.eval._rescore", "rescore_main"),
+    "report": ("medcap.eval._report", "report_main"),
     "caption": ("medcap._caption", "caption_main"),
     "chat": ("medcap._caption", "chat_main"),
 }

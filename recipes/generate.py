@@ -45,6 +45,7 @@ from torchtune import config
 
 from medcap.config import from_config, plain, run_recipe, save_resolved
 from medcap.eval import ImageLoader, checkpoint_name, run_test_metrics, run_test_omnimedvqa, run_test_vqarad
+from medcap.eval._benchmarks import BENCHMARKS, run_benchmark
 from medcap.eval._config import FREE_TEXT, GenerateConfig
 from medcap.eval._loop import file_identity, folder_identity
 from medcap.generation import GenerationEngine, prompt_text
@@ -164,6 +165,10 @@ class GenerateRecipe:
                 scoring=cfg.vqa_scoring, include_modality_key=cfg.omnimedvqa_include_modality_key,
                 file_order=cfg.omnimedvqa_file_order, **common,
             )
+        for suite in BENCHMARKS:  # the field's benchmarks: SLAKE, PathVQA, VQA-RAD (HF), PMC-VQA, your questions
+            if getattr(cfg, suite):
+                results[suite] = run_benchmark(self.engine, suite, **vqa, scoring=cfg.vqa_scoring, q_lang=cfg.q_lang,
+                                               **common)
         if cfg.debug:
             _show_rows(results)
         log.info("done in %.1f s", time.perf_counter() - t0)

@@ -15,7 +15,8 @@ from typing import Any, ClassVar, Dict, List, Literal, Optional
 from medcap.config import ConfigError, check_component, must_exist
 
 VQA_TYPE = Literal["no_cond_desc", "no_cond_desc_no_image", "cond_desc", "cond_desc_no_image", "omit"]
-SUITES = ("test_metrics", "test_vqarad", "test_omnimedvqa")
+SUITES = ("test_metrics", "test_vqarad", "test_omnimedvqa", "test_slake", "test_pathvqa", "test_vqarad_hf", "test_pmcvqa",
+          "test_questions")
 FREE_TEXT = ("prompt", "image", "images")  # taken exactly as typed on the command line
 
 
@@ -54,6 +55,13 @@ class GenerateConfig:
     test_metrics: bool = False
     test_vqarad: bool = False
     test_omnimedvqa: bool = False
+    # the field's benchmarks (medcap/eval/_benchmarks.py; layouts in datasets/README.md)
+    test_slake: bool = False  # {dataset_source}/Slake1.0/test.json + imgs/
+    test_pathvqa: bool = False  # {dataset_source}/path-vqa/data/test-*.parquet (Hugging Face)
+    test_vqarad_hf: bool = False  # {dataset_source}/vqa-rad/data/test-*.parquet (Hugging Face)
+    test_pmcvqa: bool = False  # {dataset_source}/PMC-VQA/test_clean.csv (or test.csv) + images/
+    test_questions: bool = False  # dataset_source is your own questions' JSONL file
+    q_lang: Literal["en", "zh", "all"] = "en"  # SLAKE's question language
     vqa_type: VQA_TYPE = "no_cond_desc"
     vqa_scoring: Literal["letter", "loglik"] = "letter"
     test_chunk_idx: Optional[int] = field(default=None, metadata={"min": 0})
@@ -85,7 +93,7 @@ class GenerateConfig:
                               "set quantizer=null")
         if not self.suites() and not self.image_paths():
             raise ConfigError(
-                "nothing to do: switch on a suite (test_metrics=True, test_vqarad=True or test_omnimedvqa=True) "
+                "nothing to do: switch on a suite (" + ", ".join(f"{s}=True" for s in SUITES) + ") "
                 "or give images for the single-shot mode (image=path1,path2 [prompt=\"question\"])"
             )
         model_vision = self.model.get("vision")
@@ -109,3 +117,18 @@ class GenerateConfig:
         if self.test_omnimedvqa:
             must_exist(Path(str(self.dataset_source)) / "OmniMedVQA" / "QA_information" / "Open-access",
                        "dataset_source (test_omnimedvqa)", "dir")
+        self._check_benchmarks()
+
+    def _check_benchmarks(self) -> None:
+        root = Path(str(self.dataset_source))
+        if self.test_slake:
+            must_exist(root / "Slake1.0" / "test.json", "dataset_source (test_slake)")
+        for suite, folder in (("test_pathvqa", "path-vqa"), ("test_vqarad_hf", "vqa-rad")):
+            if getattr(self, suite) and not any((root / folder / "data").glob("test-*.parquet")):
+                raise ConfigError(f"dataset_source ({suite}): no test-*.parquet in {str(root / folder / 'data')!r}; "
+                                  f"download it with: huggingface-cli download flaviagiammarino/{folder} "
+                                  f"--repo-type dataset --local-dir {root / folder}")
+        if self.test_pmcvqa and not any((root / "PMC-VQA" / n).is_file() for n in ("test_clean.csv", "test.csv")):
+            must_exist(root / "PMC-VQA" / "test_clean.csv", "dataset_source (test_pmcvqa: test_clean.csv or test.csv)")
+        if self.test_questions:
+            must_exist(root, "dataset_source (test_questions reads a JSONL file of questions)", "file")

@@ -18,6 +18,9 @@ OmniMedVQA scored      ``letter_macro``: the reference's accuracy, the mean over
 OmniMedVQA raw         ``nearest_macro``/``nearest_micro``
 judged (``-70B_``)     ``judge_accuracy``: replies containing "right" (what the name states)
 ``metrics-raw-CKPT``   the seven caption metrics, compared with ``metrics-CKPT.csv`` (Java)
+benchmarks (SLAKE,     ``overall`` (MedEvalKit's total accuracy), closed accuracy, open exact
+PathVQA, VQA-RAD HF,   match / token recall / token F1, choice accuracy (``_vqa_scores``),
+PMC-VQA, questions)    beside the file's name, ``correct`` column and ``-summary.json``
 =====================  ==================================================================
 """
 
@@ -152,6 +155,10 @@ def rescore(path: str | Path) -> Dict[str, Any]:
     cols = set(rows[0])
     if "-70B_" in path.name and {"instruction", "generated"} <= cols and "output" not in cols:
         return rescore_judged(path, rows)
+    if {"answer_type", "output", "generated"} <= cols:  # SLAKE, PathVQA, VQA-RAD (HF), PMC-VQA, questions
+        from medcap.eval._vqa_scores import rescore_benchmark
+
+        return rescore_benchmark(path, rows, _stated_accuracy(path))
     if {"option_A", "option_B", "output", "generated"} <= cols:
         return rescore_omnimedvqa(path, rows)
     if path.name.startswith("metrics-raw-") and {"output", "generated"} <= cols:

@@ -1,0 +1,522 @@
+"""The field's benchmarks: SLAKE, PathVQA, VQA-RAD (Hugging Face), PMC-VQA, your own
+questions; read from the layouts a download leaves, answered with the reference's
+two-step protocol (``run_vqa``), scored by ``_vqa_scores``.
+
+=================  ======================================================  ==========
+suite              layout under ``dataset_source``                         file prefix
+=================  ======================================================  ==========
+test_slake         ``Slake1.0/test.json`` + ``Slake1.0/imgs/<img_name>``      ``slake``
+test_pathvqa       ``path-vqa/data/test-*.parquet`` (image bytes inside)   ``pathvqa``
+test_vqarad_hf     ``vqa-rad/data/test-*.parquet``                         ``vqaradhf``
+test_pmcvqa        ``PMC-VQA/test_clean.csv`` (or ``test.csv``) + ``images/``  ``pmcvqa``
+                   (or ``figures/``)
+test_questions     ``dataset_source`` is the JSONL file itself             ``questions``
+=================  ======================================================  ==========
+
+Each suite writes into ``output_dir``: ``{prefix}-{vqa_type}-raw-{ckpt}.csv``
+(image, instruction, output, generated, question, answer, answer_type, options,
+question_id; UTF-8 with BOM), the scored ``{raw}-{round(overall, 4)}.csv``
+(adding predict_generated, predict, correct, exact_match, token_recall,
+token_f1) and ``{raw}-summary.json`` (the scores, the counts, what was skipped
+and why). Images inside parquet files are decoded in memory (CMYK JPEGs
+included) and never written anywhere; the ``image`` column holds the file's
+own ``path`` value, or ``row{N}.png`` (``N`` counting rows over the sorted
+files) when it has none. Missing images, empty answers and malformed records
+are counted and reported, never fatal.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from medcap.data import BadSample
+from medcap.eval._journal import CsvJournal, accuracy_name, read_csv_rows, write_csv_atomic
+from medcap.eval._loop import OPTION_LETTERS, EvalItem, results_lock
+from medcap.eval._protocol import check_vqa_type, run_vqa
+from medcap.eval._vqa_scores import CONVENTION, HEADLINE, ROW_SCORE_COLUMNS, answer_kind, row_scores, summarize
+
+log = logging.getLogger(__name__)
+
+EXTRA_COLUMNS = ("question", "answer", "answer_type", "option_A", "option_B", "option_C", "option_D", "question_id")
+CHOICE_COLUMNS = ("predict_generated", "predict")
+SLAKE_LANGUAGES = ("en", "zh", "all")
+MAX_EXAMPLES = 20
+
+Report = Dict[str, Any]
+
+
+def _s(v: Any) -> str:
+    return "" if v is None else str(v)
+
+
+def _new_report(source: Path) -> Report:
+    return {"source": str(source), "records": 0, "kept": 0, "malformed": 0, "empty_answers": 0,
+            "missing_images": 0, "skipped_examples": []}
+
+
+def _skip(report: Report, what: str, where: str) -> None:
+    report[what] += 1
+    if len(report["skipped_examples"]) < MAX_EXAMPLES:
+        report["skipped_examples"].append(f"{where}: {what.replace('_', ' ')}")
+
+
+def _extra(question: str, answer: str, kind: str, qid: str, options: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    extra = {"question": question, "answer": answer, "answer_type": kind, "question_id": qid}
+    extra.update({f"option_{L}": (options or {}).get(L, "") for L in OPTION_LETTERS})
+    return extra
+
+
+def _unique(items: List[EvalItem]) -> List[EvalItem]:
+    seen: Counter = Counter()
+    for it in items:
+        seen[it.key] += 1
+        if seen[it.key] > 1:
+            it.key = f"{it.key}#{seen[it.key] - 1}"
+    return items
+
+
+# ------------------------------------------------------------------ SLAKE
+
+
+def read_slake(dataset_source: str | Path, *, q_lang: str = "en") -> Tuple[List[EvalItem], Report]:
+    """SLAKE's test questions in file order: ``q_lang`` en (default), zh or all."""
+    if q_lang not in SLAKE_LANGUAGES:
+        raise ValueError(f"q_lang must be one of {list(SLAKE_LANGUAGES)}, got {q_lang!r}")
+    root = Path(dataset_source) / "Slake1.0"
+    path = root / "test.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"SLAKE questions not found: {str(path)!r} (dataset_source={str(dataset_source)!r})")
+    records = json.loads(path.read_text(encoding="utf-8-sig"))
+    if not isinstance(records, list):
+        raise ValueError(f"{path} must hold a JSON list of questions")
+    report = {**_new_report(path), "q_lang": q_lang, "other_language": 0}
+    items: List[EvalItem] = []
+    for i, r in enumerate(records):
+        report["records"] += 1
+        if not isinstance(r, dict) or not all(_s(r.get(k)).strip() for k in ("img_name", "question")):
+            _skip(report, "malformed", f"record {i}")
+            continue
+        if q_lang != "all" and _s(r.get("q_lang")) != q_lang:
+            report["other_language"] += 1
+            continue
+        answer = _s(r.get("answer")).strip()
+        if answer == "":
+            _skip(report, "empty_answers", f"record {i} (qid {r.get('qid')})")
+            continue
+        kind = "closed" if _s(r.get("answer_type")).upper() == "CLOSED" else "open"
+        qid = _s(r.get("qid")) or str(i)
+        items.append(EvalItem(image=_s(r["img_name"]), path=str(root / "imgs" / _s(r["img_name"])),
+                              question=_s(r["question"]), answer=answer, key=f"slake:{qid}",
+                              extra=_extra(_s(r["question"]), answer, kind, qid)))
+    report["kept"] = len(items)
+    return _unique(items), report
+
+
+# ------------------------------------------------------------------ Hugging Face parquet
+
+
+class ParquetImages:
+    """Images held as bytes inside parquet files, decoded in memory on demand."""
+
+    PREFIX = "parquet://"
+
+    def __init__(self):
+        self._cells: Dict[str, Tuple[Any, int]] = {}
+
+    def add(self, column, row: int) -> str:
+        ref = f"{self.PREFIX}{len(self._cells)}"
+        self._cells[ref] = (column, row)
+        return ref
+
+    def __contains__(self, ref: str) -> bool:
+        return ref in self._cells
+
+    def data(self, ref: str) -> bytes:
+        column, row = self._cells[ref]
+        cell = column[row].as_py() or {}
+        return cell.get("bytes") or b""
+
+
+def decode_image_bytes(data: bytes, name: str):
+    """Image bytes -> 8-bit RGB ``PIL.Image`` with ``load_image``'s conventions (EXIF
+    orientation, CMYK/alpha/16-bit conversions); ``BadSample`` when unreadable."""
+    from PIL import Image, ImageOps
+
+    from medcap.data._image import DEFAULT_MAX_IMAGE_PIXELS, to_rgb
+
+    if not data:
+        raise BadSample(f"image not found: {name} holds no image bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        if img.size[0] * img.size[1] > DEFAULT_MAX_IMAGE_PIXELS:
+            raise BadSample(f"image too large: {name} is {img.size[0]}x{img.size[1]}")
+        img.load()
+        return to_rgb(ImageOps.exif_transpose(img))
+    except BadSample:
+        raise
+    except Exception as e:  # Pillow raises many types for broken data
+        raise BadSample(f"corrupt image: {name}: {type(e).__name__}: {e}") from e
+
+
+def read_hf_parquet(dataset_source: str | Path, folder: str, prefix: str) -> Tuple[List[EvalItem], Report, ParquetImages]:
+    """``{folder}/data/test-*.parquet`` (columns image{bytes, path}, question, answer), files
+    in name order; closed questions are those answered yes or no."""
+    import pyarrow.parquet as pq
+
+    data_dir = Path(dataset_source) / folder / "data"
+    files = sorted(data_dir.glob("test-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no test-*.parquet files in {str(data_dir)!r} (dataset_source={str(dataset_source)!r}; "
+                                f"download with: huggingface-cli download flaviagiammarino/{folder} --repo-type dataset "
+                                f"--local-dir {Path(dataset_source) / folder})")
+    report = {**_new_report(data_dir), "files": [f.name for f in files]}
+    images = ParquetImages()
+    items: List[EvalItem] = []
+    n = 0
+    for f in files:
+        table = pq.read_table(f)
+        missing = [c for c in ("image", "question", "answer") if c not in table.column_names]
+        if missing:
+            raise ValueError(f"{f} has no column {missing[0]!r} (its columns: {table.column_names})")
+        questions, answers, image_col = table.column("question").to_pylist(), table.column("answer").to_pylist(), table.column("image")
+        for row in range(table.num_rows):
+            n += 1
+            report["records"] += 1
+            where = f"{f.name} row {row}"
+            cell = image_col[row].as_py()
+            question, answer = _s(questions[row]).strip(), _s(answers[row]).strip()
+            if not question:
+                _skip(report, "malformed", where)
+                continue
+            if answer == "":
+                _skip(report, "empty_answers", where)
+                continue
+            if not isinstance(cell, dict) or not cell.get("bytes"):
+                _skip(report, "missing_images", where)
+                continue
+            name = _s(cell.get("path")) or f"row{n - 1}.png"
+            items.append(EvalItem(image=name, path=images.add(image_col, row), question=question, answer=answer,
+                                  key=f"{prefix}:{n - 1}", extra=_extra(question, answer, answer_kind(answer), str(n - 1))))
+    report["kept"] = len(items)
+    return items, report, images
+
+
+# ------------------------------------------------------------------ PMC-VQA
+
+
+def _choice_text(value: str, letter: str) -> str:
+    """``"A: text"`` or ``"A:text"`` -> ``"text"``; values without the prefix kept."""
+    v = value.strip()
+    for sep in (":", "."):
+        if v[:2].upper() == f"{letter}{sep}":
+            return v[2:].strip()
+    return v
+
+
+def read_pmcvqa(dataset_source: str | Path) -> Tuple[List[EvalItem], Report]:
+    """PMC-VQA's test questions: ``test_clean.csv`` (else ``test.csv``), multiple choice.
+    The answer is ``Answer_label``'s option when given, else ``Answer`` (a letter or the
+    option text)."""
+    root = Path(dataset_source) / "PMC-VQA"
+    path = next((root / n for n in ("test_clean.csv", "test.csv") if (root / n).is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"PMC-VQA questions not found: {str(root / 'test_clean.csv')!r} or test.csv "
+                                f"(dataset_source={str(dataset_source)!r})")
+    image_dir = next((root / n for n in ("images", "figures") if (root / n).is_dir()), root / "images")
+    report = {**_new_report(path), "image_dir": str(image_dir)}
+    items: List[EvalItem] = []
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        for i, r in enumerate(csv.DictReader(fh)):
+            report["records"] += 1
+            figure, question = _s(r.get("Figure_path")).strip(), _s(r.get("Question")).strip()
+            options = {L: _choice_text(_s(r.get(f"Choice {L}")), L) for L in OPTION_LETTERS}
+            if not figure or not question or not options["A"] or not options["B"]:
+                _skip(report, "malformed", f"line {i + 2}")
+                continue
+            answer = _pmc_answer(r, options)
+            if answer == "":
+                _skip(report, "empty_answers", f"line {i + 2}")
+                continue
+            qid = _s(r.get("index")) or str(i)
+            items.append(EvalItem(image=figure, path=str(image_dir / figure), question=question, answer=answer,
+                                  key=f"pmcvqa:{i}", extra=_extra(question, answer, "choice", qid, options)))
+    report["kept"] = len(items)
+    return _unique(items), report
+
+
+def _pmc_answer(r: Dict[str, Any], options: Dict[str, str]) -> str:
+    label = _s(r.get("Answer_label")).strip().upper()
+    if label in options and options[label]:
+        return options[label]
+    answer = _s(r.get("Answer")).strip()
+    letter = answer[:1].upper()
+    if len(answer) == 1 or (len(answer) > 1 and answer[1] in ":."):
+        if letter in options and options[letter]:
+            return options[letter]
+    return _choice_text(answer, letter) if answer else ""
+
+
+# ------------------------------------------------------------------ your own questions
+
+
+def read_questions(path: str | Path) -> Tuple[List[EvalItem], Report]:
+    """A JSONL file: ``image`` (relative to the file), ``question``, optional ``options``
+    (a list, or a mapping A-D) and ``answer``, optional ``id`` and ``answer_type``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"questions file not found: {str(path)!r}")
+    report = {**_new_report(path), "without_answer": 0}
+    items: List[EvalItem] = []
+    for i, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines()):
+        if not line.strip():
+            continue
+        report["records"] += 1
+        try:
+            r = json.loads(line)
+        except ValueError:
+            r = None
+        if not isinstance(r, dict) or not _s(r.get("image")).strip() or not _s(r.get("question")).strip():
+            _skip(report, "malformed", f"line {i + 1}")
+            continue
+        options = _question_options(r.get("options"))
+        if options is None:
+            _skip(report, "malformed", f"line {i + 1} (options must be a list or an A-D mapping of 2-4)")
+            continue
+        answer = _s(r.get("answer")).strip()
+        if options and len(answer) == 1 and answer.upper() in options:
+            answer = options[answer.upper()]
+        kind = "choice" if options else (_s(r.get("answer_type")).lower() or answer_kind(answer))
+        if kind not in ("closed", "open", "choice"):
+            kind = answer_kind(answer)
+        report["without_answer"] += answer == ""
+        qid = _s(r.get("id")) or str(i + 1)
+        items.append(EvalItem(image=_s(r["image"]), path=str(path.parent / _s(r["image"])), question=_s(r["question"]),
+                              answer=answer, key=f"questions:{qid}",
+                              extra=_extra(_s(r["question"]), answer, kind if answer else "", qid, options)))
+    report["kept"] = len(items)
+    return _unique(items), report
+
+
+def _question_options(value: Any) -> Optional[Dict[str, str]]:
+    if value in (None, "", [], {}):
+        return {}
+    if isinstance(value, list) and 2 <= len(value) <= 4:
+        return {L: _s(v) for L, v in zip(OPTION_LETTERS, value)}
+    if isinstance(value, dict) and set(value) <= set(OPTION_LETTERS) and len(value) >= 2:
+        return {L: _s(value[L]) for L in OPTION_LETTERS if L in value}
+    return None
+
+
+# ------------------------------------------------------------------ the suites
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str  # the config key
+    prefix: str  # the file name prefix
+    title: str
+
+
+BENCHMARKS = {
+    "test_slake": Benchmark("test_slake", "slake", "SLAKE"),
+    "test_pathvqa": Benchmark("test_pathvqa", "pathvqa", "PathVQA"),
+    "test_vqarad_hf": Benchmark("test_vqarad_hf", "vqaradhf", "VQA-RAD (HF)"),
+    "test_pmcvqa": Benchmark("test_pmcvqa", "pmcvqa", "PMC-VQA"),
+    "test_questions": Benchmark("test_questions", "questions", "questions"),
+}
+PREFIX_TITLES = {b.prefix: b.title for b in BENCHMARKS.values()}
+
+
+def read_benchmark(suite: str, dataset_source: str | Path, *, q_lang: str = "en"):
+    """``(items, report, parquet images or None)`` of one suite."""
+    if suite == "test_slake":
+        return (*read_slake(dataset_source, q_lang=q_lang), None)
+    if suite == "test_pathvqa":
+        return read_hf_parquet(dataset_source, "path-vqa", "pathvqa")
+    if suite == "test_vqarad_hf":
+        return read_hf_parquet(dataset_source, "vqa-rad", "vqaradhf")
+    if suite == "test_pmcvqa":
+        return (*read_pmcvqa(dataset_source), None)
+    if suite == "test_questions":
+        return (*read_questions(dataset_source), None)
+    raise ValueError(f"unknown benchmark suite {suite!r}; one of {sorted(BENCHMARKS)}")
+
+
+def benchmark_loader(image_loader: Callable[[str], torch.Tensor], images: Optional[ParquetImages]):
+    """The loop's image loader: parquet references decoded in memory, files through ``image_loader``."""
+    if images is None:
+        return image_loader
+
+    def load(ref: str) -> torch.Tensor:
+        if ref in images:
+            transform = getattr(image_loader, "transform", None)
+            if transform is None:
+                raise TypeError("images inside parquet files need an image_loader with a .transform (ImageLoader)")
+            return transform(decode_image_bytes(images.data(ref), ref))
+        return image_loader(ref)
+
+    return load
+
+
+def _drop_missing_files(items: List[EvalItem], images: Optional[ParquetImages], report: Report) -> List[EvalItem]:
+    kept = []
+    for it in items:
+        if images is not None and it.file in images or it.file is None or Path(it.file).is_file():
+            kept.append(it)
+        else:
+            _skip(report, "missing_images", it.image)
+    report["kept"] = len(kept)
+    return kept
+
+
+def run_benchmark(
+    engine,
+    suite: str,
+    *,
+    dataset_source: str,
+    output_dir: str | Path,
+    ckpt: str,
+    vqa_type: str,
+    max_seq_len: int,
+    max_new_tokens: int,
+    image_loader: Callable[[str], torch.Tensor],
+    scoring: str = "letter",
+    q_lang: str = "en",
+    identity: Optional[Dict[str, Any]] = None,
+    overwrite: bool = False,
+    limit: Optional[int] = None,
+    progress: bool = True,
+    on_batch: Optional[Callable[[int], None]] = None,
+    ranks=None,
+) -> Dict[str, Any]:
+    """Read, answer (two-step protocol), score and summarise one suite (module docstring).
+    With ``ranks`` (several processes), each answers its share and rank 0 scores."""
+    check_vqa_type(vqa_type)
+    bench = BENCHMARKS[suite]
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw_path = out / f"{bench.prefix}-{vqa_type}-raw-{ckpt}.csv"
+    items, report, images = read_benchmark(suite, dataset_source, q_lang=q_lang)
+    items = _drop_missing_files(items, images, report)
+    if limit is not None:
+        items = items[:limit]
+    _print_skipped(bench.title, report)
+    loader = benchmark_loader(image_loader, images)
+    ident = {**(identity or {}), "suite": suite}
+    if suite == "test_slake":
+        ident["q_lang"] = q_lang
+    shared = {} if ranks is None else {"ranks": ranks}
+    with results_lock(raw_path, **shared):
+        rows = run_vqa(engine, items, vqa_type=vqa_type, raw_path=raw_path, image_loader=loader, max_seq_len=max_seq_len,
+                       max_new_tokens=max_new_tokens, extra_columns=EXTRA_COLUMNS, identity=ident,
+                       overwrite=overwrite, progress=progress, on_batch=on_batch, **shared)
+        if ranks is not None and ranks.rank != 0:
+            return {"raw_path": str(raw_path), "rows": len(rows)}
+        left_out = _left_out(raw_path)
+        files = {it.image: it.file for it in items}
+        summary = score_benchmark(engine, raw_path, scoring=scoring, progress=progress,
+                                  image_loader=lambda image: loader(files.get(image) or image))
+        summary.update(suite=suite, benchmark=bench.title, ckpt=ckpt, vqa_type=vqa_type, scoring=scoring,
+                       report=report, left_out_unreadable_images=left_out)
+        summary_path = summary_path_of(raw_path)
+        summary_path.write_text(json.dumps(summary, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+    _print_summary(bench.title, summary)
+    return {"raw_path": str(raw_path), "summary_path": str(summary_path), "rows": len(rows), **summary}
+
+
+def summary_path_of(raw_path: Path) -> Path:
+    return raw_path.with_name(raw_path.stem + "-summary.json")
+
+
+def _left_out(raw_path: Path) -> Dict[str, str]:
+    from medcap.eval._loop import run_record_path
+
+    p = run_record_path(raw_path)
+    try:
+        return dict(json.loads(p.read_text(encoding="utf-8")).get("left_out", {}))
+    except (OSError, ValueError):
+        return {}
+
+
+def score_benchmark(engine, raw_path: str | Path, *, scoring: str = "letter", progress: bool = True,
+                    image_loader: Optional[Callable[[str], torch.Tensor]] = None) -> Dict[str, Any]:
+    """Score a raw benchmark file: choice rows get a letter (``scoring``: letter mapping or
+    log-likelihood, resumable through ``{raw}-scored.partial.csv``), every row its scores;
+    writes ``{raw}-{round(overall, 4)}.csv``. Returns the summary's scores."""
+    from medcap.eval._scoring import SCORING_METHODS, score_letter, score_loglik
+
+    if scoring not in SCORING_METHODS:
+        raise ValueError(f"vqa_scoring must be one of {list(SCORING_METHODS)}, got {scoring!r}")
+    raw_path = Path(raw_path)
+    rows = read_csv_rows(raw_path)
+    choice = [r for r in rows if r.get("answer_type") == "choice" and r.get("output", "") != ""]
+    letters: List[Dict[str, str]] = []
+    if choice:
+        partial = raw_path.with_name(f"{raw_path.stem}-scored.partial.csv")
+        journal = CsvJournal(None, list(rows[0]) + list(CHOICE_COLUMNS) + ["correct"], partial=partial, bom=True)
+        if len(journal) > len(choice) or any(a.get("generated") != b.get("generated") for a, b in zip(journal.rows(), choice)):
+            raise ValueError(f"{partial} does not match {raw_path}; move it away to score again")
+        if scoring == "letter":
+            score_letter(engine, choice, journal, progress=progress,
+                         questions={r.get("question_id", ""): r.get("question", "") for r in choice})
+        else:
+            score_loglik(engine, choice, journal, image_loader, progress=progress)
+        letters = journal.rows()
+        journal.path.unlink()
+    by_row = iter(letters)
+    scored = []
+    for r in rows:
+        row = dict(r)
+        if r.get("answer_type") == "choice" and r.get("output", "") != "":
+            got = next(by_row)
+            row.update({c: got[c] for c in CHOICE_COLUMNS})
+        else:
+            row.update({c: "" for c in CHOICE_COLUMNS})
+        s = row_scores(row)
+        row.update({c: ("" if s is None else s[c]) for c in ROW_SCORE_COLUMNS})
+        scored.append(row)
+    scores = summarize(scored)
+    columns = (list(rows[0]) if rows else []) + list(CHOICE_COLUMNS) + list(ROW_SCORE_COLUMNS)
+    overall = scores[HEADLINE]
+    for old in raw_path.parent.glob(f"{raw_path.stem}-*.csv"):
+        if old.name[len(raw_path.stem) + 1 :][:1].isdigit() or old.name.endswith("-nan.csv"):
+            old.unlink()  # an earlier scoring of the same rows
+    scored_path = raw_path.with_name(f"{raw_path.stem}-{accuracy_name(overall if overall is not None else float('nan'))}.csv")
+    write_csv_atomic(scored_path, columns, scored, bom=True)
+    return {"scored_path": str(scored_path), "convention": CONVENTION, "headline": HEADLINE, "scores": scores}
+
+
+def _print_skipped(title: str, report: Report) -> None:
+    counts = {k: report[k] for k in ("malformed", "empty_answers", "missing_images", "other_language", "without_answer")
+              if report.get(k)}
+    line = f"{title}: {report['records']} records, {report['kept']} questions kept"
+    if counts:
+        line += f"; skipped: {counts}, e.g. {report['skipped_examples'][:3]}"
+    print(line, flush=True)
+
+
+def _print_summary(title: str, summary: Dict[str, Any]) -> None:
+    s = summary["scores"]
+    parts = [f"overall {s[HEADLINE]:.4f}" if s.get(HEADLINE) is not None else "overall -"]
+    if "closed" in s:
+        parts.append(f"closed acc {s['closed']['accuracy']:.4f} (n={s['closed']['n']})")
+    if "open" in s:
+        o = s["open"]
+        parts.append(f"open exact {o['exact_match']:.4f} recall {o['token_recall']:.4f} f1 {o['token_f1']:.4f} (n={o['n']})")
+    if "choice" in s:
+        parts.append(f"choice acc {s['choice']['accuracy']:.4f} (n={s['choice']['n']})")
+    if summary.get("left_out_unreadable_images"):
+        parts.append(f"{len(summary['left_out_unreadable_images'])} unreadable image(s) left out (retried next run)")
+    print(f"{title}: " + "; ".join(parts) + f"  [{Path(summary['scored_path']).name}]", flush=True)

@@ -1,0 +1,144 @@
+"""The field's benchmarks through the real generate recipe on the tiny model: every
+suite from its config keys, its files, what it skipped, scores recounted here from
+the rows (independently of medcap's scorer), ``medcap rescore`` and ``medcap report``."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from medcap.eval._benchmark_layouts import (
+    make_hf_parquet_layout, make_pmcvqa_layout, make_questions_file, make_slake_layout,
+)
+
+SUITES = {"test_slake": "slake", "test_pathvqa": "pathvqa", "test_vqarad_hf": "vqaradhf", "test_pmcvqa": "pmcvqa"}
+RAW_COLUMNS = ["image", "instruction", "output", "generated", "question", "answer", "answer_type"]
+
+
+@pytest.fixture(scope="module")
+def bench_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_data")
+    return {
+        "root": str(root),
+        "slake": make_slake_layout(root),
+        "pathvqa": make_hf_parquet_layout(root, "path-vqa"),
+        "vqaradhf": make_hf_parquet_layout(root, "vqa-rad"),
+        "pmcvqa": make_pmcvqa_layout(root),
+        "questions": make_questions_file(root / "mine"),
+    }
+
+
+@pytest.fixture(scope="module")
+def bench_run(gen_assets, gen_config, gen_run, bench_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_out")
+    cfg = gen_config(gen_assets, out, dataset_source=bench_data["root"], **{s: True for s in SUITES})
+    _, results = gen_run(cfg)
+    qcfg = gen_config(gen_assets, out, dataset_source=bench_data["questions"]["path"], test_questions=True)
+    _, qresults = gen_run(qcfg)
+    return out, {**results, **qresults}
+
+
+def _read(path):
+    import csv
+
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _recount_correct(row) -> int:
+    """Written from the rules' descriptions, not from medcap's code."""
+    reply, answer = row["generated"].lower(), row["output"].lower()
+    if row["answer_type"] == "choice":
+        letters = [L for L in "ABCD" if row[f"option_{L}"] == row["output"]]
+        return int(bool(letters) and row["predict"] == letters[0])
+    for marker in ("**answer**:", "**answer**", "*answer*:", "**answer:**", "answer is", "answer:", "答案:",
+                   "final answer", "final answer is"):
+        if marker in reply:
+            reply = reply.split(marker)[-1]
+    if row["answer_type"] == "open":
+        return int(reply.strip() == answer.strip())
+    flat = reply.replace("\n", "").replace(".", "").strip()
+    if answer in ("yes", "no"):
+        return int((("yes" in flat) ^ ("no" in flat)) and answer in flat)
+    return int(flat == answer)
+
+
+def test_each_suite_writes_raw_scored_and_summary(bench_run, bench_data):
+    out, results = bench_run
+    for suite, prefix in {**SUITES, "test_questions": "questions"}.items():
+        raw = out / f"{prefix}-no_cond_desc-raw-meta_model_last.csv"
+        assert raw.read_bytes().startswith(b"\xef\xbb\xbf")
+        rows = _read(raw)
+        assert set(RAW_COLUMNS) <= set(rows[0])
+        summary = json.loads((out / f"{raw.stem}-summary.json").read_text())
+        scored = [p for p in out.glob(f"{raw.stem}-*.csv") if re.search(r"-\d[\d.]*\.csv$", p.name)]
+        assert len(scored) == 1, scored
+        srows = _read(scored[0])
+        assert len(srows) == len(rows)
+        assert [r["generated"] for r in srows] == [r["generated"] for r in rows]
+        # independent recount of every row and of the headline
+        counted = [r for r in srows if r["answer_type"] in ("closed", "open", "choice") and r["output"] != ""]
+        assert [int(r["correct"]) for r in counted] == [_recount_correct(r) for r in counted]
+        overall = sum(_recount_correct(r) for r in counted) / len(counted)
+        assert summary["scores"]["overall"] == pytest.approx(overall)
+        assert float(scored[0].name[len(raw.stem) + 1 : -4]) == round(overall, 4)
+        assert results[suite]["summary_path"] == str(out / f"{raw.stem}-summary.json")
+
+
+def test_slake_is_english_and_reports_what_it_skipped(bench_run, bench_data):
+    out, _ = bench_run
+    rows = _read(out / "slake-no_cond_desc-raw-meta_model_last.csv")
+    want = bench_data["slake"]["english"]
+    assert [(r["image"], r["question"], r["output"], r["answer_type"]) for r in rows] == want
+    report = json.loads((out / "slake-no_cond_desc-raw-meta_model_last-summary.json").read_text())["report"]
+    assert (report["other_language"], report["empty_answers"], report["malformed"], report["missing_images"]) == (2, 1, 1, 1)
+
+
+def test_parquet_suites_decode_cmyk_in_memory_and_leave_out_unreadable(bench_run, bench_data):
+    out, _ = bench_run
+    for prefix in ("pathvqa", "vqaradhf"):
+        rows = _read(out / f"{prefix}-no_cond_desc-raw-meta_model_last.csv")
+        kept = [k for k in bench_data[prefix]["kept"] if k[0] not in bench_data[prefix]["unreadable"]]
+        assert [(r["image"], r["question"], r["output"], r["answer_type"]) for r in rows] == kept
+        summary = json.loads((out / f"{prefix}-no_cond_desc-raw-meta_model_last-summary.json").read_text())
+        assert list(summary["left_out_unreadable_images"]) == [f"{prefix}:5"]
+        assert (summary["report"]["missing_images"], summary["report"]["empty_answers"]) == (1, 1)
+    data_dir = Path(bench_data["root"]) / "path-vqa" / "data"
+    assert sorted(p.name for p in data_dir.iterdir()) == ["test-00000-of-00002.parquet", "test-00001-of-00002.parquet"]
+
+
+def test_pmcvqa_options_without_prefixes_and_letters(bench_run, bench_data):
+    out, _ = bench_run
+    rows = _read(out / "pmcvqa-no_cond_desc-raw-meta_model_last.csv")
+    got = [(r["image"], {L: r[f"option_{L}"] for L in "ABCD"}, r["output"]) for r in rows]
+    assert got == bench_data["pmcvqa"]["expected"]
+    assert all(r["answer_type"] == "choice" for r in rows)
+
+
+def test_rescore_agrees_with_every_file(bench_run):
+    from medcap.eval._rescore import rescore_main
+
+    out, _ = bench_run
+    files = [str(p) for p in sorted(out.glob("*-raw-meta_model_last-*.csv")) if re.search(r"-\d[\d.]*\.csv$", p.name)]
+    assert len(files) == 5
+    assert rescore_main(files) == 0
+
+
+def test_report_puts_the_suites_in_one_table(bench_run, capsys):
+    from medcap.cli import main
+
+    out, _ = bench_run
+    assert main(["report", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "MedEvalKit" in text
+    for name in ("SLAKE", "PathVQA", "VQA-RAD (HF)", "PMC-VQA", "questions"):
+        assert name in text
+    table = _read(out / "report.csv")
+    assert [r["checkpoint"] for r in table] == ["meta_model_last"]
+    summary = json.loads((out / "slake-no_cond_desc-raw-meta_model_last-summary.json").read_text())
+    assert float(table[0]["SLAKE"]) == pytest.approx(summary["scores"]["overall"], abs=1e-6)
+    assert (out / "report.md").read_text().startswith("scores in %")
+    assert (out / "report.png").stat().st_size > 0
