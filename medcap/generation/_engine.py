@@ -3,11 +3,12 @@ code: prompts in, stripped texts out, batched, one random stream per row."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from medcap.generation._continuous import ContinuousBatcher, Request
 from medcap.generation._generate import generate, generate_reference
 from medcap.generation._prompt import build_prompt, decode_text
 from medcap.generation._sampling import is_greedy, make_generators, row_seed
@@ -21,6 +22,12 @@ class GenerationEngine:
     draws from a generator seeded by ``row_seed(seed, key)``, so its text does not
     depend on the batch it happens to share. ``use_cache=False`` takes the
     reference's slow path (batch 1, no KV cache).
+
+    With the cache, rows are continuously batched (``batch_size`` slots kept busy, a
+    finished row's slot refilled at once; see ``_continuous``); ``continuous=False``
+    takes the static path (a batch runs until its longest row is done), kept for
+    comparison. ``compile=True`` compiles the continuous decode step. ``open`` gives
+    a batcher that accepts requests at any time (for a server).
     """
 
     def __init__(
@@ -33,6 +40,8 @@ class GenerationEngine:
         top_k: Optional[int] = None,
         seed: int = 0,
         use_cache: bool = True,
+        continuous: bool = True,
+        compile: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -43,6 +52,11 @@ class GenerationEngine:
         self.top_k = None if top_k is None else int(top_k)
         self.seed = int(seed or 0)
         self.use_cache = bool(use_cache)
+        self.continuous = bool(continuous)
+        self.compile = bool(compile)
+        self._batcher: Optional[ContinuousBatcher] = None
+        # what the last generate_tokens call cost (decode passes, slot-steps, ...)
+        self.last_stats: Dict[str, int] = {}
 
     @property
     def num_image_tokens(self) -> int:
@@ -81,6 +95,11 @@ class GenerationEngine:
                     )
                 )
             return out
+        if n == 0:
+            return []
+        if self.continuous:
+            return self._generate_continuous(prompts, images, budgets, seeds, greedy)
+        self.last_stats = stats = {}
         for lo in range(0, n, self.batch_size):
             hi = min(n, lo + self.batch_size)
             imgs = [im for im in images[lo:hi] if im is not None]
@@ -90,10 +109,41 @@ class GenerationEngine:
                 generate(
                     self.model, self.tokenizer, prompts[lo:hi], batch_images,
                     max_new_tokens=budgets[lo:hi], temperature=self.temperature, top_k=self.top_k,
-                    generators=gens,
+                    generators=gens, stats=stats,
                 )
             )
         return out
+
+    def open(self, cache_len: int) -> ContinuousBatcher:
+        """A batcher with ``batch_size`` slots of ``cache_len`` positions (prompt + new
+        tokens): ``submit`` requests at any time, drive it with ``step``/``run_until_done``.
+        The same batcher is reused while ``cache_len`` fits (a compiled step is kept)."""
+        b = self._batcher
+        if b is None or b.cache_len < cache_len or (not self.compile and b.cache_len != cache_len):
+            b = self._batcher = ContinuousBatcher(
+                self.model, self.tokenizer.stop_tokens, slots=self.batch_size, cache_len=cache_len,
+                temperature=self.temperature, top_k=self.top_k, compile=self.compile,
+            )
+        return b
+
+    def submit(self, batcher: ContinuousBatcher, prompt: Sequence[int], image: Optional[torch.Tensor],
+               max_new_tokens: int, key: str) -> Request:
+        """Queue one row on ``batcher`` with its own random stream (seeded by ``key``)."""
+        gen = None
+        if not is_greedy(self.temperature, self.top_k):
+            gen = make_generators([row_seed(self.seed, key)], self.device)[0]
+        return batcher.submit(prompt, image, max_new_tokens, gen)
+
+    def _generate_continuous(self, prompts, images, budgets, seeds, greedy) -> List[List[int]]:
+        need = max(len(p) + m for p, m in zip(prompts, budgets)) if prompts else 1
+        # A compiled step is specialised to the cache length: round it up so calls share it.
+        batcher = self.open(-(-need // 256) * 256 if self.compile else need)
+        before = dict(batcher.stats)
+        gens = [None] * len(prompts) if greedy else make_generators(seeds, self.device)
+        reqs = [batcher.submit(p, im, m, g) for p, im, m, g in zip(prompts, images, budgets, gens)]
+        batcher.run_until_done()
+        self.last_stats = {k: v - before.get(k, 0) for k, v in batcher.stats.items()}
+        return [r.tokens for r in reqs]
 
     def generate_texts(
         self,

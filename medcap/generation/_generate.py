@@ -19,7 +19,7 @@ outputs of both are the same token for token (tested).
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -118,6 +118,7 @@ def generate(
     seed: Optional[IntOrList] = None,
     stop_tokens: Optional[Sequence[int]] = None,
     generators: Optional[Sequence[torch.Generator]] = None,
+    stats: Optional[Dict[str, int]] = None,
 ) -> List[List[int]]:
     """New tokens for each prompt (the stop token itself left out).
 
@@ -125,7 +126,8 @@ def generate(
     holds one image per prompt that has placeholders, in prompt order.
     ``max_new_tokens`` and ``seed`` may be given per row. Sampling uses one random
     stream per row: ``generators``, or one seeded with ``seed[i]`` (an int ``seed``
-    gives row ``i`` the seed ``seed + i``).
+    gives row ``i`` the seed ``seed + i``). ``stats``, when given, is added the work
+    done (the counts ``ContinuousBatcher.stats`` keeps).
     """
     b = len(prompts)
     if b == 0:
@@ -176,6 +178,8 @@ def generate(
         model.setup_caches(len(live), _model_dtype(model), decoder_max_seq_len=cache_len)
     try:
         logits = prefill(model, tokens, padding_mask, images, cache_len)  # [b, V]
+        work = {"decode_passes": 0, "slot_steps": 0, "idle_slot_steps": 0, "prefill_passes": 1,
+                "prefill_positions": int(tokens.numel())}
         # Which cache positions each row may attend to; grows by one slot per step.
         kv_valid = torch.zeros(len(live), cache_len, dtype=torch.bool, device=device)
         kv_valid[:, :longest] = padding_mask
@@ -206,6 +210,12 @@ def generate(
             kv_valid[:, slot] = True
             logits = decode_one_token(model, nxt.view(-1, 1), next_pos, kv_valid[:, None, :])
             next_pos = next_pos + 1
+            work["decode_passes"] += 1
+            work["slot_steps"] += len(row_ids)
+            work["idle_slot_steps"] += int(done.sum())  # finished rows not yet compacted away
+        if stats is not None:
+            for k, v in work.items():
+                stats[k] = stats.get(k, 0) + v
     finally:
         delete_kv_caches(model)
     return outputs
