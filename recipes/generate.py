@@ -34,8 +34,10 @@ refused rather than mixed in; ``overwrite=True`` starts those files afresh.
 
 import dataclasses
 import logging
+import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -47,7 +49,7 @@ from medcap.config import from_config, plain, run_recipe, save_resolved
 from medcap.eval import ImageLoader, checkpoint_name, run_test_metrics, run_test_omnimedvqa, run_test_vqarad
 from medcap.eval._benchmarks import BENCHMARKS, run_benchmark
 from medcap.eval._config import FREE_TEXT, GenerateConfig
-from medcap.eval._loop import file_identity, folder_identity
+from medcap.eval._loop import Ranks, file_identity, folder_identity
 from medcap.generation import GenerationEngine, prompt_text
 from medcap.models import MedcapModel
 from medcap.models._load import resolve_dtype, load_model
@@ -72,16 +74,36 @@ class GenerateRecipe:
 
     def __init__(self, cfg: Union[DictConfig, GenerateConfig]):
         self.cfg = read_config(cfg)
+        self.ranks = self._setup_ranks(self.cfg.device)
         self.device = self._setup_device(self.cfg.device)
         self.dtype = resolve_dtype(self.cfg.dtype)
         self.seed = self.cfg.seed if self.cfg.seed is not None else 0
         torch.manual_seed(self.seed)
 
     @staticmethod
-    def _setup_device(name: str) -> torch.device:
+    def _setup_ranks(device: str) -> Ranks:
+        """Under torchrun (``medcap run --nproc_per_node N generate ...``) every suite's
+        questions are shared out over the N processes, one per device; the files are
+        exactly those one process writes."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return Ranks()
+        import torch.distributed as dist
+
+        gpu = str(device).startswith("cuda") and torch.cuda.is_available()
+        # Ranks wait for each other only at a suite's start and end: allow a long wait.
+        dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(hours=48))
+        rank = dist.get_rank()
+        if rank != 0:
+            logging.getLogger().setLevel(logging.WARNING)  # one process reports
+        return Ranks(rank=rank, world=world, barrier=dist.barrier)
+
+    def _setup_device(self, name: str) -> torch.device:
         if str(name).startswith("cuda") and not torch.cuda.is_available():
             log.warning("device=%s but no CUDA device is available: running on the CPU (slow for the 8B model)", name)
             return torch.device("cpu")
+        if str(name) == "cuda" and self.ranks.world > 1:
+            return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
         return torch.device(name)
 
     # ------------------------------------------------------------------ setup
@@ -141,15 +163,15 @@ class GenerateRecipe:
             out = out / "debug"
             limit = cfg.debug_samples
             log.info("debug: %d samples per suite, files in %s", limit, out)
-        if cfg.suites():
+        if cfg.suites() and self.ranks.rank == 0:
             log.info("config as run: %s", save_resolved(cfg, out, f"generate-{self.ckpt}.config.yaml"))
         common = dict(
             output_dir=out, ckpt=self.ckpt, image_loader=self.image_loader, limit=limit,
-            progress=cfg.progress, identity=self.identity, overwrite=cfg.overwrite,
+            progress=cfg.progress, identity=self.identity, overwrite=cfg.overwrite, ranks=self.ranks,
         )
         results: Dict[str, Any] = {}
         t0 = time.perf_counter()
-        if cfg.image_paths():
+        if cfg.image_paths() and self.ranks.rank == 0:
             results["single"] = self.single_shot(cfg.image_paths(), cfg.prompt, cfg.max_new_tokens)
         if cfg.test_metrics:
             results["test_metrics"] = run_test_metrics(
@@ -169,7 +191,7 @@ class GenerateRecipe:
             if getattr(cfg, suite):
                 results[suite] = run_benchmark(self.engine, suite, **vqa, scoring=cfg.vqa_scoring, q_lang=cfg.q_lang,
                                                **common)
-        if cfg.debug:
+        if cfg.debug and self.ranks.rank == 0:
             _show_rows(results)
         log.info("done in %.1f s", time.perf_counter() - t0)
         return results
@@ -206,7 +228,13 @@ def _show_rows(results: Dict[str, Any], n: int = 2) -> None:
 def main(cfg: DictConfig) -> Dict[str, Any]:
     recipe = GenerateRecipe(cfg)  # every key, value and path checked: nothing is loaded yet
     recipe.setup()
-    return recipe.run()
+    try:
+        return recipe.run()
+    finally:
+        if recipe.ranks.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def recipe_main(argv: Optional[List[str]] = None) -> int:

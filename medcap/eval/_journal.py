@@ -158,6 +158,7 @@ class CsvJournal:
         *,
         bom: bool = False,
         partial: Optional[str | Path] = None,
+        readonly: bool = False,
     ):
         if final_path is None and partial is None:
             raise ValueError("CsvJournal needs final_path or partial")
@@ -169,12 +170,15 @@ class CsvJournal:
         self.dropped_bytes = 0
         self.dropped: List[Tuple[int, int]] = []  # byte spans (in the body) of records left out
         self._cut_tail_only = False
+        self.readonly = readonly  # read another process's journal: parse, never repair or create
         self._open()
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         header = (BOM if self.bom else "") + _format(self.columns)
-        if not self.path.exists() or self.path.stat().st_size == 0:
+        if self.readonly and not self.path.exists():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.readonly and (not self.path.exists() or self.path.stat().st_size == 0):
             with open(self.path, "wb") as f:
                 f.write(header.encode("utf-8"))
                 f.flush()
@@ -184,6 +188,8 @@ class CsvJournal:
         data = self.path.read_bytes()
         hb = header.encode("utf-8")
         if not data.startswith(hb):
+            if hb.startswith(data) and self.readonly:
+                return
             if hb.startswith(data):  # killed while writing the header
                 self.path.write_bytes(hb)
                 return
@@ -202,7 +208,7 @@ class CsvJournal:
             else:
                 self.dropped.append((lo, hi))
         good = len(hb) + sum(len(k) for k in keep)
-        if good == len(data):
+        if good == len(data) or self.readonly:
             return
         self.dropped_bytes = len(data) - good
         # Everything dropped lies after the last intact record: a kill mid-write.

@@ -73,6 +73,33 @@ class EvalItem:
         return {L: self.extra[f"option_{L}"] for L in OPTION_LETTERS if self.extra.get(f"option_{L}", "") != ""}
 
 
+@dataclass
+class Ranks:
+    """The processes sharing one suite (``torchrun``: one per device). Each rank makes the
+    rows of its share of the questions into its own partial file; rank 0 writes the
+    final file, which is exactly what one process writes."""
+
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = lambda: None
+
+    def partial(self, raw_path: Path) -> Path:
+        suffix = ".partial.csv" if self.world == 1 or self.rank == 0 else f".partial.rank{self.rank}.csv"
+        return raw_path.with_name(raw_path.stem + suffix)
+
+    def share(self, items: Sequence["EvalItem"]) -> List["EvalItem"]:
+        """This rank's items: whole images (every question on an image goes to one rank,
+        so its description is made once), dealt out in order of first appearance."""
+        if self.world == 1:
+            return list(items)
+        order: Dict[str, int] = {}
+        for it in items:
+            order.setdefault(it.image, len(order))
+        return [it for it in items if order[it.image] % self.world == self.rank]
+
+
+ONE_PROCESS = Ranks()
+
 MakeRows = Callable[[Any, Sequence[EvalItem], Sequence[Optional[torch.Tensor]]], List[Dict[str, Any]]]
 
 
@@ -84,11 +111,13 @@ def lock_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.lock")
 
 
-def results_lock(raw_path: str | Path):
-    """Exclusive lock on one results file (and its partial, caches and scores)."""
+def results_lock(raw_path: str | Path, ranks: Ranks = ONE_PROCESS):
+    """Exclusive lock on one results file (and its partial, caches and scores); under
+    several ranks, rank 0 holds that lock and each other rank one of its own."""
     raw_path = Path(raw_path)
+    path = lock_path(raw_path) if ranks.rank == 0 else raw_path.with_name(f".{raw_path.name}.rank{ranks.rank}.lock")
     return exclusive_lock(
-        lock_path(raw_path),
+        path,
         f"the results file {raw_path}",
         hint="two evaluations must not write the same file (chunks with test_chunk_idx write different files)",
     )
@@ -151,7 +180,14 @@ def outputs_of(raw_path: Path) -> List[Path]:
         raw_path.with_name(stem + ".partial.csv"),
         run_record_path(raw_path),
         raw_path.with_name(stem + ".descriptions.jsonl"),
-    ] + sorted(raw_path.parent.glob(f"{stem}-*scored.partial.csv"))
+    ] + sorted(raw_path.parent.glob(f"{stem}-*scored.partial.csv")) + _rank_files(raw_path)
+
+
+def _rank_files(raw_path: Path) -> List[Path]:
+    """What other ranks (of this or an earlier run, of any size) left for ``raw_path``."""
+    stem = raw_path.stem
+    return sorted(raw_path.parent.glob(f"{stem}.partial.rank*.csv")) + sorted(
+        raw_path.parent.glob(f"{stem}.descriptions.rank*.jsonl")) + sorted(raw_path.parent.glob(f"{stem}.left_out.rank*.json"))
 
 
 def clear_outputs(raw_path: Path) -> None:
@@ -176,20 +212,23 @@ def run_items(
     progress: bool = True,
     on_batch: Optional[Callable[[int], None]] = None,
     unit: str = "row",
+    ranks: Ranks = ONE_PROCESS,
 ) -> Tuple[List[Dict[str, str]], Dict[str, str]]:
     """Make ``raw_path`` for ``items`` (see the module docstring); the caller holds
-    ``results_lock(raw_path)``. Returns ``(rows in item order, left_out)`` where
+    ``results_lock(raw_path, ranks)``. Returns ``(rows in item order, left_out)`` where
     ``left_out`` maps the keys of items whose image could not be read to the reason.
 
     ``on_batch(rows_on_disk)`` runs after each batch is on disk (tests interrupt there).
+    With ``ranks``, every rank calls this with the same items; each makes its share.
     """
     raw_path = Path(raw_path)
     columns = list(columns)
     record_path = run_record_path(raw_path)
     digest = items_digest(items)
     partial = raw_path.with_name(raw_path.stem + ".partial.csv")
-    if overwrite:
+    if overwrite and ranks.rank == 0:
         clear_outputs(raw_path)
+    ranks.barrier()  # every rank sees the folder after overwrite's clean-up
     record = _read_record(record_path)
     by_key = {it.key: it for it in items}
     if len(by_key) != len(items):
@@ -210,32 +249,38 @@ def run_items(
         if not left_out:
             log.info("%s is complete (%d rows): not generated again", raw_path, len(rows))
             return rows, {}
-        # Rows on disk are the items in order, less those left out: give them their keys back.
         keys = [it.key for it in items if it.key not in left_out]
         if len(keys) != len(rows):
             raise ValueError(f"{raw_path} holds {len(rows)} rows, its record says {len(keys)}; move it away to start over")
         log.info("%s: %d item(s) were left out (unreadable images); trying them again", raw_path, len(left_out))
-        journal = CsvJournal(raw_path, journal_columns, bom=bom)
-        if len(journal) == 0:
-            journal.append({KEY_COLUMN: k, **r} for k, r in zip(keys, rows))
     else:
         if partial.exists() and record is not None:
             diffs = _check_same_run(record, identity, digest, partial)
             if diffs:
                 raise _refuse(partial, diffs, outputs_of(raw_path))
-        elif partial.exists():
+        elif partial.exists() or (_rank_files(raw_path) and record is None):
             raise ValueError(f"{partial} has no record of what made it ({record_path} is missing): "
                              "move it away, or pass overwrite=True to start afresh")
-        journal = CsvJournal(raw_path, journal_columns, bom=bom)
-        damage = journal.damage_report()
-        if damage:
-            log.warning("%s", damage)
-    _write_record(record_path, {"identity": identity, "items_digest": digest, "items": len(items),
-                                "complete": False, "left_out": {}})
-    done = _rows_by_key(journal, by_key)
+        if record is not None and _rank_files(raw_path):
+            diffs = _check_same_run(record, identity, digest, partial)
+            if diffs:
+                raise _refuse(partial, diffs, outputs_of(raw_path))
+    ranks.barrier()  # every rank has looked at the folder before any rank writes to it
+    journal = CsvJournal(raw_path, journal_columns, bom=bom, partial=ranks.partial(raw_path))
+    damage = journal.damage_report()
+    if damage:
+        log.warning("%s", damage)
+    if existed and len(journal) == 0 and ranks.rank == 0:
+        # Rows on disk are the items in order, less those left out: give them their keys back.
+        journal.append({KEY_COLUMN: k, **r} for k, r in zip(keys, rows))
+    ranks.barrier()  # every rank has repaired its own partial (and rank 0 seeded its own) before rows are counted
+    if ranks.rank == 0:
+        _write_record(record_path, {"identity": identity, "items_digest": digest, "items": len(items),
+                                    "complete": False, "left_out": {}})
+    done = _rows_on_disk(raw_path, journal, by_key, columns, bom)
     if done:
-        log.info("%s: resuming with %d of %d rows on disk", journal.path, len(done), len(items))
-    pending = [it for it in items if it.key not in done]
+        log.info("%s: resuming with %d of %d rows on disk", raw_path.name, len(done), len(items))
+    pending = ranks.share([it for it in items if it.key not in done])
     left_out: Dict[str, str] = {}
     bar = progress_bar(len(pending), f"{raw_path.stem} ({len(done)} of {len(items)} on disk)" if done else raw_path.stem,
                        unit, enabled=progress)
@@ -253,29 +298,63 @@ def run_items(
         if on_batch is not None:
             on_batch(len(journal))
     bar.close()
-    done = _rows_by_key(journal, by_key)
-    ordered = [{c: done[it.key][c] for c in columns} for it in items if it.key in done]
-    if raw_path.exists() and not existed:
-        raise ValueError(f"{raw_path} appeared while this run was making it (another process wrote it); "
-                         f"it is left as it is and this run's rows stay in {journal.path}")
-    write_csv_atomic(raw_path, columns, ordered, bom=bom)
-    _write_record(record_path, {"identity": identity, "items_digest": digest, "items": len(items),
-                                "complete": not left_out, "left_out": left_out})
-    journal.path.unlink()
-    if left_out:
+    if ranks.world > 1:
+        _write_record(raw_path.with_name(f"{raw_path.stem}.left_out.rank{ranks.rank}.json"), left_out)
+    ranks.barrier()  # every rank's rows are on disk
+    if ranks.rank == 0:
+        left_out = _finish(raw_path, items, by_key, journal, columns, bom, existed, identity, digest, left_out, ranks)
+    ranks.barrier()  # the final file is written
+    if ranks.rank != 0:
+        left_out = dict(_read_record(record_path).get("left_out", {}))
+    if left_out and ranks.rank == 0:
         log.warning("%s: %d of %d items left out because their image cannot be read; run the same command "
                     "again to retry them", raw_path, len(left_out), len(items))
     return read_csv_rows(raw_path), left_out
 
 
-def _rows_by_key(journal: CsvJournal, by_key: Mapping[str, EvalItem]) -> Dict[str, Dict[str, str]]:
+def _finish(raw_path: Path, items: Sequence[EvalItem], by_key: Mapping[str, EvalItem], journal: CsvJournal,
+            columns: List[str], bom: bool, existed: bool, identity: Dict[str, Any], digest: str,
+            left_out: Dict[str, str], ranks: Ranks) -> Dict[str, str]:
+    """Rank 0: every rank's rows, in item order, into the final file; the record; clean-up."""
+    done = _rows_on_disk(raw_path, journal, by_key, columns, bom)
+    for f in sorted(raw_path.parent.glob(f"{raw_path.stem}.left_out.rank*.json")):
+        left_out.update(_read_record(f) or {})
+    left_out = {k: v for k, v in left_out.items() if k not in done}
+    ordered = [{c: done[it.key][c] for c in columns} for it in items if it.key in done]
+    if raw_path.exists() and not existed:
+        raise ValueError(f"{raw_path} appeared while this run was making it (another process wrote it); "
+                         f"it is left as it is and this run's rows stay in {journal.path}")
+    write_csv_atomic(raw_path, columns, ordered, bom=bom)
+    _write_record(run_record_path(raw_path), {"identity": identity, "items_digest": digest, "items": len(items),
+                                              "complete": not left_out, "left_out": left_out})
+    journal.path.unlink()
+    for f in _rank_files(raw_path):
+        if not f.name.startswith(f"{raw_path.stem}.descriptions."):
+            f.unlink()
+    return left_out
+
+
+def _rows_on_disk(raw_path: Path, journal: CsvJournal, by_key: Mapping[str, EvalItem], columns: List[str],
+                  bom: bool) -> Dict[str, Dict[str, str]]:
+    """Rows by key from this rank's journal and, read-only, every other rank's partial."""
+    done = _rows_by_key(journal.rows(), journal.path, by_key)
+    for other in [raw_path.with_name(raw_path.stem + ".partial.csv")] + sorted(
+            raw_path.parent.glob(f"{raw_path.stem}.partial.rank*.csv")):
+        if other != journal.path and other.exists():
+            theirs = CsvJournal(None, [KEY_COLUMN] + columns, bom=bom, partial=other, readonly=True)
+            done.update(_rows_by_key(theirs.rows(), other, by_key))
+    return done
+
+
+def _rows_by_key(rows: Sequence[Dict[str, str]], path: Path, by_key: Mapping[str, EvalItem]) -> Dict[str, Dict[str, str]]:
     """Rows on disk by key; a row for another question set is an error, never reused."""
+    journal_path = path
     out: Dict[str, Dict[str, str]] = {}
-    for r in journal.rows():
+    for r in rows:
         it = by_key.get(r[KEY_COLUMN])
         if it is None or ("output" in r and r["output"] != cell(it.answer)) or ("image" in r and r["image"] != cell(it.image)):
             raise ValueError(
-                f"{journal.path} does not belong to this run: its row for key {r[KEY_COLUMN]!r} "
+                f"{journal_path} does not belong to this run: its row for key {r[KEY_COLUMN]!r} "
                 f"({r.get('image')!r} / {r.get('output')!r}) matches no question of this run. "
                 "Move it away (or pass overwrite=True) to start over."
             )

@@ -43,7 +43,7 @@ import torch
 
 from medcap.data import IMAGE_MARKER
 from medcap.eval._journal import JsonlCache
-from medcap.eval._loop import EvalItem, clear_outputs, run_items
+from medcap.eval._loop import ONE_PROCESS, EvalItem, Ranks, clear_outputs, run_items
 from medcap.generation import clean_text, prompt_text
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,10 @@ def instruction_text(tokenizer, tokens: Sequence[int]) -> str:
     return text[len(_BOT) :] if text.startswith(_BOT) else text
 
 
-def description_cache(raw_path: Path, fingerprint: Dict[str, Any]) -> JsonlCache:
-    return JsonlCache(raw_path.with_name(raw_path.stem + ".descriptions.jsonl"), fingerprint=fingerprint)
+def description_cache(raw_path: Path, fingerprint: Dict[str, Any], ranks: Ranks = ONE_PROCESS) -> JsonlCache:
+    """One cache file per rank (ranks describe disjoint images): no two writers share a file."""
+    suffix = ".descriptions.jsonl" if ranks.rank == 0 else f".descriptions.rank{ranks.rank}.jsonl"
+    return JsonlCache(raw_path.with_name(raw_path.stem + suffix), fingerprint=fingerprint)
 
 
 def vqa_rows(
@@ -183,6 +185,7 @@ def run_vqa(
     overwrite: bool = False,
     progress: bool = True,
     on_batch: Optional[Callable[[int], None]] = None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> List[Dict[str, str]]:
     """Answer every item with the two-step protocol, writing ``raw_path`` (columns
     image, instruction, output, generated, then ``extra_columns``; UTF-8 with BOM).
@@ -194,14 +197,14 @@ def run_vqa(
     identity.setdefault("vqa_type", vqa_type)
     identity.setdefault("max_seq_len", int(max_seq_len))
     identity.setdefault("max_new_tokens", int(max_new_tokens))
-    if overwrite:
+    if overwrite and ranks.rank == 0:
         clear_outputs(raw_path)
-    make_rows = vqa_rows(vqa_type, lambda: description_cache(raw_path, identity), max_seq_len=max_seq_len, max_new_tokens=max_new_tokens,
+    make_rows = vqa_rows(vqa_type, lambda: description_cache(raw_path, identity, ranks), max_seq_len=max_seq_len, max_new_tokens=max_new_tokens,
                          extra_columns=extra_columns)
     rows, _ = run_items(
         engine, items, make_rows, raw_path=raw_path, columns=list(RAW_COLUMNS) + list(extra_columns),
-        identity=identity, image_loader=image_loader, progress=progress, on_batch=on_batch,
-        unit="q",
+        identity=identity, image_loader=image_loader, progress=progress and ranks.rank == 0, on_batch=on_batch,
+        unit="q", ranks=ranks,
     )
     return rows
 

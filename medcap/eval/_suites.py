@@ -33,7 +33,7 @@ import torch
 
 from medcap.data import image_transform, load_image
 from medcap.eval._datasets import drop_missing_images, read_caption_set, read_omnimedvqa, read_vqarad, select_chunk
-from medcap.eval._loop import EvalItem, results_lock, run_items
+from medcap.eval._loop import ONE_PROCESS, EvalItem, Ranks, results_lock, run_items
 from medcap.eval._metrics import caption_metrics, check_java, write_metrics_csv
 from medcap.eval._protocol import RAW_COLUMNS, check_vqa_type, instruction_text, run_vqa
 from medcap.eval._scoring import score_file
@@ -93,8 +93,9 @@ def run_test_metrics(
     limit: Optional[int] = None,
     progress: bool = True,
     on_batch: Optional[Callable[[int], None]] = None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> Dict[str, Any]:
-    """Caption every sample of a sharegpt file and score the captions."""
+    """Caption every sample of a sharegpt file and score the captions (on rank 0)."""
     check_java()  # before hours of generation, not after
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,12 +108,14 @@ def run_test_metrics(
         log.warning("%d of %d records of %s cannot be used, e.g. %s", report["bad"], report["records"],
                     dataset_source, report["bad_examples"][:3])
     identity = {**(identity or {}), "suite": "test_metrics", "max_new_tokens": int(max_new_tokens)}
-    with results_lock(raw_path):
+    with results_lock(raw_path, ranks):
         rows, left_out = run_items(
             engine, items, caption_rows(int(max_new_tokens)), raw_path=raw_path, columns=RAW_COLUMNS,
-            identity=identity, image_loader=image_loader, overwrite=overwrite, progress=progress,
-            on_batch=on_batch, unit="img",
+            identity=identity, image_loader=image_loader, overwrite=overwrite, progress=progress and ranks.rank == 0,
+            on_batch=on_batch, unit="img", ranks=ranks,
         )
+        if ranks.rank != 0:
+            return {"raw_path": str(raw_path), "rows": len(rows), "left_out": left_out}
         if not rows:
             raise ValueError(f"no captions were generated from {dataset_source}: nothing to score")
         scores = caption_metrics([r["output"] for r in rows], [r["generated"] for r in rows])
@@ -137,6 +140,7 @@ def run_test_vqarad(
     limit: Optional[int] = None,
     progress: bool = True,
     on_batch: Optional[Callable[[int], None]] = None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> Dict[str, Any]:
     """Answer VQA-RAD's closed test questions; the judge scores the file."""
     check_vqa_type(vqa_type)
@@ -144,14 +148,15 @@ def run_test_vqarad(
     out.mkdir(parents=True, exist_ok=True)
     raw_path = out / f"vqarad-{vqa_type}-raw-{ckpt}.csv"
     items, report = read_vqarad(dataset_source)
-    items = _prepare("VQA-RAD", items, report, raw_path, limit=limit)
-    with results_lock(raw_path):
+    items = _prepare("VQA-RAD", items, report, raw_path, limit=limit, write=ranks.rank == 0)
+    with results_lock(raw_path, ranks):
         rows = run_vqa(
             engine, items, vqa_type=vqa_type, raw_path=raw_path, image_loader=image_loader, max_seq_len=max_seq_len,
             max_new_tokens=max_new_tokens, identity={**(identity or {}), "suite": "test_vqarad"}, overwrite=overwrite,
-            progress=progress, on_batch=on_batch,
+            progress=progress, on_batch=on_batch, ranks=ranks,
         )
-    print(f"wrote {raw_path} ({len(rows)} rows); judge it with: python tools/judge.py --exp eval_vqa --csv_path {raw_path}")
+    if ranks.rank == 0:
+        print(f"wrote {raw_path} ({len(rows)} rows); judge it with: python tools/judge.py --exp eval_vqa --csv-path {raw_path}")
     return {"raw_path": str(raw_path), "rows": len(rows), "report": report}
 
 
@@ -175,22 +180,27 @@ def run_test_omnimedvqa(
     limit: Optional[int] = None,
     progress: bool = True,
     on_batch: Optional[Callable[[int], None]] = None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> Dict[str, Any]:
-    """Answer OmniMedVQA's questions (one chunk when ``test_chunk_idx`` is given) and score them."""
+    """Answer OmniMedVQA's questions (one chunk when ``test_chunk_idx`` is given) and score
+    them (scoring on rank 0, once every rank's answers are in the raw file)."""
     check_vqa_type(vqa_type)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     items, report = read_omnimedvqa(dataset_source, include_modality_key=include_modality_key, file_order=file_order)
     items, (idx, chunk) = select_chunk(items, test_chunk_idx, test_chunk)
     raw_path = out / f"omnimedvqa-{vqa_type}-raw-{ckpt}-{idx}_{chunk}.csv"
-    items = _prepare("OmniMedVQA", items, report, raw_path, limit=limit, chunk=(test_chunk_idx, test_chunk))
-    with results_lock(raw_path):
+    items = _prepare("OmniMedVQA", items, report, raw_path, limit=limit, chunk=(test_chunk_idx, test_chunk),
+                     write=ranks.rank == 0)
+    with results_lock(raw_path, ranks):
         rows = run_vqa(
             engine, items, vqa_type=vqa_type, raw_path=raw_path, image_loader=image_loader, max_seq_len=max_seq_len,
             max_new_tokens=max_new_tokens, extra_columns=OMNIMEDVQA_EXTRA_COLUMNS,
             identity={**(identity or {}), "suite": "test_omnimedvqa"}, overwrite=overwrite, progress=progress,
-            on_batch=on_batch,
+            on_batch=on_batch, ranks=ranks,
         )
+        if ranks.rank != 0:
+            return {"raw_path": str(raw_path), "report": report, "rows": len(rows)}
         _warn_if_other_selection(raw_path, rows, items)
         questions = {it.extra.get("question_id", ""): it.question for it in items}
         summary = score_file(engine, raw_path, method=scoring, image_loader=_by_image(items, image_loader),
@@ -216,7 +226,7 @@ def _warn_if_other_selection(raw_path: Path, rows: Sequence[Dict[str, str]], ite
 
 
 def _prepare(name: str, items: List[EvalItem], report: Dict[str, Any], raw_path: Path, *, limit: Optional[int],
-             chunk: Optional[tuple] = None) -> List[EvalItem]:
+             chunk: Optional[tuple] = None, write: bool = True) -> List[EvalItem]:
     """What both VQA suites do once their questions are read: leave out questions whose
     image is missing (reported), cut to ``limit``, log and save the report beside the raw file."""
     items, missing = drop_missing_images(items)
@@ -225,8 +235,9 @@ def _prepare(name: str, items: List[EvalItem], report: Dict[str, Any], raw_path:
     if chunk is not None and chunk[0] is not None:
         report.update(chunk=list(chunk), in_chunk=len(items) + len(missing))
     report.update(missing_images=len(missing), missing_image_examples=missing[:20])
-    _log_report(name, report)
-    _write_report(raw_path.with_name(raw_path.stem + ".report.json"), report)
+    if write:  # one process reports (rank 0)
+        _log_report(name, report)
+        _write_report(raw_path.with_name(raw_path.stem + ".report.json"), report)
     return items
 
 

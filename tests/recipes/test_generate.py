@@ -278,3 +278,60 @@ def test_free_text_prompts_stay_free_text(gen_assets, tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         assert f"<|start_header_id|>user<|end_header_id|>\n\n" in done.stdout
         assert f"\n\n{prompt}<|eot_id|><|start_header_id|>assistant" in done.stdout  # the question as typed
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_two_ranks_write_the_files_of_one_process_even_after_a_rank_is_killed(gen_assets, gen_config, gen_run, tmp_path):
+    """`medcap run --nproc_per_node 2 generate ...` (torchrun, gloo on the CPU): each rank
+    answers its share, rank 0 writes the files; a rank killed mid-run, then the same
+    command again, ends with the bytes one process writes."""
+    common = dict(test_omnimedvqa=True, vqa_type="no_cond_desc", dataset_source=gen_assets["datasets"], max_new_tokens=6)
+    ref = tmp_path / "one"
+    _, res = gen_run(gen_config(gen_assets, ref, **common))
+    raw_name = Path(res["test_omnimedvqa"]["raw_path"]).name
+    scored_name = Path(res["test_omnimedvqa"]["scored_path"]).name
+
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "medcap.cli", "run", "--nproc-per-node", "2", "--standalone", "generate",
+           "--config", "tiny/generate", f"assets_dir={gen_assets['assets_dir']}", f"output_dir={out}", "progress=False",
+           f"vision_checkpoint={gen_assets['vision_checkpoint']}", "batch_size=1",
+           *[f"{k}={v}" for k, v in common.items()]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        rank1 = out / raw_name.replace(".csv", ".partial.rank1.csv")
+        while time.time() < deadline and proc.poll() is None:
+            if rank1.exists() and len(read_csv_rows(rank1)) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        victim = _worker_pid(str(out), rank=1)
+        os.kill(victim, signal.SIGKILL)  # one rank dies; torchrun takes the job down
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.stderr.close()
+    assert proc.returncode != 0 and not (out / raw_name).exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming with" in done.stderr
+    assert (out / raw_name).read_bytes() == (ref / raw_name).read_bytes()
+    assert (out / scored_name).read_bytes() == (ref / scored_name).read_bytes()
+    assert not list(out.glob("*.partial*.csv")) and not list(out.glob("*.left_out.rank*"))
+
+
+def _worker_pid(marker: str, rank: int) -> int:
+    """The PID of the torchrun worker of ``rank`` whose command line names ``marker``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            environ = (entry / "environ").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "generate.py" in cmdline and marker in cmdline and f"RANK={rank}" in environ:
+            return int(entry.name)
+    raise AssertionError(f"no worker of rank {rank} found")
