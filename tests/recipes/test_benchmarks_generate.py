@@ -142,3 +142,52 @@ def test_report_puts_the_suites_in_one_table(bench_run, capsys):
     assert float(table[0]["SLAKE"]) == pytest.approx(summary["scores"]["overall"], abs=1e-6)
     assert (out / "report.md").read_text().startswith("scores in %")
     assert (out / "report.png").stat().st_size > 0
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(gen_assets, gen_config, gen_recipe_module,
+                                                                    bench_data, tmp_path):
+    from medcap.eval._benchmarks import run_benchmark
+
+    def run(out, on_batch=None):
+        cfg = gen_config(gen_assets, out, dataset_source=bench_data["root"], test_slake=True, batch_size=1)
+        r = gen_recipe_module.GenerateRecipe(cfg)
+        r.setup()
+        return run_benchmark(r.engine, "test_slake", dataset_source=bench_data["root"], output_dir=out, ckpt=r.ckpt,
+                             vqa_type="no_cond_desc", max_seq_len=r.cfg.dataset_max_seq_len,
+                             max_new_tokens=r.cfg.max_new_tokens, image_loader=r.image_loader, identity=r.identity,
+                             progress=False, on_batch=on_batch)
+
+    def stop_after_two(n):
+        if n >= 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run(tmp_path / "a", stop_after_two)
+    raw = "slake-no_cond_desc-raw-meta_model_last.csv"
+    assert not (tmp_path / "a" / raw).exists() and (tmp_path / "a" / raw.replace(".csv", ".partial.csv")).exists()
+    resumed = run(tmp_path / "a")
+    whole = run(tmp_path / "b")
+    assert (tmp_path / "a" / raw).read_bytes() == (tmp_path / "b" / raw).read_bytes()
+    assert Path(resumed["scored_path"]).name == Path(whole["scored_path"]).name
+    assert Path(resumed["scored_path"]).read_bytes() == Path(whole["scored_path"]).read_bytes()
+
+
+def test_report_rows_are_checkpoints(bench_run, tmp_path, capsys):
+    import shutil
+
+    from medcap.eval._report import report_main
+
+    out, _ = bench_run
+    other = tmp_path / "run2"
+    other.mkdir()
+    for p in out.glob("pathvqa-*"):
+        shutil.copy(p, other / p.name.replace("meta_model_last", "meta_model_2"))
+    assert report_main([str(out), str(other), "--out", str(tmp_path / "both")]) == 0
+    table = _read(tmp_path / "both.csv")
+    assert [r["checkpoint"] for r in table] == [f"{out.name}/meta_model_last", "run2/meta_model_2"]
+    assert table[0]["PathVQA"] == table[1]["PathVQA"] != ""
+    assert table[1]["SLAKE"] == ""
