@@ -49,7 +49,7 @@ from torchtune import training as tt_training
 
 from medcap._progress import progress
 from medcap.checkpointing import save_vision_checkpoint
-from medcap.config import run_recipe, save_resolved
+from medcap.config import ConfigError, run_recipe, save_resolved
 from medcap.data import SkipLog
 from medcap.models import load_model
 from medcap.training import (
@@ -124,7 +124,7 @@ class FullFinetuneRecipe:
                 raise
         outcome = env.broadcast_object(outcome)
         if isinstance(outcome, str):
-            raise RuntimeError(f"rank 0 stopped: {outcome}")
+            raise ConfigError(f"rank 0 stopped: {outcome}")  # reported there; one line here too
         if not env.is_main:
             check_vision_start(cfg, resuming=outcome.resuming)
         return outcome
