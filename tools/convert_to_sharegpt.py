@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert public medical datasets to medcap's sharegpt JSON (the reference's output files).
 
-    python tools/convert_to_sharegpt.py --dataset {pmcoa,vqarad,textplus} \
+    python tools/convert_to_sharegpt.py --dataset {pmcoa,vqarad,textplus,slake,pathvqa} \
         --data-dir ./datasets --save-dir ./datasets/medcap [--instruction none|random|fixed]
 
 Input layouts and the fields read from each source: datasets/README.md (and

@@ -15,6 +15,10 @@ read from each source are listed in datasets/README.md)::
                  + release/figures/                      MedICaT (optional)
     PMC-VQA-text/PMC-Patients.csv + images_patients/images/PMC<id>_*.jpg   PMC-Patients
 
+SLAKE (``Slake1.0/train.json``, ``validate.json``) and PathVQA
+(``path-vqa/data/train-*.parquet``, ``validation-*``) become question/answer
+records: see ``_convert_vqa``.
+
 Outputs in ``save_dir``: ``pmcoa_train.json``; ``vqarad_train.json`` and
 ``vqarad_test.json``; ``textplus_train.json`` (PMC-VQA-text, ROCOv2,
 LLaVA-Med, PubMedVision), ``textplus_pmcoa_train.json`` (+ MedICaT when
@@ -428,7 +432,22 @@ def convert_textplus(data_dir, save_dir, conv: Converter) -> Dict[str, int]:
     return out
 
 
-CONVERTERS = {"pmcoa": convert_pmcoa, "vqarad": convert_vqarad, "textplus": convert_textplus}
+def convert_slake(data_dir, save_dir, conv: Converter, q_lang: str = "en") -> Dict[str, int]:
+    """SLAKE's train/validate questions (``_convert_vqa``)."""
+    from medcap.data._convert_vqa import convert_slake as convert
+
+    return convert(data_dir, save_dir, conv, q_lang=q_lang)
+
+
+def convert_pathvqa(data_dir, save_dir, conv: Converter) -> Dict[str, int]:
+    """PathVQA's train/validation parquet files (``_convert_vqa``)."""
+    from medcap.data._convert_vqa import convert_pathvqa as convert
+
+    return convert(data_dir, save_dir, conv)
+
+
+CONVERTERS = {"pmcoa": convert_pmcoa, "vqarad": convert_vqarad, "textplus": convert_textplus,
+              "slake": convert_slake, "pathvqa": convert_pathvqa}
 
 
 def convert_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -448,11 +467,13 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--instruction", choices=INSTRUCTION_CHOICES, default="none",
                    help="text after the placeholders: none (reference default), a random or the fixed caption request")
     p.add_argument("--seed", type=int, default=0, help="seed of --instruction random")
+    p.add_argument("--q-lang", choices=("en", "zh", "all"), default="en", help="--dataset slake: the questions' language")
     p.add_argument("--no-progress", action="store_true")
     args = accept_snake_case(p).parse_args(argv)
     conv = Converter(args.instruction, seed=args.seed, progress=not args.no_progress)
     try:
-        written = CONVERTERS[args.dataset](args.data_dir, args.save_dir, conv)
+        extra = {"q_lang": args.q_lang} if args.dataset == "slake" else {}
+        written = CONVERTERS[args.dataset](args.data_dir, args.save_dir, conv, **extra)
     except (MissingInput, ValueError) as e:
         print(f"convert_to_sharegpt: error: {e}", file=sys.stderr)
         return 1
