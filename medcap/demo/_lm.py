@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from medcap._progress import progress as progress_bar
 
 from medcap.demo._world import (
     MODALITY_KEYS,
@@ -218,8 +218,8 @@ def pretrain(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     losses: List[float] = []
-    bar = tqdm(range(steps), desc="LM pretraining (text only)", disable=not progress, unit="step")
-    for step in bar:
+    bar = progress_bar(steps, "LM pretraining (text only)", "step", enabled=progress)
+    for step in range(steps):
         pairs = tokenize_for_lm(tokenizer, sample_tasks(batch_size, modalities, rng, weights, shuffle_options))
         tokens, labels = _batch(pairs, tokenizer.pad_id)
         loss = lm_loss(decoder, tokens, labels)
@@ -229,9 +229,10 @@ def pretrain(
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.update(1, loss=f"{losses[-1]:.3f}")
         if log is not None:
             log(step, losses[-1])
+    bar.close()
     decoder.eval()
     return decoder, losses
 

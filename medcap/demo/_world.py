@@ -380,9 +380,9 @@ def write_world(out_dir: str | Path, settings) -> Dict[str, str]:
     """
     out = Path(out_dir)
     n_ph = settings.num_image_tokens
-    from tqdm import tqdm
+    from medcap._progress import progress
 
-    bar = tqdm(total=settings.n_train + settings.n_test, desc="world: drawing images", unit="img", mininterval=0.5)
+    bar = progress(settings.n_train + settings.n_test, "world: drawing images", "img")
     train = make_split(out, "train", settings.n_train, seed=settings.seed, image_size=settings.image_size,
                        image_dir="images/train", on_image=lambda: bar.update(1))
     omni = out / "OmniMedVQA"

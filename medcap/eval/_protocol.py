@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from medcap.data import IMAGE_MARKER
+from medcap.data import IMAGE_MARKER, PLACEHOLDER_CHAR
 from medcap.eval._journal import JsonlCache
 from medcap.eval._loop import ONE_PROCESS, EvalItem, Ranks, clear_outputs, run_items
 from medcap.generation import clean_text, prompt_text
@@ -107,7 +107,7 @@ def reference_text(messages: Sequence[Dict[str, str]], num_image_tokens: int) ->
     each, the image as ``①`` x ``num_image_tokens``; no ``<|begin_of_text|>``."""
     parts = []
     for m in list(messages) + [{"role": "assistant", "content": ""}]:
-        content = str(m["content"]).replace(IMAGE_MARKER, "\u2460" * num_image_tokens).strip()
+        content = str(m["content"]).replace(IMAGE_MARKER, PLACEHOLDER_CHAR * num_image_tokens).strip()
         parts.append(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{content}<|eot_id|>")
     return "".join(parts)[: -len("<|eot_id|>")]
 
