@@ -15,7 +15,7 @@ from typing import List, Tuple
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["README_FINETUNE.md", "README_TUTORIAL.md", "README.md"]
+DOCS = ["README_FINETUNE.md", "README_TUTORIAL.md", "README.md", "datasets/README.md"]
 SHELL_VARS = {
     "LLAMA": "/models/llama", "PUBLISHED": "/results/meta_model_last.pt", "OUT": "/results/out",
     "RESULT": "/results/out",
