@@ -17,7 +17,7 @@ from medcap.config import ConfigError, check_component, must_exist
 VQA_TYPE = Literal["no_cond_desc", "no_cond_desc_no_image", "cond_desc", "cond_desc_no_image", "omit"]
 SUITES = ("test_metrics", "test_vqarad", "test_omnimedvqa", "test_slake", "test_pathvqa", "test_vqarad_hf", "test_pmcvqa",
           "test_questions")
-FREE_TEXT = ("prompt", "image", "images")  # taken exactly as typed on the command line
+FREE_TEXT = ("prompt", "image")  # taken exactly as typed on the command line (images=[...] is a YAML list)
 
 
 @dataclass
