@@ -18,7 +18,10 @@ that makes a results file trustworthy:
   as each batch completes; a restart continues with the items not on disk, in
   any order; the final file is written in item order, so a resumed run ends
   byte-identical to an uninterrupted one. Items whose image cannot be read are
-  left out of this run, reported, and tried again on the next run.
+  left out of this run, reported, and tried again on the next run;
+* **one or many processes**: under torchrun (``Ranks``) each rank makes its
+  share of the items into its own partial file, and rank 0 writes the final
+  file, the same bytes one process writes.
 """
 
 from __future__ import annotations
