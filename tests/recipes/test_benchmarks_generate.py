@@ -191,3 +191,40 @@ def test_report_rows_are_checkpoints(bench_run, tmp_path, capsys):
     assert [r["checkpoint"] for r in table] == [f"{out.name}/meta_model_last", "run2/meta_model_2"]
     assert table[0]["PathVQA"] == table[1]["PathVQA"] != ""
     assert table[1]["SLAKE"] == ""
+
+
+def test_rescore_of_a_raw_file_needs_no_scored_file(bench_run):
+    from medcap.eval._rescore import rescore
+
+    out, _ = bench_run
+    result = rescore(out / "slake-no_cond_desc-raw-meta_model_last.csv")
+    summary = json.loads((out / "slake-no_cond_desc-raw-meta_model_last-summary.json").read_text())
+    assert result["kind"] == "benchmark (raw)"
+    assert result["scores"]["overall"]["recomputed"] == pytest.approx(summary["scores"]["overall"])
+
+
+def test_pmcvqa_loglik_scoring(gen_assets, gen_config, gen_run, bench_data, tmp_path):
+    cfg = gen_config(gen_assets, tmp_path, dataset_source=bench_data["root"], test_pmcvqa=True, vqa_scoring="loglik")
+    _, results = gen_run(cfg)
+    rows = _read(results["test_pmcvqa"]["scored_path"])
+    for r in rows:
+        scores = json.loads(r["predict_generated"])
+        assert set(scores) == {L for L in "ABCD" if r[f"option_{L}"]}
+        assert r["predict"] == max(scores, key=scores.get)
+        assert int(r["correct"]) == _recount_correct(r)
+
+
+def test_report_reads_omnimedvqa_macro_accuracy(tmp_path):
+    import csv
+
+    from medcap.eval._report import collect
+
+    rows = [("CT", 1), ("CT", 0), ("X-Ray", 1)]  # per modality 0.5 and 1.0: macro 0.75
+    path = tmp_path / "omnimedvqa-no_cond_desc-raw-ckpt_a-0_50-0.75.csv"
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "output", "generated", "modality_type", "correct"])
+        w.writerows([["i.png", "x", "x", m, c] for m, c in rows])
+    names, columns, scores = collect([tmp_path])
+    assert (names, columns) == (["ckpt_a"], ["OmniMedVQA"])
+    assert scores[("ckpt_a", "OmniMedVQA")] == pytest.approx(0.75)
