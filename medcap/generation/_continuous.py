@@ -28,7 +28,7 @@ from __future__ import annotations
 import collections
 import threading
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional, Sequence
+from typing import Deque, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -88,7 +88,8 @@ class ContinuousBatcher:
     """``slots`` rows decoded together; waiting requests fill slots as they free up.
 
     ``compile=True`` compiles the decode step with ``torch.compile`` (fixed shapes;
-    ``mode="reduce-overhead"``, i.e. CUDA graphs, on a GPU). ``stats`` counts the
+    ``mode="reduce-overhead"``, i.e. CUDA graphs, on a GPU); a string names another
+    backend (tests use ``"aot_eager"``: the same graph capture, no code generation). ``stats`` counts the
     hardware-independent work: decode forward passes, slot-steps (slots x passes)
     and the slot-steps spent on idle slots, prefill passes and prefilled positions.
     """
@@ -102,7 +103,7 @@ class ContinuousBatcher:
         cache_len: int,
         temperature: float = 0.0,
         top_k: Optional[int] = None,
-        compile: bool = False,
+        compile: Union[bool, str] = False,
     ):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
@@ -126,8 +127,10 @@ class ContinuousBatcher:
         self._fresh: List[bool] = [False] * self.slots  # slot has logits not yet sampled
         self._decode = decode_step
         if compile:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._decode = torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+            backend = compile if isinstance(compile, str) else "inductor"
+            mode = "reduce-overhead" if self.device.type == "cuda" and backend == "inductor" else None
+            # fullgraph: a graph break would silently fall back to slow eager pieces
+            self._decode = torch.compile(decode_step, backend=backend, mode=mode, fullgraph=True, dynamic=False)
         self.stats: Dict[str, int] = dict(
             decode_passes=0, slot_steps=0, idle_slot_steps=0, prefill_passes=0, prefill_positions=0
         )

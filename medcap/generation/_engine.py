@@ -41,7 +41,7 @@ class GenerationEngine:
         seed: int = 0,
         use_cache: bool = True,
         continuous: bool = True,
-        compile: bool = False,
+        compile: Union[bool, str] = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -53,7 +53,7 @@ class GenerationEngine:
         self.seed = int(seed or 0)
         self.use_cache = bool(use_cache)
         self.continuous = bool(continuous)
-        self.compile = bool(compile)
+        self.compile = compile  # True, or a torch.compile backend name
         self._batcher: Optional[ContinuousBatcher] = None
         # what the last generate_tokens call cost (decode passes, slot-steps, ...)
         self.last_stats: Dict[str, int] = {}

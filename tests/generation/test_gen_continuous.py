@@ -142,3 +142,18 @@ def test_zero_budgets_and_limits(gen_model, gen_tok, gen_images, slow_greedy):
     with pytest.raises(ValueError, match="generator"):
         ContinuousBatcher(gen_model, gen_tok.stop_tokens, slots=2, cache_len=64, temperature=0.5).submit(
             prompts[0], rows[0], 2)
+
+
+@pytest.mark.parametrize("backend", [
+    "aot_eager",  # dynamo's capture of the whole step (fullgraph), no code generation: fast
+    pytest.param(True, marks=pytest.mark.slow),  # inductor: about a minute of compiling on a CPU
+])
+def test_compiled_decode_step_gives_the_same_tokens(gen_model, gen_tok, gen_images, slow_greedy, backend):
+    prompts, rows = _inputs(gen_tok, gen_images)
+    engine = GenerationEngine(gen_model, gen_tok, batch_size=3, compile=backend)
+    expect = _cut(slow_greedy, set(gen_tok.stop_tokens))
+    assert engine.generate_tokens(prompts, rows, BUDGETS, KEYS) == expect
+    compiled = engine._batcher._decode
+    # a second call of other lengths reuses the compiled step (cache length rounded up)
+    assert engine.generate_tokens(prompts[1:5], rows[1:5], 2, KEYS[1:5]) == [e[:2] for e in expect[1:5]]
+    assert engine._batcher._decode is compiled
