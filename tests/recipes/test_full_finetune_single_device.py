@@ -29,10 +29,13 @@ def _vision_state(model):
     return {k: v.detach().clone() for k, v in model.vision.state_dict().items()}
 
 
-def test_golden_losses_match_an_independent_training_loop(train_assets, train_config, train_run, train_recipe_module, tmp_path):
+def test_golden_losses_match_an_independent_training_loop(
+    train_assets, train_config, train_run, train_recipe_module, tmp_path, capfd
+):
     """Three steps of the recipe == three steps of a plain loop written here: torch's
-    DistributedSampler order, full-vocabulary logits, F.cross_entropy, torch AdamW."""
-    cfg = train_config(SINGLE, train_assets, tmp_path / "run", epochs=1, max_steps_per_epoch=3)
+    DistributedSampler order, full-vocabulary logits, F.cross_entropy, torch AdamW.
+    (With progress=False, no progress line is written.)"""
+    cfg = train_config(SINGLE, train_assets, tmp_path / "run", epochs=1, max_steps_per_epoch=3, progress=False)
     mod = train_recipe_module("full_finetune_single_device")
     recipe = mod.FullFinetuneRecipe(cfg)
     recipe.setup()
@@ -42,6 +45,7 @@ def test_golden_losses_match_an_independent_training_loop(train_assets, train_co
     recipe.cleanup()
     losses = [h["loss"] for h in recipe.history]
     assert len(losses) == 3 and summary["global_step"] == 3
+    assert "epoch 1/1" not in capfd.readouterr().err
 
     # the independent loop
     model = model0
