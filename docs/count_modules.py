@@ -4,7 +4,11 @@
 
 * exported names: the ``__all__`` of ``medcap/__init__.py`` and of every
   ``medcap/*/__init__.py``, added up (read from the source, nothing imported);
-* modules on a path: the medcap modules reached by following imports from a
+* modules on a path, two ways. **Run**: the medcap modules loaded when the
+  recipe runs its tiny config to the end (a one-step training run that saves a
+  checkpoint; a VQA-RAD evaluation that writes its results file), package
+  ``__init__`` files left out (they only re-export). **Reachable**: the medcap
+  modules reached by following imports from a
   recipe file and from the ``_component_`` names of its full-size config
   (``recipes/full_finetune_single_device.py`` with
   ``llama3_1/8B_full_single_device``: config to checkpoint; ``recipes/generate.py``
@@ -13,7 +17,8 @@
   not. ``from medcap.data import load_image`` leads to the module that defines
   ``load_image`` (``medcap/data/_image.py``), not to every module the package's
   ``__init__`` re-exports, because that is the file a reader opens; an
-  ``__init__`` counts only when the name is defined in it.
+  ``__init__`` counts only when the name is defined in it. Reachable is the
+  larger: it counts what any function of a reached module might import.
 
 docs/internals.md quotes these numbers; tests/test_architecture.py runs this
 script and holds them to their aims.
@@ -24,7 +29,9 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Set
 
@@ -159,6 +166,44 @@ def reached(start: Path, config: Optional[Path] = None) -> List[str]:
     return sorted(found)
 
 
+# A run of each recipe on the tiny assets (python -m medcap.testing DIR): {assets} is that folder.
+RUNS = {
+    "config -> checkpoint": ("recipes/full_finetune_single_device.py", "tiny/full_finetune_single_device",
+                             ["epochs=1", "max_steps_per_epoch=1", "batch_size=2", "output_dir={assets}/run"]),
+    "config -> results file": ("recipes/generate.py", "tiny/generate",
+                               ["test_vqarad=True", "dataset_source={assets}/datasets", "batch_size=2",
+                                "max_new_tokens=2", "progress=False", "output_dir={assets}/results"]),
+}
+_RUN = """
+import atexit, json, runpy, sys
+out = sys.argv.pop(1)
+sys.argv = sys.argv[1:]  # [recipe, --config, ...], as `python recipe.py ...` sees it
+atexit.register(lambda: json.dump(sorted(m for m in sys.modules if m.startswith("medcap")), open(out, "w")))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def loaded_by_runs() -> Dict[str, List[str]]:
+    """``{label: medcap modules loaded}`` for each run of ``RUNS`` (package ``__init__`` files left out)."""
+    loaded = {}
+    with tempfile.TemporaryDirectory(prefix="medcap-count-") as tmp:
+        assets = Path(tmp) / "assets"
+        make = ("import sys; from medcap.testing import make_tiny_training_assets, make_vqarad_layout; "
+                "make_tiny_training_assets(sys.argv[1], samples=2); make_vqarad_layout(sys.argv[1] + '/datasets', n_images=1)")
+        subprocess.run([sys.executable, "-c", make, str(assets)], cwd=REPO, check=True, capture_output=True)
+        for label, (recipe, config, overrides) in RUNS.items():
+            out = Path(tmp) / "modules.json"
+            cmd = [sys.executable, "-c", _RUN, str(out), str(REPO / recipe), "--config",
+                   str(REPO / "recipes" / "configs" / f"{config}.yaml"), f"assets_dir={assets}",
+                   *(o.format(assets=assets) for o in overrides)]
+            res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"{recipe} --config {config} failed:\n{res.stderr[-3000:]}")
+            modules = json.loads(out.read_text())
+            loaded[label] = [m for m in modules if module_file(m) is not None and module_file(m).name != "__init__.py"]
+    return loaded
+
+
 def exported_names() -> Dict[str, int]:
     """``{package: len(__all__)}`` for medcap and each of its packages, read from the
     source (a literal list, or ``sorted(...)`` of a lazy ``_EXPORTS`` table): nothing imported."""
@@ -181,16 +226,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object instead of text")
     args = parser.parse_args(argv)
     exports = exported_names()
-    paths = {label: reached(REPO / recipe, REPO / config) for label, (recipe, config) in PATHS.items()}
+    runs = loaded_by_runs()
+    reachable = {label: reached(REPO / recipe, REPO / config) for label, (recipe, config) in PATHS.items()}
     if args.json:
-        print(json.dumps({"exported_names": exports, "paths": {k: v for k, v in paths.items()}}))
+        print(json.dumps({"exported_names": exports, "run": runs, "reachable": reachable}))
         return 0
     print(f"exported names: {sum(exports.values())}")
     for package, n in exports.items():
         print(f"  {package:24s} {n}")
-    for (label, modules), (recipe, config) in zip(paths.items(), PATHS.values()):
-        print(f"{label} ({recipe} + {Path(config).name}): {len(modules)} medcap modules")
-        for module in modules:
+    for label, (recipe, config, _) in RUNS.items():
+        print(f"{label}: {len(runs[label])} medcap modules run ({recipe}, {config}); "
+              f"{len(reachable[label])} reachable")
+        for module in runs[label]:
             print(f"  {module}")
     return 0
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from medcap.data import BadSample
-from medcap.eval._benchmark_layouts import (
+from medcap.testing import (
     make_hf_parquet_layout, make_pmcvqa_layout, make_questions_file, make_slake_layout,
 )
 from medcap.eval._benchmarks import (

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from medcap.eval._benchmark_layouts import (
+from medcap.testing import (
     make_hf_parquet_layout, make_pmcvqa_layout, make_questions_file, make_slake_layout,
 )
 

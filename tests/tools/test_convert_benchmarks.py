@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from medcap.data import convert_main
-from medcap.eval._benchmark_layouts import make_hf_parquet_layout, make_slake_layout
+from medcap.testing import make_hf_parquet_layout, make_slake_layout
 
 PH = "\u2460"
 
