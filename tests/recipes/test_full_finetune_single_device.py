@@ -219,10 +219,10 @@ def test_reference_launch_line_runs_through_medcap_run(train_assets, train_launc
     "override,expected",
     [
         ("batch_sze=4", "medcap run: error: unknown key 'batch_sze' (did you mean 'batch_size'?)"),
+        # every other file the run reads: tests/training/test_state_optim_config.py, in-process
         ("dataset.source={missing}", "medcap run: error: dataset.source='{missing}': no such file"),
-        ("checkpointer.checkpoint_files=[other.safetensors]", "medcap run: error: checkpointer.checkpoint_files="),
     ],
-    ids=["misspelled_key", "missing_dataset", "missing_llm_shard"],
+    ids=["misspelled_key", "missing_dataset"],
 )
 def test_a_user_error_is_one_line_before_any_model_is_built(train_assets, tmp_path, override, expected):
     """`medcap run` as a user types it: one error line (after the launcher's echo of the
@@ -230,15 +230,27 @@ def test_a_user_error_is_one_line_before_any_model_is_built(train_assets, tmp_pa
     and no model built (the recipe logs "building the model" just before it builds one;
     the launch-line test above sees that line in a good run)."""
     missing = str(tmp_path / "nope.json")
+    _assert_one_error_line(train_assets, tmp_path, [override.format(missing=missing)], expected.format(missing=missing))
+    assert not (tmp_path / "run").exists()  # nothing written either
+
+
+def test_a_used_folder_is_refused_in_one_line(train_assets, tmp_path):
+    ckpt = tmp_path / "run" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta_model_0.safetensors").write_bytes(b"an earlier run's")
+    _assert_one_error_line(train_assets, tmp_path, [], "medcap run: error: checkpointer.output_dir=")
+    assert [p.name for p in ckpt.iterdir()] == ["meta_model_0.safetensors"]
+
+
+def _assert_one_error_line(assets, tmp_path, overrides, expected: str) -> None:
     cmd = [sys.executable, "-m", "medcap.cli", "run", "full_finetune_single_device", "--config", SINGLE,
-           f"assets_dir={train_assets['assets_dir']}", f"output_dir={tmp_path / 'run'}", override.format(missing=missing)]
+           f"assets_dir={assets['assets_dir']}", f"output_dir={tmp_path / 'run'}", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("MEDCAP_DEBUG", None)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("medcap run: error:")]
-    assert errors == lines[-1:] and errors[0].startswith(expected.format(missing=missing)), proc.stderr[-2000:]
+    assert errors == lines[-1:] and errors[0].startswith(expected), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert "building the model" not in proc.stdout + proc.stderr
-    assert not (tmp_path / "run").exists()  # nothing written either
