@@ -7,9 +7,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.medcap-installed
 
-.PHONY: setup test test-gpu demo java bench counts clean
+.PHONY: setup test test-gpu demo java chromium bench counts clean
 
-setup: $(STAMP) java
+setup: $(STAMP) java chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 
 java:
 	@bash scripts/ensure_java.sh
+
+chromium:
+	@bash scripts/ensure_chromium.sh
 
 test: setup
 	$(PY) -m pytest -q --timeout=900

@@ -9,6 +9,7 @@
     medcap demo ...
     medcap rescore FILE...
     medcap report RESULTS_DIR...
+    medcap serve --demo DIR | --config CONFIG [key=value ...]
 
 Why not ``tune run``: it looks names up in torchtune's built-in recipes first
 (``tune run full_finetune_distributed`` would silently run torchtune's
@@ -80,6 +81,8 @@ commands:
                  (medcap caption -h)
   chat IMAGE --checkpoint VISION_CKPT [--llm DIR]
                  talk about one image, several turns; q quits (medcap chat -h)
+  serve (--demo DIR | --config CONFIG [key=value ...]) [--host H] [--port P]
+                 an OpenAI-compatible API and a web page for a trained model (medcap serve -h)
 """
 
 
@@ -500,6 +503,7 @@ _COMMANDS: Dict[str, Union[Callable[[List[str]], int], Tuple[str, str]]] = {
     "report": ("medcap.eval._report", "report_main"),
     "caption": ("medcap._caption", "caption_main"),
     "chat": ("medcap._caption", "chat_main"),
+    "serve": ("medcap.serve", "serve_main"),
 }
 
 

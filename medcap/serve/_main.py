@@ -1,0 +1,213 @@
+"""``medcap serve``: the command line, the model (the generate recipe's config), uvicorn.
+
+The model is described as for ``medcap run generate``: a generation config and
+``key=value`` overrides (``model``, ``tokenizer``, ``checkpointer``,
+``vision_checkpoint``, ``device``, ``dtype``, ``batch_size``, ``max_new_tokens``,
+``temperature``, ``top_k``, ``seed``), or ``--demo DIR`` for the model ``medcap demo``
+trained in DIR (``demo/generate`` with ``demo_dir=DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+log = logging.getLogger("medcap.serve")
+
+API_KEY_ENV = "MEDCAP_API_KEY"
+DEMO_CONFIG = "demo/generate"
+
+
+class UserError(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    from medcap._cmdline import accept_snake_case
+    from medcap.serve._request import Limits
+
+    d = Limits()
+    p = argparse.ArgumentParser(
+        prog="medcap serve",
+        description="Serve a trained model: an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models, "
+        "GET /health) and a web page at /, on one server. The model is given as for `medcap run generate`: "
+        "--config CONFIG [key=value ...], or --demo DIR for the demo's trained model.",
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (vision_checkpoint=..., ...)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="generation config (name or path), e.g. custom_generation_config")
+    src.add_argument("--demo", metavar="DIR", help="the model `medcap demo --out DIR` trained")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; any other address needs an API key)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000 (0: any free port, printed)")
+    p.add_argument("--api-key", default=None,
+                   help=f"clients must send 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}; none on loopback)")
+    p.add_argument("--model-name", default="medcap", help="the model id clients name (default medcap)")
+    p.add_argument("--batch-size", type=int, default=None, help="requests decoded together (default: the config's)")
+    p.add_argument("--max-context", type=int, default=4096,
+                   help="prompt + answer tokens per request (default 4096, at most the model's max_seq_len)")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens,
+                   help=f"the largest max_tokens a request may ask for (default {d.max_tokens}); a request "
+                   "without max_tokens gets the config's max_new_tokens")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                   help=f"largest request body (default {d.max_body_bytes:,}: 20 MiB)")
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
+                   help=f"largest image, width x height (default {d.max_image_pixels:,}; decompression-bomb guard)")
+    p.add_argument("--queue-size", type=int, default=d.queue_size,
+                   help=f"requests waiting for a slot before the server answers 503 (default {d.queue_size})")
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout_s,
+                   help=f"seconds a request may wait and generate before it is ended (default {d.request_timeout_s:g})")
+    p.add_argument("--no-page", action="store_true", help="the API alone, without the web page")
+    return accept_snake_case(p)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to, treat it as reachable from outside
+
+
+def check_bind(host: str, api_key: Optional[str]) -> None:
+    """Loopback is open to local users only; any other address needs a key."""
+    if not is_loopback(host) and not api_key:
+        raise UserError(f"--host {host} makes the server reachable from other machines: give an API key "
+                        f"(--api-key KEY or ${API_KEY_ENV}); clients send it as 'Authorization: Bearer KEY'")
+
+
+def _limits(args):
+    from medcap.serve._request import Limits
+
+    for name in ("max_tokens", "max_body_bytes", "max_image_pixels", "queue_size", "max_context"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.request_timeout <= 0:
+        raise UserError(f"--request-timeout must be > 0, got {args.request_timeout}")
+    return Limits(max_body_bytes=args.max_body_bytes, max_image_pixels=args.max_image_pixels,
+                  max_tokens=args.max_tokens, queue_size=args.queue_size, request_timeout_s=args.request_timeout)
+
+
+def read_model_config(config: str, overrides: Sequence[str]):
+    """The generate recipe's checked ``GenerateConfig`` (no suite needed: nothing is run)."""
+    from medcap.cli import CLIError, resolve_config
+    from medcap.config import ConfigError, from_config, must_exist, parse_args, plain
+    from medcap.eval._config import FREE_TEXT, GenerateConfig
+
+    try:
+        _, cfg = parse_args(["--config", str(resolve_config(config)), *overrides], FREE_TEXT)
+        data, variables = plain(cfg)
+        conf = from_config(GenerateConfig, data, variables=variables)
+        conf = dataclasses.replace(conf, images=[conf.tokenizer.get("path")])  # a file check() reads: see below
+        conf.check()  # every key, component and path; it wants a suite or an image, hence the line above
+        conf = dataclasses.replace(conf, images=None)
+        if conf.vision_checkpoint:
+            must_exist(conf.vision_checkpoint, "vision_checkpoint")
+    except (CLIError, ConfigError) as e:
+        raise UserError(str(e)) from None
+    if not conf.vision_checkpoint:
+        log.warning("vision_checkpoint is null: the vision side is untrained, answers will not describe images")
+    return conf
+
+
+def load_engine(conf, batch_size: Optional[int]):
+    """Model + tokenizer loaded as ``medcap run generate`` loads them, in an engine."""
+    import torch
+    from omegaconf import DictConfig
+    from torchtune import config as tt_config
+
+    from medcap.generation import GenerationEngine
+    from medcap.models._load import load_model, resolve_dtype
+
+    device = conf.device
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        log.warning("device=%s but no CUDA device is available: serving on the CPU", device)
+        device = "cpu"
+    tokenizer = tt_config.instantiate(DictConfig(conf.tokenizer))
+    model = load_model(conf.model, dataclasses.asdict(conf.checkpointer), device=torch.device(device),
+                       dtype=resolve_dtype(conf.dtype), tokenizer=tokenizer, vision_checkpoint=conf.vision_checkpoint)
+    return GenerationEngine(model, tokenizer, batch_size=batch_size or conf.batch_size,
+                            temperature=float(conf.temperature or 0.0), top_k=conf.top_k,
+                            seed=conf.seed if conf.seed is not None else 0)
+
+
+def demo_examples(demo_dir: str, n: int = 4) -> List[str]:
+    """A few held-out images of the demo (its test captions file names them)."""
+    world = Path(demo_dir) / "world"
+    try:
+        records = json.loads((world / "test.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    found = [str(world / r["image"]) for r in records if isinstance(r, dict) and r.get("image")]
+    return [p for p in found if os.path.isfile(p)][:n]
+
+
+def build_state(args):
+    from medcap.serve._app import ServeState
+
+    limits = _limits(args)
+    config, overrides = args.config, list(args.overrides)
+    if args.demo:
+        if not os.path.isdir(args.demo):
+            raise UserError(f"--demo {args.demo!r} is not a folder: run `medcap demo --out {args.demo}` first")
+        config, overrides = DEMO_CONFIG, [f"demo_dir={args.demo}", *overrides]
+    conf = read_model_config(config, overrides)
+    engine = load_engine(conf, args.batch_size)
+    return ServeState(engine, limits=limits, model_name=args.model_name, cache_len=args.max_context,
+                      default_max_tokens=min(conf.max_new_tokens, limits.max_tokens), api_key=args.api_key,
+                      examples=demo_examples(args.demo) if args.demo else [])
+
+
+def _serve(argv: List[str]) -> int:
+    args = _parser().parse_intermixed_args(argv)
+    args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    check_bind(args.host, args.api_key)  # before minutes of loading
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    state = build_state(args)
+    from medcap.serve._app import create_app
+
+    app = create_app(state, page=not args.no_page)
+    run_uvicorn(app, args.host, args.port)
+    return 0
+
+
+def run_uvicorn(app, host: str, port: int) -> None:
+    """uvicorn on ``host:port``; prints the address (the port it got, for ``--port 0``)."""
+    import socket
+
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    shown = f"[{host}]" if ":" in host else host
+    print(f"medcap serve: listening on http://{shown}:{sock.getsockname()[1]}/ (API under /v1)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
+
+
+def serve_main(argv: Sequence[str]) -> int:
+    """``medcap serve ...``"""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page phones nobody
+    from medcap._progress import quiet_library_noise
+
+    quiet_library_noise()
+    try:
+        return _serve(list(argv))
+    except UserError as e:
+        print(f"medcap serve: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except (FileNotFoundError, PermissionError, ValueError, OSError) as e:
+        print(f"medcap serve: error: {e}", file=sys.stderr, flush=True)
+        return 2
