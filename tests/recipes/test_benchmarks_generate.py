@@ -228,3 +228,18 @@ def test_report_reads_omnimedvqa_macro_accuracy(tmp_path):
     names, columns, scores = collect([tmp_path])
     assert (names, columns) == (["ckpt_a"], ["OmniMedVQA"])
     assert scores[("ckpt_a", "OmniMedVQA")] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("suite, words", [
+    ("test_pathvqa", "huggingface-cli download flaviagiammarino/path-vqa"),
+    ("test_vqarad_hf", "huggingface-cli download flaviagiammarino/vqa-rad"),
+    ("test_slake", "Slake1.0"),
+    ("test_pmcvqa", "test_clean.csv or test.csv"),
+    ("test_questions", "JSONL"),
+])
+def test_a_missing_layout_is_named_before_anything_loads(gen_assets, gen_config, gen_recipe_module, tmp_path, suite, words):
+    from medcap.config import ConfigError
+
+    cfg = gen_config(gen_assets, tmp_path / "out", dataset_source=str(tmp_path), **{suite: True})
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        gen_recipe_module.GenerateRecipe(cfg)
