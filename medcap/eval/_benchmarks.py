@@ -491,11 +491,21 @@ def score_benchmark(engine, raw_path: str | Path, *, scoring: str = "letter", pr
     columns = (list(rows[0]) if rows else []) + list(CHOICE_COLUMNS) + list(ROW_SCORE_COLUMNS)
     overall = scores[HEADLINE]
     for old in raw_path.parent.glob(f"{raw_path.stem}-*.csv"):
-        if old.name[len(raw_path.stem) + 1 :][:1].isdigit() or old.name.endswith("-nan.csv"):
-            old.unlink()  # an earlier scoring of the same rows
+        if _is_scoring_of(old, raw_path):
+            old.unlink()  # an earlier scoring of the same rows: one scored file per raw file
     scored_path = raw_path.with_name(f"{raw_path.stem}-{accuracy_name(overall if overall is not None else float('nan'))}.csv")
     write_csv_atomic(scored_path, columns, scored, bom=True)
     return {"scored_path": str(scored_path), "convention": CONVENTION, "headline": HEADLINE, "scores": scores}
+
+
+def _is_scoring_of(path: Path, raw_path: Path) -> bool:
+    """``{raw}-{acc}.csv`` holding scored rows (not the raw file of a checkpoint named ``{ckpt}-2``)."""
+    import re
+
+    if not re.fullmatch(re.escape(raw_path.stem) + r"-(\d+(\.\d+)?(e-?\d+)?|nan)\.csv", path.name):
+        return False
+    with open(path, encoding="utf-8-sig") as fh:
+        return "token_recall" in fh.readline()
 
 
 def _print_skipped(title: str, report: Report) -> None:
