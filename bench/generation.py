@@ -19,8 +19,18 @@ all of them, so every variant does the same work):
   left padded with an attention mask.
 
 Throughput is generated tokens per second of wall time, prefill included. The
-variants alternate round by round; medians are reported. The last stdout line is
-one JSON object (see bench/README.md).
+variants alternate round by round; medians are reported.
+
+A second workload (``--workload realistic``, on by default) compares continuous
+batching against static batching at the same batch size (``--cont-batch``,
+default 16) on rows that stop at lengths drawn from stated distributions
+(``_common.STOP_LENGTHS``: descriptions log-normal 10-200 tokens, answers 1-50,
+letter replies 1-3), run as the evaluation runs them: one call per kind. Beside
+wall time it reports the counts that decide GPU time: decode forward passes and
+slot-steps spent on idle (finished or empty) rows. ``--compile`` adds the
+continuous engine with its decode step compiled.
+
+The last stdout line is one JSON object (see bench/README.md).
 
     python bench/generation.py                # CPU, < 3 min on 2 cores
     python bench/generation.py --quick        # seconds; checks that it runs
@@ -54,6 +64,8 @@ from _common import (
     setup,
     sync,
     to_hf_llama,
+    drawn_length,
+    STOP_LENGTHS,
 )
 
 CPU_DIMS = LlamaDims(vocab_size=32_000, embed_dim=256, num_layers=4, num_heads=4, num_kv_heads=1, intermediate_dim=896)
@@ -134,6 +146,102 @@ def hf_generate(model, hf, prompts: List[List[int]], images: torch.Tensor, new_t
     return out[:, -new_tokens:].tolist()
 
 
+# ----------------------------------------------------------------------------- realistic lengths
+
+
+KINDS = ("desc", "answer", "score")  # one call per kind, as the evaluation makes them
+
+
+def realistic_rows(tokenizer, n_img: int, rows: int, seed: int, image_size: int, device, dtype):
+    """Per kind: prompts, images, keys and budgets (the drawn stop lengths) of ``rows`` rows."""
+    from medcap.generation import build_prompt
+
+    g = torch.Generator().manual_seed(seed + 1)
+    work = {}
+    for kind in KINDS:
+        with_image = kind != "score"  # letter replies are text only
+        prompts = [build_prompt(tokenizer, QUESTIONS[i % len(QUESTIONS)], num_image_tokens=n_img, has_image=with_image)
+                   for i in range(rows)]
+        images = [torch.randn(3, image_size, image_size, generator=g).to(device=device, dtype=dtype)
+                  if with_image else None for _ in range(rows)]
+        keys = [f"{kind}:{i}" for i in range(rows)]
+        work[kind] = (prompts, images, keys, [drawn_length(k, seed) for k in keys])
+    return work
+
+
+def compare_continuous_static(model, tokenizer, work, batch: int, reps: int, device, compile_step: bool) -> Dict:
+    """Continuous vs static batching (and optionally compiled) on the same rows."""
+    from medcap.generation import GenerationEngine
+
+    engines = {
+        "static": GenerationEngine(model, tokenizer, batch_size=batch, continuous=False),
+        "continuous": GenerationEngine(model, tokenizer, batch_size=batch),
+    }
+    if compile_step:
+        engines["continuous_compiled"] = GenerationEngine(model, tokenizer, batch_size=batch, compile=True)
+    outputs: Dict[str, Dict[str, List[List[int]]]] = {}
+    stats: Dict[str, Dict[str, int]] = {}
+
+    def run(name: str, rows=None) -> None:
+        eng, total = engines[name], {}
+        for kind, (prompts, images, keys, budgets) in work.items():
+            idx = rows(budgets) if rows else range(len(prompts))
+            got = eng.generate_tokens([prompts[i] for i in idx], [images[i] for i in idx],
+                                      [budgets[i] for i in idx], [keys[i] for i in idx])
+            for k, v in eng.last_stats.items():
+                total[k] = total.get(k, 0) + v
+            if rows is None:
+                outputs.setdefault(name, {})[kind] = got
+        if rows is None:
+            stats[name] = total
+
+    def longest_two(budgets):  # the same cache length as the full run: a compiled step is kept
+        return sorted(range(len(budgets)), key=lambda i: -budgets[i])[:2]
+
+    warm_s = {}
+    for name in engines:  # warm-up: allocators, and the compile for the compiled step
+        sync(device)
+        t = time.perf_counter()
+        run(name, longest_two)
+        sync(device)
+        warm_s[name] = time.perf_counter() - t
+    times = {n: [] for n in engines}
+    for r in range(reps):
+        order = list(engines)[r % len(engines):] + list(engines)[: r % len(engines)]
+        for name in order:
+            sync(device)
+            t = time.perf_counter()
+            run(name)
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+            log(f"  {name}: {times[name][-1]:.2f}s")
+    tokens = sum(len(t) for rows in outputs["static"].values() for t in rows)
+    figures = {
+        n: {"median_s": median(ts), "times_s": [round(x, 3) for x in ts], "tokens_per_s": tokens / median(ts),
+            "warmup_s": round(warm_s[n], 2), **stats[n]}
+        for n, ts in times.items()
+    }
+    st, co = figures["static"], figures["continuous"]
+    ratios = {
+        "continuous_vs_static_decode_passes": round(st["decode_passes"] / co["decode_passes"], 3),
+        "continuous_vs_static_wall": round(st["median_s"] / co["median_s"], 3),
+    }
+    if compile_step:
+        ratios["compiled_vs_eager_continuous_wall"] = round(co["median_s"] / figures["continuous_compiled"]["median_s"], 3)
+    lengths = {k: [len(t) for t in rows] for k, rows in outputs["static"].items()}
+    return {
+        "figures": figures,
+        "ratios": ratios,
+        "outputs_match": all(outputs[n] == outputs["static"] for n in outputs),
+        "settings": {
+            "batch": batch, "rows_per_kind": len(work["desc"][0]), "stop_lengths": STOP_LENGTHS,
+            "generated_tokens": tokens,
+            "mean_length": {k: round(sum(v) / len(v), 1) for k, v in lengths.items()},
+            "max_length": {k: max(v) for k, v in lengths.items()},
+        },
+    }
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -150,6 +258,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                    help="positions the reference projects onto the vocabulary each step (torchtune: all)")
     p.add_argument("--num-image-tokens", type=int, default=50)
     p.add_argument("--skip-hf", action="store_true", help="leave HF transformers out")
+    p.add_argument("--workload", choices=["fixed", "realistic", "both"], default="both",
+                   help="fixed: every row generates --new-tokens (ours vs reference vs HF); realistic: drawn stop "
+                        "lengths, continuous vs static batching")
+    p.add_argument("--cont-batch", type=int, default=None, help="batch size of the realistic workload (default 16)")
+    p.add_argument("--cont-rows", type=int, default=None, help="rows per kind in the realistic workload (default 4 x batch)")
+    p.add_argument("--compile", action="store_true", help="realistic workload: add the compiled continuous engine")
     args = p.parse_args(argv)
     device, dtype = setup(args)
     real = real_sizes(args)
@@ -199,6 +313,24 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             "stop_tokens": "none (every row generates new_tokens)",
         },
     }
+
+    if args.workload != "fixed":
+        cb = args.cont_batch or (3 if args.quick else 16)
+        rows = args.cont_rows or (2 * cb if args.quick else 4 * cb)
+        log(f"realistic workload: {rows} rows per kind, batch {cb}")
+        work = realistic_rows(tokenizer, n_img, rows, args.seed, image_size, device, dtype)
+        if args.quick:  # seconds, not minutes: cut the drawn lengths
+            work = {k: (p_, i_, k_, [min(b, 6) for b in b_]) for k, (p_, i_, k_, b_) in work.items()}
+        result["realistic"] = compare_continuous_static(model, tokenizer, work, cb, max(1, reps - 1), device,
+                                                        args.compile)
+        if args.workload == "realistic":
+            result["ratios"] = dict(result["realistic"]["ratios"])
+            result["outputs_match"] = result["realistic"]["outputs_match"]
+            result["goals"] = {"continuous_vs_static_decode_passes": 1.5, "continuous_vs_static_wall": 1.0}
+            result["goals_met"] = {k: result["ratios"][k] >= v for k, v in result["goals"].items()}
+            result["figures"] = result["realistic"]["figures"]
+            emit(result)
+            return result
 
     hf = None
     if not args.skip_hf:
@@ -330,10 +462,14 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                     first = next(k for k, (x, y) in enumerate(zip(outputs[a][row], outputs[b][row])) if x != y)
                     mismatches.append({"a": a, "b": b, "prompt": row, "first_differing_token": first})
     result["figures"] = figures
+    goals = {f"ours_{bn}_vs_reference": 10.0, "ours_b1_vs_hf_b1": 1.0, f"ours_{bn}_vs_hf_{bn}": 1.0}
+    if "realistic" in result:
+        ratios.update(result["realistic"]["ratios"])
+        goals.update({"continuous_vs_static_decode_passes": 1.5, "continuous_vs_static_wall": 1.0})
     result["ratios"] = ratios
-    result["goals"] = {f"ours_{bn}_vs_reference": 10.0, "ours_b1_vs_hf_b1": 1.0, f"ours_{bn}_vs_hf_{bn}": 1.0}
+    result["goals"] = goals
     result["goals_met"] = {k: ratios.get(k, 0) >= v for k, v in result["goals"].items() if k in ratios}
-    result["outputs_match"] = not mismatches
+    result["outputs_match"] = not mismatches and result.get("realistic", {}).get("outputs_match", True)
     result["output_mismatches"] = mismatches[:20]
     result["outputs_compared"] = {n: sorted(outputs[n]) for n in names}
     result["distinct_tokens_in_outputs"] = len({t for d in outputs.values() for o in d.values() for t in o})
