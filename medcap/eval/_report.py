@@ -21,7 +21,6 @@ import argparse
 import math
 import re
 import sys
-from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 

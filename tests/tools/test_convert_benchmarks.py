@@ -4,7 +4,6 @@ question/answer records, with the same bad-record reporting as the other sources
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from PIL import Image
 
