@@ -76,8 +76,8 @@ class ServeState:
         if req.max_tokens is None:
             budget = min(self.default_max_tokens, room)
             if budget < 1:
-                raise APIError(400, f"the prompt is {len(prompt)} tokens; this model takes at most "
-                               f"{self.cache_len - 1} before the answer", param="messages",
+                raise APIError(400, f"the prompt is {len(prompt)} tokens, over the model's context of "
+                               f"{self.cache_len} tokens (prompt + answer)", param="messages",
                                code="context_length_exceeded")
         else:
             budget = req.max_tokens
@@ -176,6 +176,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._drain(receive)
             return await self._refuse(send)
         seen = 0
         started = False
@@ -198,7 +199,18 @@ class BodyLimit:
             await self.app(scope, counted, tracked_send)
         except _TooLarge:
             if not started:
+                await self._drain(receive)
                 await self._refuse(send)
+
+    async def _drain(self, receive) -> None:
+        """Read and drop the rest of a refused body, up to a few times the limit, so that
+        a client still sending reads the 413 instead of a reset connection."""
+        dropped = 0
+        while dropped <= 4 * self.limit:
+            msg = await receive()
+            if msg["type"] != "http.request" or not msg.get("more_body"):
+                return
+            dropped += len(msg.get("body", b""))
 
     async def _refuse(self, send):
         body = json.dumps(APIError(413, f"the request body is over this server's limit of {self.limit:,} bytes "

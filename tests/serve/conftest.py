@@ -1,0 +1,110 @@
+"""A real server for the serving tests: the tiny model (trained-format vision checkpoint
+included) loaded by ``medcap serve``'s own setup, uvicorn on a loopback port in a
+thread of this process, limits small enough to hit cheaply."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+# the test server's limits (flags of medcap serve)
+MAX_IMAGE_PIXELS = 1_000_000
+MAX_BODY_BYTES = 400_000
+MAX_TOKENS = 64
+
+
+@pytest.fixture(scope="session")
+def serve_assets(tmp_path_factory) -> Dict[str, Any]:
+    import torch
+
+    from medcap.checkpointing import save_vision_checkpoint
+    from medcap.models import medcap_tiny
+    from medcap.testing import make_tiny_training_assets
+
+    root = tmp_path_factory.mktemp("serve_assets")
+    assets = make_tiny_training_assets(root, samples=3)
+    torch.manual_seed(7)
+    ckpt = root / "checkpoint" / "meta_model_last.pt"
+    ckpt.parent.mkdir(parents=True)
+    save_vision_checkpoint(medcap_tiny(**assets["model_kwargs"], num_image_tokens=4), ckpt)
+    images = sorted((root / "data" / "images").glob("*.png"))
+    overrides = [f"assets_dir={root}", f"vision_checkpoint={ckpt}"]
+    return {**assets, "root": root, "vision_checkpoint": str(ckpt), "images": images, "overrides": overrides}
+
+
+def serve_args(assets, *extra: str):
+    from medcap.serve._main import _parser
+
+    return _parser().parse_args([
+        "--config", "tiny/generate", *assets["overrides"], "--max-image-pixels", str(MAX_IMAGE_PIXELS),
+        "--max-body-bytes", str(MAX_BODY_BYTES), "--max-tokens", str(MAX_TOKENS), *extra,
+    ])
+
+
+class LiveServer:
+    """uvicorn serving ``app`` on 127.0.0.1 (a free port) in a daemon thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def served(serve_assets):
+    """(LiveServer, ServeState) with the web page, shared by the session's tests."""
+    from medcap.serve._app import create_app
+    from medcap.serve._main import build_state
+
+    state = build_state(serve_args(serve_assets))
+    with LiveServer(create_app(state, page=True)) as server:
+        yield server, state
+
+
+def _data_url(path: Path, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(Path(path).read_bytes()).decode()}"
+
+
+def _image_message(url: str, question: str | None = None):
+    parts = [{"type": "image_url", "image_url": {"url": url}}]
+    if question:
+        parts.append({"type": "text", "text": question})
+    return [{"role": "user", "content": parts}]
+
+
+@pytest.fixture(scope="session")
+def data_url():
+    """``data_url(path, mime="image/png")`` -> a base64 data URL of the file."""
+    return _data_url
+
+
+@pytest.fixture(scope="session")
+def image_message():
+    """``image_message(url, question=None)`` -> one user message: the image, then the question."""
+    return _image_message
