@@ -114,14 +114,17 @@ class GenerationEngine:
             )
         return out
 
-    def open(self, cache_len: int) -> ContinuousBatcher:
-        """A batcher with ``batch_size`` slots of ``cache_len`` positions (prompt + new
-        tokens): ``submit`` requests at any time, drive it with ``step``/``run_until_done``.
-        The same batcher is reused while ``cache_len`` fits (a compiled step is kept)."""
+    def open(self, cache_len: int, slots: Optional[int] = None) -> ContinuousBatcher:
+        """A batcher with ``slots`` (default ``batch_size``) slots of ``cache_len``
+        positions (prompt + new tokens): ``submit`` requests at any time, drive it with
+        ``step``/``run_until_done``. Reused while it fits (a compiled step is kept)."""
+        slots = self.batch_size if slots is None else slots
         b = self._batcher
-        if b is None or b.cache_len < cache_len or (not self.compile and b.cache_len != cache_len):
+        keep = b is not None and b.slots == slots and (
+            b.cache_len >= cache_len if self.compile else b.cache_len == cache_len)
+        if not keep:
             b = self._batcher = ContinuousBatcher(
-                self.model, self.tokenizer.stop_tokens, slots=self.batch_size, cache_len=cache_len,
+                self.model, self.tokenizer.stop_tokens, slots=slots, cache_len=cache_len,
                 temperature=self.temperature, top_k=self.top_k, compile=self.compile,
             )
         return b
@@ -137,7 +140,10 @@ class GenerationEngine:
     def _generate_continuous(self, prompts, images, budgets, seeds, greedy) -> List[List[int]]:
         need = max(len(p) + m for p, m in zip(prompts, budgets)) if prompts else 1
         # A compiled step is specialised to the cache length: round it up so calls share it.
-        batcher = self.open(-(-need // 256) * 256 if self.compile else need)
+        if self.compile:  # one shape for every call
+            batcher = self.open(-(-need // 256) * 256)
+        else:  # a small call need not decode idle slots
+            batcher = self.open(need, min(self.batch_size, len(prompts)))
         before = dict(batcher.stats)
         gens = [None] * len(prompts) if greedy else make_generators(seeds, self.device)
         reqs = [batcher.submit(p, im, m, g) for p, im, m, g in zip(prompts, images, budgets, gens)]
