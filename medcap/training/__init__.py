@@ -3,45 +3,66 @@ which runs the loop and calls these): the typed config, the label-only loss, the
 resumable sampler and data setup, the optimizers (incl. the step in backward), the
 process world (FSDP2, gradient reduction), the checkpoint folder (lock, resume or
 refuse), the resumable state and the stop on SIGINT/SIGTERM. Nothing here calls
-back into a recipe."""
+back into a recipe.
 
-from medcap.training._config import TrainConfig
-from medcap.training._dist import init_distributed_env, peak_memory_gib, shard_frozen_decoder
-from medcap.training._loss import LabelTokenCrossEntropy, TrainForward, count_label_tokens
-from medcap.training._optim import build_lr_scheduler, build_optimizer
-from medcap.training._data import ResumableBatchSampler, setup_data, setup_dataset
-from medcap.training._run import (
-    RECIPE_STATE_FILE,
-    StopSignals,
-    atomic_write,
-    capture_rng_state,
-    check_vision_start,
-    load_recipe_state,
-    open_run_folder,
-    restore_rng_state,
-    save_recipe_state,
-)
+Names are resolved on first use (PEP 562), so that ``TrainConfig`` (and with it a
+config's key check) loads without torch.
+"""
 
-__all__ = [
-    "LabelTokenCrossEntropy",
-    "RECIPE_STATE_FILE",
-    "ResumableBatchSampler",
-    "StopSignals",
-    "TrainConfig",
-    "TrainForward",
-    "atomic_write",
-    "build_lr_scheduler",
-    "build_optimizer",
-    "capture_rng_state",
-    "check_vision_start",
-    "count_label_tokens",
-    "init_distributed_env",
-    "load_recipe_state",
-    "open_run_folder",
-    "peak_memory_gib",
-    "restore_rng_state",
-    "save_recipe_state",
-    "setup_data",
-    "setup_dataset",
-    "shard_frozen_decoder",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "medcap.training._config": ["TrainConfig"],
+    "medcap.training._data": ["ResumableBatchSampler", "setup_data", "setup_dataset"],
+    "medcap.training._dist": ["init_distributed_env", "peak_memory_gib", "shard_frozen_decoder"],
+    "medcap.training._loss": ["LabelTokenCrossEntropy", "TrainForward", "count_label_tokens"],
+    "medcap.training._optim": ["build_lr_scheduler", "build_optimizer"],
+    "medcap.training._run": [
+        "RECIPE_STATE_FILE",
+        "StopSignals",
+        "atomic_write",
+        "capture_rng_state",
+        "check_vision_start",
+        "load_recipe_state",
+        "open_run_folder",
+        "restore_rng_state",
+        "save_recipe_state",
+    ],
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'medcap.training' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
+    from medcap.training._config import TrainConfig  # noqa: F401
+    from medcap.training._data import ResumableBatchSampler, setup_data, setup_dataset  # noqa: F401
+    from medcap.training._dist import init_distributed_env, peak_memory_gib, shard_frozen_decoder  # noqa: F401
+    from medcap.training._loss import LabelTokenCrossEntropy, TrainForward, count_label_tokens  # noqa: F401
+    from medcap.training._optim import build_lr_scheduler, build_optimizer  # noqa: F401
+    from medcap.training._run import (  # noqa: F401
+        RECIPE_STATE_FILE,
+        StopSignals,
+        atomic_write,
+        capture_rng_state,
+        check_vision_start,
+        load_recipe_state,
+        open_run_folder,
+        restore_rng_state,
+        save_recipe_state,
+    )

@@ -119,8 +119,6 @@ class TrainConfig:
         return from_config(cls, data, variables=variables)
 
     def __post_init__(self) -> None:
-        from medcap.training._run import resume_mode
-
         self.resume = resume_mode(self.resume_from_checkpoint)  # "no", "yes" or "auto"
         if self.save_last_every_seconds is not None and self.save_last_every_seconds <= 0:
             raise ConfigError(f"save_last_every_seconds must be > 0 or null, got {self.save_last_every_seconds}")
@@ -227,3 +225,15 @@ def resolve_loss_config(cfg_loss: Optional[Dict[str, Any]]) -> Dict[str, Any]:
         kept = {k: v for k, v in cfg_loss.items() if k == "ignore_index"}
         return {"_component_": LOSS_COMPONENT, **kept}
     raise ConfigError(f"loss._component_={comp!r} is not supported; use {LOSS_COMPONENT}")
+
+
+def resume_mode(value: Any) -> str:
+    """``resume_from_checkpoint`` as ``no``, ``yes`` or ``auto``."""
+    if value is None or value is False:
+        return "no"
+    if value is True:
+        return "yes"
+    text = str(value).strip().lower()
+    if text in ("auto", "true", "false"):
+        return {"auto": "auto", "true": "yes", "false": "no"}[text]
+    raise ConfigError(f"resume_from_checkpoint={value!r}: use True, False or auto")

@@ -50,7 +50,6 @@ log = logging.getLogger("medcap.training")
 
 RECIPE_STATE_FILE = "recipe_state.pt"
 STATE_FORMAT_VERSION = 1
-RESUME_MODES = ("no", "yes", "auto")
 # weights in either format, the safetensors files' JSON sidecars, the resumable state
 _RUN_FILE_PATTERNS = ("meta_model_*.safetensors", "meta_model_*.pt", "meta_model_*.json", RECIPE_STATE_FILE)
 _NO_VISION_SOURCE = (
@@ -60,18 +59,6 @@ _NO_VISION_SOURCE = (
     "(a medcap or reference vision checkpoint). To train a random tower on purpose, set "
     "vision_random_init=True."
 )
-
-
-def resume_mode(value: Any) -> str:
-    """``resume_from_checkpoint`` as ``no``, ``yes`` or ``auto``."""
-    if value is None or value is False:
-        return "no"
-    if value is True:
-        return "yes"
-    text = str(value).strip().lower()
-    if text in ("auto", "true", "false"):
-        return {"auto": "auto", "true": "yes", "false": "no"}[text]
-    raise ConfigError(f"resume_from_checkpoint={value!r}: use True, False or auto")
 
 
 def checkpoint_lock_path(folder: Path) -> Path:

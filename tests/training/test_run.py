@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 
 from medcap._fs import LockedError
 from medcap.training import StopSignals, check_vision_start, open_run_folder
-from medcap.training._run import checkpoint_lock_path, resume_mode
+from medcap.training._config import resume_mode
+from medcap.training._run import checkpoint_lock_path
 
 
 def _open(folder, resume="no", overwrite=False, before_claim=None):
