@@ -77,14 +77,28 @@ class LiveServer:
 
 
 @pytest.fixture(scope="session")
-def served(serve_assets):
-    """(LiveServer, ServeState) with the web page, shared by the session's tests."""
+def start_server(serve_assets):
+    """``with start_server(*flags, page=False) as (server, state):`` a server of its own
+    (medcap serve's setup with more flags), stopped at the end of the block."""
+    import contextlib
+
     from medcap.serve._app import create_app
     from medcap.serve._main import build_state
 
-    state = build_state(serve_args(serve_assets))
-    with LiveServer(create_app(state, page=True)) as server:
-        yield server, state
+    @contextlib.contextmanager
+    def start(*flags: str, page: bool = False):
+        state = build_state(serve_args(serve_assets, *flags))
+        with LiveServer(create_app(state, page=page)) as server:
+            yield server, state
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def served(start_server):
+    """(LiveServer, ServeState) with the web page, shared by the session's tests."""
+    with start_server(page=True) as pair:
+        yield pair
 
 
 def _data_url(path: Path, mime: str = "image/png") -> str:
