@@ -60,6 +60,17 @@ class SlotKVCache(nn.Module):
     def reset(self) -> None:  # torchtune's reset_caches calls it; slots are overwritten anyway
         pass
 
+    def regroup(self, keep: torch.Tensor, slots: int) -> None:
+        """Rows ``keep`` become rows ``0..len(keep)-1`` of a cache of ``slots`` rows."""
+        for name in ("k_cache", "v_cache"):
+            old = getattr(self, name)
+            new = old.new_zeros((slots, *old.shape[1:]))
+            new[: keep.numel()] = old.index_select(0, keep)
+            setattr(self, name, new)
+        self.write_pos = self.write_pos.new_zeros(slots)
+        self.slot_ids = torch.arange(slots, device=self.slot_ids.device)
+        self.batch_size = slots
+
     def update(self, k_val: torch.Tensor, v_val: torch.Tensor):
         if self.prefill_slots is None:
             # [B, h, 1, d] at one column per slot
@@ -109,7 +120,8 @@ class ContinuousBatcher:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.model = model
         self.stop = set(int(t) for t in stop_tokens)
-        self.slots = int(slots)
+        self.slots = self.max_slots = int(slots)
+        self.compiled = bool(compile)
         self.cache_len = min(int(cache_len), int(model.decoder.max_seq_len))
         self.temperature, self.top_k = temperature, top_k
         self.device = model.decoder.norm.scale.device
@@ -177,6 +189,8 @@ class ContinuousBatcher:
         try:
             self._admit()
             self._sample()
+            if not self.compiled:
+                self._shrink_tail()
             if any(r is not None for r in self._active):
                 self._decode_all()
         finally:
@@ -191,7 +205,33 @@ class ContinuousBatcher:
         for a in self._attns:
             a.kv_cache, a.cache_enabled = None, False
 
+    def _regroup(self, keep: List[int], slots: int) -> None:
+        """Slots ``keep`` become slots ``0..len(keep)-1`` of ``slots`` (cache rows included)."""
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+        for c in self.caches:
+            c.regroup(idx, slots)
+        pad = slots - len(keep)
+        self._active = [self._active[s] for s in keep] + [None] * pad
+        self._pos = [self._pos[s] for s in keep] + [0] * pad
+        self._last = [self._last[s] for s in keep] + [0] * pad
+        self._fresh = [self._fresh[s] for s in keep] + [False] * pad
+        if self._logits is not None:
+            logits = self._logits.new_zeros((slots, self._logits.shape[-1]))
+            logits[: len(keep)] = self._logits.index_select(0, idx)
+            self._logits = logits
+        self.slots = slots
+
+    def _shrink_tail(self) -> None:
+        """Nothing waits and a quarter of the slots are idle: drop the idle ones, as
+        the static path does with finished rows (a CPU step costs in proportion to its
+        rows). Eager only: a compiled step keeps its shapes; new work grows it back."""
+        busy = [s for s, r in enumerate(self._active) if r is not None]
+        if busy and not self._waiting and self.slots - len(busy) >= max(1, self.slots // 4):
+            self._regroup(busy, len(busy))
+
     def _admit(self) -> None:
+        if self.slots < self.max_slots and self._waiting:
+            self._regroup(list(range(self.slots)), self.max_slots)
         free = [i for i, r in enumerate(self._active) if r is None]
         new: List[Request] = []
         with self._lock:

@@ -59,6 +59,12 @@ class GenerationEngine:
         self.last_stats: Dict[str, int] = {}
 
     @property
+    def chunk_size(self) -> int:
+        """Rows a caller should hand to one ``generate_texts`` call: continuous batching
+        refills a slot only from the rows of the same call, so give it several batches."""
+        return self.batch_size * 8 if self.use_cache and self.continuous else self.batch_size
+
+    @property
     def num_image_tokens(self) -> int:
         return int(self.model.num_image_tokens)
 

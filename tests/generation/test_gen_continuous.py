@@ -62,7 +62,8 @@ def test_rows_of_very_different_lengths_equal_static_and_slow_paths(gen_model, g
     assert batcher.stats["prefill_passes"] >= 3
     assert static_stats["decode_passes"] == 13 + 11 + 4
     assert batcher.stats["decode_passes"] < static_stats["decode_passes"]
-    assert batcher.stats["slot_steps"] == 3 * batcher.stats["decode_passes"]
+    # once nothing waits, idle slots are dropped (eager): fewer slot-steps than 3 per pass
+    assert batcher.stats["slot_steps"] < 3 * batcher.stats["decode_passes"]
 
 
 def test_engine_greedy_equals_static_and_slow_paths(gen_model, gen_tok, gen_images, slow_greedy):
