@@ -252,6 +252,8 @@ def save_hf(decoder, sizes: LMSizes, out_dir: str | Path) -> Path:
     from safetensors.torch import save_file
     from torchtune.models.convert_weights import tune_to_hf
 
+    from medcap._fs import atomic_write
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = tune_to_hf(
@@ -261,9 +263,7 @@ def save_hf(decoder, sizes: LMSizes, out_dir: str | Path) -> Path:
         dim=sizes.embed_dim,
     )
     state = {k: v.contiguous() for k, v in state.items()}
-    tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / "model.safetensors")
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     hf_config(sizes).to_json_file(str(out / "config.json"))
     return out
 

@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from medcap._fs import atomic_write
+
 STAGES: Tuple[str, ...] = (
     "world",
     "tokenizer",
@@ -110,10 +112,8 @@ def _fingerprint(obj: Any) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, default=str))
-    tmp.replace(path)
+    text = json.dumps(obj, indent=1, ensure_ascii=False, default=str)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _say(msg: str) -> None:

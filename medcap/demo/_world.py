@@ -22,6 +22,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from medcap._fs import atomic_write
+
 PLACEHOLDER_CHAR = "\u2460"  # '①', the reference's image placeholder character
 
 
@@ -358,12 +360,8 @@ def omnimedvqa_questions(
 
 def write_json(path: str | Path, obj) -> Path:
     """Write JSON atomically (a half-written file never looks finished)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
-    tmp.replace(path)
-    return path
+    text = json.dumps(obj, indent=1, ensure_ascii=False)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_world(out_dir: str | Path, settings) -> Dict[str, str]:
