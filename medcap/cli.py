@@ -103,6 +103,9 @@ class Recipe:
     configs: Tuple[str, ...]
 
 
+# What `run`, `ls`, `cp`, `cat` and `validate` go by; tests/test_cli.py checks that it names
+# every shipped recipe and config exactly once. Both fine-tuning names run the same code
+# (full_finetune_distributed.py is a link to full_finetune_single_device.py).
 RECIPES: Dict[str, Recipe] = {
     "full_finetune_single_device": Recipe(
         "full_finetune_single_device.py",
