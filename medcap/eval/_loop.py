@@ -287,8 +287,9 @@ def run_items(
     left_out: Dict[str, str] = {}
     bar = progress_bar(len(pending), f"{raw_path.stem} ({len(done)} of {len(items)} on disk)" if done else raw_path.stem,
                        unit, enabled=progress)
-    for lo in range(0, len(pending), engine.batch_size):
-        batch = pending[lo : lo + engine.batch_size]
+    chunk = getattr(engine, "chunk_size", engine.batch_size)  # several batches: continuous batching refills slots
+    for lo in range(0, len(pending), chunk):
+        batch = pending[lo : lo + chunk]
         kept, images, bad = load_images(batch, image_loader)
         if bad:
             log.warning("left out %d item(s) whose image cannot be read (tried again on the next run), e.g. %s",

@@ -116,8 +116,9 @@ def score_letter(
 ) -> None:
     done = len(journal)
     bar = progress_bar(len(rows) - done, "scoring (letter)", "q", enabled=progress)
-    for lo in range(done, len(rows), engine.batch_size):
-        batch = rows[lo : lo + engine.batch_size]
+    chunk = getattr(engine, "chunk_size", engine.batch_size)  # several batches: continuous batching refills slots
+    for lo in range(done, len(rows), chunk):
+        batch = rows[lo : lo + chunk]
         prompts, opts = [], []
         for r in batch:
             options = row_options(r)
