@@ -42,6 +42,7 @@ class GenerationEngine:
         use_cache: bool = True,
         continuous: bool = True,
         compile: Union[bool, str] = False,
+        chunk_size: Optional[int] = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -54,15 +55,13 @@ class GenerationEngine:
         self.use_cache = bool(use_cache)
         self.continuous = bool(continuous)
         self.compile = compile  # True, or a torch.compile backend name
+        # Rows the evaluation loop hands to one call (default: one batch). Continuous
+        # batching refills a slot only from the rows of the same call: give it several
+        # batches (e.g. 8 x batch_size) to keep the slots busy.
+        self.chunk_size = int(chunk_size or batch_size)
         self._batcher: Optional[ContinuousBatcher] = None
         # what the last generate_tokens call cost (decode passes, slot-steps, ...)
         self.last_stats: Dict[str, int] = {}
-
-    @property
-    def chunk_size(self) -> int:
-        """Rows a caller should hand to one ``generate_texts`` call: continuous batching
-        refills a slot only from the rows of the same call, so give it several batches."""
-        return self.batch_size * 8 if self.use_cache and self.continuous else self.batch_size
 
     @property
     def num_image_tokens(self) -> int:
