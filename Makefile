@@ -37,6 +37,9 @@ bench: setup
 	$(PY) bench/eval_omnimedvqa.py
 	$(PY) bench/train_step.py
 
+bench-gpu: setup
+	$(PY) bench/gpu.py
+
 counts:
 	@$(or $(wildcard $(PY)),$(PYTHON)) docs/count_modules.py
 

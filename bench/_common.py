@@ -555,8 +555,9 @@ class StopAtDrawnLengths:
     their own): each row's budget is cut to ``drawn_length(key)``. Everything else is
     the wrapped engine's."""
 
-    def __init__(self, engine, seed: int = 0):
-        self.engine, self.seed = engine, seed
+    def __init__(self, engine, seed: int = 0, cut: bool = True):
+        self.engine, self.seed, self.cut = engine, seed, cut
+        self.stats: Dict[str, int] = {}  # the engine's work counts summed over calls
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
@@ -566,4 +567,8 @@ class StopAtDrawnLengths:
         return [min(int(m), drawn_length(k, self.seed)) for m, k in zip(per_row, keys)]
 
     def generate_texts(self, prompts, images, max_new_tokens, keys) -> List[str]:
-        return self.engine.generate_texts(prompts, images, self.budgets(max_new_tokens, keys), keys)
+        budgets = self.budgets(max_new_tokens, keys) if self.cut else max_new_tokens
+        out = self.engine.generate_texts(prompts, images, budgets, keys)
+        for k, v in getattr(self.engine, "last_stats", {}).items():
+            self.stats[k] = self.stats.get(k, 0) + v
+        return out

@@ -30,8 +30,9 @@ def _run(script: str, *args: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script, ratios", [
-    ("generation.py", {"ours_b3_vs_reference", "ours_b1_vs_hf_b1", "ours_b3_vs_hf_b3"}),
-    ("eval_omnimedvqa.py", {"ours_vs_reference"}),
+    ("generation.py", {"ours_b3_vs_reference", "ours_b1_vs_hf_b1", "ours_b3_vs_hf_b3",
+                       "continuous_vs_static_decode_passes", "continuous_vs_static_wall"}),
+    ("eval_omnimedvqa.py", {"ours_vs_reference", "continuous_vs_static", "continuous_vs_static_decode_passes"}),
     ("train_step.py", {"ours_vs_reference_samples_per_s"}),
 ])
 def test_bench_quick_prints_json(script, ratios):
