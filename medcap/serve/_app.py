@@ -120,10 +120,9 @@ async def follow_job(state: ServeState, job: Job, changed: asyncio.Event, is_gon
             try:
                 await asyncio.wait_for(changed.wait(), timeout=_POLL_S)
             except asyncio.TimeoutError:
-                pass
+                if is_gone is not None and await is_gone():  # checked when nothing happened for a while
+                    return
             changed.clear()
-            if is_gone is not None and await is_gone():
-                return
             if time.monotonic() > deadline:
                 raise APIError(504, f"the request took longer than {state.limits.request_timeout_s:g} s "
                                "(--request-timeout)", code="timeout")
@@ -274,6 +273,7 @@ def create_app(state: ServeState, *, page: bool = True):
         prepared = await run_in_threadpool(state.prepare, req)
         job = prepared.job
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        job.each_token = req.stream
         changed = queue_job(state, job)  # before answering 200, so a full queue is a 503 for streams too
         if req.stream:
             return StreamingResponse(_stream(state, job, changed, req, cid, created),

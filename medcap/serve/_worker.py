@@ -38,7 +38,7 @@ class QueueFull(Exception):
 @dataclass
 class Job:
     """One request's work and progress. ``notify(job)`` is called from the worker
-    thread after every step that changed it (new tokens, done, failed)."""
+    thread when it is done or failed, and with ``each_token`` after every new token."""
 
     prompt: List[int]
     image: Optional[torch.Tensor]
@@ -46,6 +46,7 @@ class Job:
     setting: Setting
     seed: Optional[int] = None
     notify: Callable[["Job"], None] = lambda job: None
+    each_token: bool = False  # notify at every new token (streams), else only when done
     tokens: List[int] = field(default_factory=list)
     done: bool = False
     error: Optional[str] = None
@@ -74,7 +75,8 @@ class BatchWorker:
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="medcap-batch-worker", daemon=True)
-        self.counts = dict(served=0, failed=0, cancelled=0)
+        # steps and rows decoded: rows / steps is the mean batch the clients made
+        self.counts = dict(served=0, failed=0, cancelled=0, steps=0, rows=0, step_ms=0)
 
     # ------------------------------------------------------------------ any thread
     def start(self) -> "BatchWorker":
@@ -165,6 +167,9 @@ class BatchWorker:
                     job._req.max_new_tokens = len(job._req.tokens)  # ends at the next sample
             batcher = self._batchers.get(setting)
             if batcher is not None and batcher.busy():
+                self.counts["steps"] += 1
+                self.counts["rows"] += len(jobs)
+                t0 = time.perf_counter()
                 try:
                     batcher.step()
                 except Exception as e:  # e.g. out of memory: fail this batch, keep serving
@@ -173,6 +178,7 @@ class BatchWorker:
                     self._running[setting] = []
                     del self._batchers[setting]  # its cache may be half written
                     continue
+                self.counts["step_ms"] += round(1000 * (time.perf_counter() - t0))
             still: List[Job] = []
             for job in jobs:
                 if len(job._req.tokens) != len(job.tokens) or job._req.done:
@@ -180,7 +186,8 @@ class BatchWorker:
                     if job._req.done:
                         self._end(job, cancelled=job.cancelled)
                         continue
-                    job.notify(job)
+                    if job.each_token:
+                        job.notify(job)
                 still.append(job)
             self._running[setting] = still
             if not still and setting != (0.0, None):
