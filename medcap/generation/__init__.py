@@ -1,5 +1,7 @@
 """Generation: prompts with real special tokens, and batched KV-cached decoding with
 image prefill (``GenerationEngine`` for images on disk, ``generate`` for tensors).
+The engine batches continuously (``_continuous``: a finished row's slot is refilled
+at once; ``engine.open(cache_len)`` takes requests at any time, for a server).
 The pieces (``prefill``, ``decode_one_token``, ``sample``, option scoring, the slow
 reference path) live in the private modules."""
 
