@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -83,14 +84,20 @@ def _start(cmd: List[str], timeout: float) -> Tuple[subprocess.Popen, str]:
     for line in proc.stdout:
         m = re.search(r"listening on (http://\S+?)/? ", line)
         if m:
-            return proc, m.group(1).rstrip("/")
+            url = m.group(1).rstrip("/")
+            while time.monotonic() < deadline:  # the app is up once /health answers
+                try:
+                    urllib.request.urlopen(f"{url}/health", timeout=5).read()
+                    return proc, url
+                except OSError:
+                    time.sleep(0.1)
         if time.monotonic() > deadline:
             break
     proc.kill()
     raise SystemExit(f"the server did not start: {' '.join(cmd)}")
 
 
-def _bodies(images: List[Path], n: int, max_tokens: int) -> List[Dict[str, Any]]:
+def _bodies(images: List[Path], n: int, max_tokens: int) -> List[bytes]:
     urls = [f"data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}" for p in images]
     out = []
     for i in range(n):
@@ -98,30 +105,38 @@ def _bodies(images: List[Path], n: int, max_tokens: int) -> List[Dict[str, Any]]
         parts = [{"type": "image_url", "image_url": {"url": urls[i % len(urls)]}}]
         if q:
             parts.append({"type": "text", "text": q})
-        out.append({"model": "medcap", "messages": [{"role": "user", "content": parts}],
-                    "max_tokens": max_tokens, "temperature": 0})
+        out.append(json.dumps({"model": "medcap", "messages": [{"role": "user", "content": parts}],
+                               "max_tokens": max_tokens, "temperature": 0}).encode())
     return out
 
 
-def _run(url: str, bodies: List[Dict[str, Any]], k: int) -> Dict[str, Any]:
+def _run(url: str, bodies: List[bytes], k: int) -> Dict[str, Any]:
+    import http.client
     import threading
+    from urllib.parse import urlsplit
 
-    import httpx
+    host = urlsplit(url)
+    local = threading.local()  # one kept-alive connection per concurrent user, as API clients hold one
+    headers = {"Content-Type": "application/json"}
 
-    local = threading.local()  # one keep-alive client per concurrent user, as API clients hold one
-
-    def one(body):
+    def one(body: bytes):
+        # the standard library's client: the load generator shares the CPUs with the server,
+        # so it must cost little per request
         t0 = time.perf_counter()
         try:
-            if not hasattr(local, "client"):
-                local.client = httpx.Client(timeout=300)
-            r = local.client.post(f"{url}/v1/chat/completions", json=body)
-            ok = r.status_code == 200
-            js = r.json() if ok else {}
+            if not hasattr(local, "conn"):
+                local.conn = http.client.HTTPConnection(host.hostname, host.port, timeout=300)
+            local.conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
+            r = local.conn.getresponse()
+            raw = r.read()
+            ok = r.status == 200
+            js = json.loads(raw) if ok else {}
             text = js["choices"][0]["message"]["content"] if ok else None
             toks = js["usage"]["completion_tokens"] if ok else 0
-        except Exception:  # noqa: BLE001 - counted as an error
+        except Exception as e:  # noqa: BLE001 - counted as an error
+            print(f"request failed: {type(e).__name__}: {e}", file=sys.stderr)
             ok, text, toks = False, None, 0
+            local.__dict__.pop("conn", None)
         return ok, text, toks, time.perf_counter() - t0
 
     t0 = time.perf_counter()

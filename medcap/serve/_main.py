@@ -194,6 +194,7 @@ def run_uvicorn(app, host: str, port: int) -> None:
     # per response (Nagle's algorithm against the client's delayed ACK).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
+    sock.listen(2048)  # connections wait in the backlog from now on, before uvicorn accepts them
     shown = f"[{host}]" if ":" in host else host
     print(f"medcap serve: listening on http://{shown}:{sock.getsockname()[1]}/ (API under /v1)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
