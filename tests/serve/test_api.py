@@ -113,3 +113,22 @@ def test_a_multi_turn_conversation(client, serve_assets, data_url, image_message
     ]
     second = client.chat.completions.create(model="medcap", messages=messages, max_tokens=8)
     assert second.usage.prompt_tokens > first.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "dicom"])
+def test_jpeg_and_dicom_images_answer_as_the_single_shot_command(client, serve_assets, single_shot, data_url,
+                                                                 image_message, tmp_path, kind):
+    from PIL import Image
+
+    if kind == "jpeg":
+        path = tmp_path / "scan.jpg"
+        Image.open(serve_assets["images"][1]).convert("RGB").save(path, quality=90)
+        mime = "image/jpeg"
+    else:
+        from pydicom.data import get_testdata_file
+
+        path, mime = Path(get_testdata_file("CT_small.dcm")), "application/dicom"  # a real CT slice, 16-bit
+    r = client.chat.completions.create(model="medcap", messages=image_message(data_url(path, mime), "Where?"),
+                                       temperature=0)
+    assert r.choices[0].message.content == single_shot(path, "Where?")
+    assert r.usage.completion_tokens >= 1
