@@ -134,6 +134,7 @@ def run_decode(args, device, dtype, dims, lim) -> Dict:
             out[f"b{b}_{name}"] = r
             log(f"decode batch {b} {name}: {r['tokens_per_s']:.0f} tokens/s ({time.perf_counter() - t:.0f}s)")
     del model
+    torch._dynamo.reset()  # compiled steps and their CUDA graph pools hold memory the next parts need
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
