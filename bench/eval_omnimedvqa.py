@@ -31,7 +31,7 @@ the whole suite (generation + scoring + files), and for ours and static the
 decode forward passes and idle slot-steps. The answers, letter replies,
 predictions and accuracy of all runs must be identical (greedy).
 
-    python bench/eval_omnimedvqa.py            # CPU, < 3 min on 2 cores
+    python bench/eval_omnimedvqa.py            # CPU, ~4 min on 2 cores (128 questions)
     python bench/eval_omnimedvqa.py --quick
     python bench/eval_omnimedvqa.py --device cuda
 """
@@ -105,7 +105,7 @@ def run_suite(engine, root: Path, out_dir: Path, args, image_size: int) -> Dict:
 
 def main(argv: Optional[List[str]] = None) -> Dict:
     p = base_parser("OmniMedVQA end to end: ours vs the reference's one-at-a-time protocol")
-    p.add_argument("--per-modality", type=int, default=None, help="questions per modality (8 modalities; default 8)")
+    p.add_argument("--per-modality", type=int, default=None, help="questions per modality (8 modalities; default 16)")
     p.add_argument("--batch", type=int, default=16, help="our engine's batch size (continuous and static)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="description budget (answers: min(50, this); letter replies: 20). Default 200 "
@@ -121,7 +121,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     device, dtype = setup(args)
     real = real_sizes(args)
     dims = LLAMA3_1_8B if real else (QUICK_DIMS if args.quick else CPU_DIMS)
-    per_modality = args.per_modality or (1 if args.quick else 8)
+    per_modality = args.per_modality or (1 if args.quick else 16)
     args.max_new_tokens = args.max_new_tokens or (4 if args.quick else 200 if args.lengths == "realistic" else 64)
     if args.quick and args.limit is None:
         args.limit = 3

@@ -32,7 +32,7 @@ continuous engine with its decode step compiled.
 
 The last stdout line is one JSON object (see bench/README.md).
 
-    python bench/generation.py                # CPU, < 3 min on 2 cores
+    python bench/generation.py                # CPU, 3-5 min on 2 cores (both workloads)
     python bench/generation.py --quick        # seconds; checks that it runs
     python bench/generation.py --device cuda  # Llama-3.1-8B sizes, bf16, vs the memory-bandwidth limit
 """
