@@ -284,12 +284,35 @@ def _run(argv: List[str]) -> int:
         return 0
     dry_run = argv[0] == "--dry-run"
     cmd = build_run_command(argv[1:] if dry_run else argv)
+    _check_keys(cmd)
     print(f"medcap run: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     if dry_run:
         return 0
     if cmd[1:3] != ["-m", "torch.distributed.run"]:
         _become(cmd)
     return _supervise(cmd)
+
+
+def _check_keys(cmd: List[str]) -> None:
+    """Read the config as the recipe will (keys, values, bounds), before torch is
+    imported or torchrun starts anything: a typo costs a fraction of a second. The
+    recipe checks again, with the paths and components, when it starts."""
+    from medcap.config import SCHEMAS, ConfigError, from_config, parse_args, plain, schema_for
+
+    i = next(k for k, c in enumerate(cmd) if c == "--config") - 1
+    recipe = Path(cmd[i])
+    # medcap's own recipes only: a recipe of the user's own (or a test's stand-in) checks itself.
+    if os.environ.get(RECIPES_ENV) or recipe.stem not in SCHEMAS or recipe.resolve().parent != recipes_dir().resolve():
+        return
+    name = recipe.stem
+    cls = schema_for(name)
+    free_text = getattr(sys.modules[cls.__module__], "FREE_TEXT", ())
+    try:
+        _, cfg = parse_args(cmd[i + 1 :], free_text)
+        data, variables = plain(cfg)
+        from_config(cls, data, variables=variables)
+    except ConfigError as e:
+        raise CLIError(str(e)) from None
 
 
 def _become(cmd: List[str]) -> None:

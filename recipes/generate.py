@@ -150,7 +150,8 @@ class GenerateRecipe:
             log.warning("enable_kv_cache=False: the reference's slow path (one sample at a time, full recompute per token)")
         return GenerationEngine(
             self.model, self.tokenizer, batch_size=cfg.batch_size, temperature=float(cfg.temperature or 0.0),
-            top_k=cfg.top_k, seed=self.seed, use_cache=cfg.enable_kv_cache,
+            top_k=cfg.top_k, seed=self.seed, use_cache=cfg.enable_kv_cache, compile=cfg.compile,
+            chunk_size=cfg.chunk_size or 4 * cfg.batch_size,
         )
 
     # ------------------------------------------------------------------ run

@@ -45,7 +45,10 @@ class GenerateConfig:
     top_k: Optional[int] = field(default=300, metadata={"min": 1})  # null: the whole vocabulary
     enable_kv_cache: bool = True  # False: the reference's slow path (batch 1, full recompute)
     quantizer: Optional[Dict[str, Any]] = None  # accepted for compatibility; only null works
-    batch_size: int = field(default=8, metadata={"min": 1})
+    batch_size: int = field(default=8, metadata={"min": 1})  # rows decoding together (slots of continuous batching)
+    chunk_size: Optional[int] = field(default=None, metadata={"min": 1})  # rows handed to the engine at once, so
+    #   finished slots refill from the same call; null: 4 x batch_size. A killed run redoes at most one chunk.
+    compile: bool = False  # torch.compile the decode step (CUDA graphs on a GPU); greedy outputs are identical
     vision: Literal["biomedclip"] = "biomedclip"
     vision_checkpoint: Optional[str] = None  # null: an untrained vision side (files named "untrained")
     output_dir: str = "./results"

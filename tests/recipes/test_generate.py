@@ -335,3 +335,24 @@ def _worker_pid(marker: str, rank: int) -> int:
         if "generate.py" in cmdline and marker in cmdline and f"RANK={rank}" in environ:
             return int(entry.name)
     raise AssertionError(f"no worker of rank {rank} found")
+
+
+def test_the_launcher_refuses_a_misspelled_key_before_importing_torch(gen_assets, tmp_path):
+    """`medcap run` reads the config as the recipe will before it starts anything, so a
+    typo in an 8B run costs a fraction of a second: torch is never imported."""
+    cmd = [sys.executable, "-X", "importtime", "-m", "medcap.cli", "run", "generate", "--config", "tiny/generate",
+           f"assets_dir={gen_assets['assets_dir']}", "test_metrics=True", "batch_sze=4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = [ln for ln in done.stderr.splitlines() if not ln.startswith("import time:")]
+    assert lines == ["medcap run: error: unknown key 'batch_sze' (did you mean 'batch_size'?)"]
+    assert not [ln for ln in done.stderr.splitlines() if ln.startswith("import time:") and ln.rstrip().endswith("| torch")]
+
+
+def test_compile_and_chunk_size_reach_the_engine(gen_assets, gen_config, gen_recipe_module, tmp_path):
+    r = gen_recipe_module.GenerateRecipe(gen_config(gen_assets, tmp_path, test_metrics=True, batch_size=3))
+    r.setup()
+    assert (r.engine.batch_size, r.engine.chunk_size, bool(r.engine.compile)) == (3, 12, False)  # 4 x batch_size
+    r2 = gen_recipe_module.GenerateRecipe(gen_config(gen_assets, tmp_path, test_metrics=True, chunk_size=5, compile=True))
+    r2.setup()
+    assert r2.engine.chunk_size == 5 and r2.engine.compile
