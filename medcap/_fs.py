@@ -143,6 +143,16 @@ def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> Path:
     return path
 
 
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> Path:
+    """``data`` into ``path`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> Path:
+    """``text`` (UTF-8) into ``path`` through :func:`atomic_write`."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def remove_stale_tmp(folder: Union[str, Path], recursive: bool = False) -> List[Path]:
     """Delete the temporary files of interrupted ``atomic_write`` calls in ``folder``.
 

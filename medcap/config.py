@@ -308,10 +308,9 @@ def save_resolved(cfg, folder: str | Path, name: str = "config.yaml") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     data, _ = plain(cfg)
-    tmp = path.with_name(f".{name}.tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(data)), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from medcap._fs import atomic_write_text
+
+    return atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(data)))
 
 
 # Errors that mean "the user's input is wrong", not "medcap is broken".

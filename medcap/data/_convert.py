@@ -236,14 +236,16 @@ def read_csv(path: Path, columns: Sequence[str]) -> List[Dict[str, str]]:
 
 def write_records(path: Path, records: List[Dict[str, Any]]) -> Path:
     """One JSON list, one record per line (readable, grep-able), written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("[\n")
-        for k, r in enumerate(records):
-            f.write(("," if k else "") + json.dumps(r, ensure_ascii=False) + "\n")
-        f.write("]\n")
-    os.replace(tmp, path)
+    from medcap._fs import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("[\n")
+            for k, r in enumerate(records):
+                f.write(("," if k else "") + json.dumps(r, ensure_ascii=False) + "\n")
+            f.write("]\n")
+
+    atomic_write(path, write)
     print(f"wrote {path} ({len(records)} records)", file=sys.stderr)
     return path
 

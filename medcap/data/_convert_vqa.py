@@ -154,8 +154,8 @@ def _store(blob: bytes, image_dir: Path, written: Dict[str, str]) -> Optional[st
         image_dir.mkdir(parents=True, exist_ok=True)
         path = image_dir / f"{digest}{suffix}"
         if not path.exists():
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(blob)
-            tmp.replace(path)
+            from medcap._fs import atomic_write_bytes
+
+            atomic_write_bytes(path, blob)
         written[digest] = path.name
     return written[digest]

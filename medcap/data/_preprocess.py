@@ -24,6 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
+from medcap._fs import atomic_write
 from medcap.data._image import DEFAULT_MAX_IMAGE_PIXELS, load_image, pad_to_square, resize_center_crop
 from medcap.data._skip import BadSample
 
@@ -63,9 +64,7 @@ def preprocess_file(
         img = preprocess_image(load_image(src, max_pixels=max_pixels), size, pad_ratio)
         dst.parent.mkdir(parents=True, exist_ok=True)
         fmt = _FORMATS.get(dst.suffix.lower(), "PNG")
-        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-        img.save(tmp, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-        os.replace(tmp, dst)
+        atomic_write(dst, lambda tmp: img.save(tmp, format=fmt, **({"quality": 95} if fmt == "JPEG" else {})))
     except BadSample as e:
         return "failed", e.reason
     except Exception as e:  # one bad file must not stop the batch

@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from medcap._fs import atomic_write_text
 from medcap.data import BadSample
 from medcap.eval._journal import CsvJournal, accuracy_name, read_csv_rows, write_csv_atomic
 from medcap.eval._loop import OPTION_LETTERS, EvalItem, results_lock
@@ -431,7 +432,7 @@ def run_benchmark(
         summary.update(suite=suite, benchmark=bench.title, ckpt=ckpt, vqa_type=vqa_type, scoring=scoring,
                        report=report, left_out_unreadable_images=left_out)
         summary_path = summary_path_of(raw_path)
-        summary_path.write_text(json.dumps(summary, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+        atomic_write_text(summary_path, json.dumps(summary, indent=1, ensure_ascii=False, default=str))
     _print_summary(bench.title, summary)
     return {"raw_path": str(raw_path), "summary_path": str(summary_path), "rows": len(rows), **summary}
 

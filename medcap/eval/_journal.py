@@ -19,6 +19,8 @@ import logging
 import math
 import os
 from pathlib import Path
+
+from medcap._fs import atomic_write_bytes
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 log = logging.getLogger(__name__)
@@ -106,14 +108,8 @@ def _scan_records(body: bytes, parse: Callable[[bytes], Any]) -> Iterator[Tuple[
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` through a temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """Replace ``path`` with ``data`` (medcap's one atomic writer)."""
+    atomic_write_bytes(path, data)
 
 
 def partial_path(final_path: str | Path) -> Path:
@@ -128,20 +124,9 @@ def read_csv_rows(path: str | Path) -> List[Dict[str, str]]:
 
 
 def write_csv_atomic(path: str | Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]], *, bom: bool = False) -> Path:
-    """Write a whole CSV through a temporary file and an atomic rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        if bom:
-            f.write(BOM)
-        f.write(_format(list(columns)))
-        for r in rows:
-            f.write(_format([cell(r.get(c)) for c in columns]))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return path
+    """Write a whole CSV at once (medcap's one atomic writer: temporary file, fsync, rename)."""
+    text = (BOM if bom else "") + _format(list(columns)) + "".join(_format([cell(r.get(c)) for c in columns]) for r in rows)
+    return atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
 class CsvJournal:

@@ -29,14 +29,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from medcap._fs import exclusive_lock
+from medcap._fs import atomic_write_text, exclusive_lock
 from medcap._progress import progress as progress_bar
 from medcap.data import BadSample
 from medcap.eval._journal import CsvJournal, cell, read_csv_rows, write_csv_atomic
@@ -155,9 +154,7 @@ def _read_record(path: Path) -> Optional[Dict[str, Any]]:
 
 
 def _write_record(path: Path, record: Dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record, indent=1, ensure_ascii=False, sort_keys=True))
 
 
 def _check_same_run(record: Dict[str, Any], identity: Dict[str, Any], digest: str, what: Path) -> List[str]:

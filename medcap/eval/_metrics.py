@@ -84,8 +84,6 @@ def caption_metrics(references: Sequence[str], candidates: Sequence[str]) -> Dic
 
 def write_metrics_csv(path: str | Path, scores: Dict[str, float]) -> Path:
     """One ``metric,score`` line per metric, scores with 6 decimals (the reference's file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{k},{v:.6f}\n" for k, v in scores.items()), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    from medcap._fs import atomic_write_text
+
+    return atomic_write_text(Path(path), "".join(f"{k},{v:.6f}\n" for k, v in scores.items()))

@@ -93,6 +93,7 @@ def table_lines(rows: List[str], columns: List[str], scores: Dict[Tuple[str, str
 
 
 def write_report(out: Path, rows, columns, scores) -> List[Path]:
+    from medcap._fs import atomic_write_text
     from medcap.eval._journal import write_csv_atomic
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +101,7 @@ def write_report(out: Path, rows, columns, scores) -> List[Path]:
         {"checkpoint": r, **{c: ("" if scores.get((r, c)) is None or math.isnan(scores[(r, c)]) else f"{scores[(r, c)]:.6f}")
                              for c in columns}} for r in rows])
     md = out.with_name(out.name + ".md")
-    md.write_text(f"{HEADER}\n\n" + "\n".join(table_lines(rows, columns, scores, markdown=True)) + "\n", encoding="utf-8")
+    atomic_write_text(md, f"{HEADER}\n\n" + "\n".join(table_lines(rows, columns, scores, markdown=True)) + "\n")
     return [csv_path, md, _chart(out.with_name(out.name + ".png"), rows, columns, scores)]
 
 

@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from medcap._fs import atomic_write_text
 from medcap._progress import progress as progress_bar
 
 from medcap.data import BadSample
@@ -249,9 +250,8 @@ def save_modality_report(scored_path: Path, acc: float, per: Dict[str, Dict[str,
         [{"modality_type": g, "n": p["n"], "correct": p["correct"], "accuracy": f"{p['accuracy']:.6f}"} for g, p in per.items()],
     )
     json_path = scored_path.with_name(stem + ".json")
-    json_path.write_text(
-        json.dumps({"scoring": method, "macro_accuracy": acc, "per_modality": per}, indent=1, ensure_ascii=False), encoding="utf-8"
-    )
+    atomic_write_text(json_path, json.dumps({"scoring": method, "macro_accuracy": acc, "per_modality": per},
+                                            indent=1, ensure_ascii=False))
     png_path = scored_path.with_name(stem + ".png")
     draw_modality_chart(png_path, acc, per, title=scored_path.stem)
     return {"modality_csv": str(csv_path), "modality_json": str(json_path), "modality_png": str(png_path)}

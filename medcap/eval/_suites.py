@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from medcap._fs import atomic_write_text
 from medcap.data import image_transform, load_image
 from medcap.eval._datasets import drop_missing_images, read_caption_set, read_omnimedvqa, read_vqarad, select_chunk
 from medcap.eval._loop import ONE_PROCESS, EvalItem, Ranks, results_lock, run_items
@@ -62,7 +63,7 @@ def checkpoint_name(vision_checkpoint: Optional[str]) -> str:
 
 
 def _write_report(path: Path, report: Dict[str, Any]) -> None:
-    path.write_text(json.dumps(report, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+    atomic_write_text(path, json.dumps(report, indent=1, ensure_ascii=False, default=str))
 
 
 def caption_rows(max_new_tokens: int):
