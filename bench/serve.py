@@ -62,7 +62,9 @@ def _server_command(args, work: Path) -> Tuple[List[str], List[Path]]:
     if args.demo:
         world = Path(args.demo) / "world"
         recs = json.loads((world / "test.json").read_text(encoding="utf-8"))
-        images = [world / r["image"] for r in recs[:8]]
+        # A record's image is relative to its `meta` dir=, itself relative to the JSON's folder.
+        dirs = [dict(kv.split("=", 1) for kv in r.get("meta", "").split(";") if "=" in kv).get("dir", ".") for r in recs[:8]]
+        images = [world / d / r["image"] for d, r in zip(dirs, recs[:8])]
         return base + ["--demo", args.demo], images
     import torch
 
