@@ -7,3 +7,30 @@ The public Python API is the ``__all__`` of each package (README.md, "Python API
 ``medcap.eval`` (the evaluation suites). Modules whose names start with ``_`` are
 internal; ``medcap.testing`` holds stand-ins for tests and is never imported by the rest.
 """
+
+# Package plumbing, not an export: the packages' __init__s export a few names without
+# importing their modules until a name is used (PEP 562), so ``import medcap.data`` stays
+# light and commands such as ``tools/convert_to_sharegpt.py --help`` start without torch.
+import importlib
+import sys
+from typing import Any, Callable, List, Mapping, Tuple
+
+__all__: List[str] = []  # the API lives in the packages
+
+
+def lazy_attrs(package: str, where: Mapping[str, str]) -> Tuple[Callable[[str], Any], Callable[[], List[str]]]:
+    """``__getattr__`` and ``__dir__`` for ``package``, whose public names live in the
+    modules ``where`` maps them to; a name is imported on first use, then kept."""
+
+    def __getattr__(name: str) -> Any:
+        module = where.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    def __dir__() -> List[str]:
+        return sorted(set(vars(sys.modules[package])) | set(where))
+
+    return __getattr__, __dir__

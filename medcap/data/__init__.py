@@ -7,8 +7,9 @@ Names are resolved on first use (PEP 562), so that the data tools
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from medcap import lazy_attrs
 
 _EXPORTS = {
     "medcap.data._collate": ["collate_image_chat"],
@@ -24,19 +25,7 @@ _EXPORTS = {
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'medcap.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
-
+__getattr__, __dir__ = lazy_attrs(__name__, _WHERE)
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from medcap.data._collate import collate_image_chat  # noqa: F401

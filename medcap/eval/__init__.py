@@ -6,8 +6,7 @@ Names are imported when first used, so ``tools/judge.py --help`` and
 ``medcap rescore -h`` start without loading torch.
 """
 
-import importlib
-from typing import Any, List
+from medcap import lazy_attrs
 
 # public name -> the private module that defines it
 _EXPORTS = {
@@ -41,13 +40,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'medcap.eval' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"medcap.eval.{module}"), name)
-
-
-def __dir__() -> List[str]:
-    return __all__
+__getattr__, __dir__ = lazy_attrs(__name__, {name: f"medcap.eval.{module}" for name, module in _EXPORTS.items()})

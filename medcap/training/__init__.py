@@ -11,8 +11,9 @@ config's key check) loads without torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from medcap import lazy_attrs
 
 _EXPORTS = {
     "medcap.training._config": ["TrainConfig"],
@@ -35,19 +36,7 @@ _EXPORTS = {
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'medcap.training' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
-
+__getattr__, __dir__ = lazy_attrs(__name__, _WHERE)
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from medcap.training._config import TrainConfig  # noqa: F401
