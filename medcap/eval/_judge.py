@@ -200,7 +200,7 @@ def judge_main(argv: Optional[Sequence[str]] = None, judge_factory=None) -> int:
     p.add_argument("--bit", type=int, default=4, choices=list(BITS), help="4 or 8: bitsandbytes; 16/32: unquantised")
     p.add_argument("--max-new-tokens", type=int, default=JUDGE_MAX_NEW_TOKENS)
     p.add_argument("--no-progress", action="store_true")
-    from medcap.cli import accept_snake_case  # the older --snake_case spellings still work
+    from medcap._cmdline import accept_snake_case  # the older --snake_case spellings still work
 
     args = accept_snake_case(p).parse_args(argv)
     if args.exp == "eval_vqa" and not args.csv_path:
