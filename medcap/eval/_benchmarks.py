@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import io
+import hashlib
 import json
 import logging
 import warnings
@@ -185,6 +186,7 @@ def read_hf_parquet(dataset_source: str | Path, folder: str, prefix: str) -> Tup
     report = {**_new_report(data_dir), "files": [f.name for f in files]}
     images = ParquetImages()
     items: List[EvalItem] = []
+    seen: Dict[str, str] = {}  # image name -> sha256 of its bytes
     n = 0
     for f in files:
         table = pq.read_table(f)
@@ -208,6 +210,12 @@ def read_hf_parquet(dataset_source: str | Path, folder: str, prefix: str) -> Tup
                 _skip(report, "missing_images", where)
                 continue
             name = _s(cell.get("path")) or f"row{n - 1}.png"
+            # The name keys the per-image description cache: two different images under one
+            # `path` value must not share a description, so a repeat with other bytes is told apart.
+            digest = hashlib.sha256(cell["bytes"]).hexdigest()
+            if seen.setdefault(name, digest) != digest:
+                report["renamed_duplicate_image_names"] = report.get("renamed_duplicate_image_names", 0) + 1
+                name = f"{name}#row{n - 1}"
             items.append(EvalItem(image=name, path=images.add(image_col, row), question=question, answer=answer,
                                   key=f"{prefix}:{n - 1}", extra=_extra(question, answer, answer_kind(answer), str(n - 1))))
     report["kept"] = len(items)

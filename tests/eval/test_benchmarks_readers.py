@@ -111,3 +111,25 @@ def test_questions_file(tmp_path):
     assert items[2].answer == "right"  # the letter B names the second option
     assert items[0].file == str(tmp_path / "pics" / "q0.png")
     assert (report["malformed"], report["without_answer"]) == (1, 1)
+
+
+def test_parquet_images_sharing_a_path_value_are_told_apart(tmp_path):
+    """The image name keys the description cache: two different images under one `path`
+    value get different names (the same image twice keeps its name)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def png(v):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((8, 8, 3), v, np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    data = tmp_path / "path-vqa" / "data"
+    data.mkdir(parents=True)
+    rows = [({"bytes": png(10), "path": "dup.png"}, "q0?", "yes"), ({"bytes": png(200), "path": "dup.png"}, "q1?", "no"),
+            ({"bytes": png(10), "path": "dup.png"}, "q2?", "yes")]
+    pq.write_table(pa.table({"image": [r[0] for r in rows], "question": [r[1] for r in rows], "answer": [r[2] for r in rows]}),
+                   data / "test-00000-of-00001.parquet")
+    items, report, _ = read_hf_parquet(tmp_path, "path-vqa", "pathvqa")
+    assert [it.image for it in items] == ["dup.png", "dup.png#row1", "dup.png"]
+    assert report["renamed_duplicate_image_names"] == 1
