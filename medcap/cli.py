@@ -312,6 +312,8 @@ def _check_keys(cmd: List[str]) -> None:
         data, variables = plain(cfg)
         from_config(cls, data, variables=variables)
     except ConfigError as e:
+        if os.environ.get("MEDCAP_DEBUG"):  # the traceback, as the recipe would show it
+            raise
         raise CLIError(str(e)) from None
 
 

@@ -177,7 +177,8 @@ def test_cuda_falls_back_to_cpu(gen_assets, gen_config, gen_recipe_module, tmp_p
 def test_documented_command_killed_and_restarted_ends_with_the_same_files(gen_assets, gen_config, gen_run, tmp_path):
     """`medcap run generate --config tiny/generate ...` killed with SIGKILL after a few
     rows, then started again, writes what an uninterrupted run writes."""
-    args = dict(test_vqarad="True", vqa_type="no_cond_desc", batch_size="1", max_new_tokens="8",
+    # chunk_size=1: each row reaches the disk on its own, so the kill lands mid-run.
+    args = dict(test_vqarad="True", vqa_type="no_cond_desc", batch_size="1", chunk_size="1", max_new_tokens="8",
                 dataset_source=gen_assets["datasets"], vision_checkpoint=gen_assets["vision_checkpoint"])
     name = "vqarad-no_cond_desc-raw-meta_model_last.csv"
     ref_dir = tmp_path / "ref"
@@ -295,7 +296,7 @@ def test_two_ranks_write_the_files_of_one_process_even_after_a_rank_is_killed(ge
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "medcap.cli", "run", "--nproc-per-node", "2", "--standalone", "generate",
            "--config", "tiny/generate", f"assets_dir={gen_assets['assets_dir']}", f"output_dir={out}", "progress=False",
-           f"vision_checkpoint={gen_assets['vision_checkpoint']}", "batch_size=1",
+           f"vision_checkpoint={gen_assets['vision_checkpoint']}", "batch_size=1", "chunk_size=1",
            *[f"{k}={v}" for k, v in common.items()]]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
