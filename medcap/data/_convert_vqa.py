@@ -32,6 +32,19 @@ SLAKE_SPLITS = ("train", "validate")
 PATHVQA_SPLITS = ("train", "validation")
 
 
+
+def vqa_parquet_columns(path, source: str = ""):
+    """A Hugging Face VQA parquet file (PathVQA, VQA-RAD): its ``question`` and ``answer``
+    values and its ``image`` column (structs of ``bytes`` and ``path``, read on demand)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    missing = [c for c in ("image", "question", "answer") if c not in table.column_names]
+    if missing:
+        where = f"{source}: " if source else ""
+        raise ValueError(f"{where}{path} has no column {missing[0]!r} (its columns: {table.column_names})")
+    return table.column("question").to_pylist(), table.column("answer").to_pylist(), table.column("image")
+
 def qa_record(question: str, answer: str, image: str, image_dir: Path) -> Dict[str, Any]:
     return {
         "conversations": [{"from": "human", "value": PLACEHOLDER_CHAR * NUM_PLACEHOLDERS + "\n" + question},
@@ -101,8 +114,6 @@ def _image_suffix(data: bytes) -> Optional[str]:
 
 
 def convert_pathvqa(data_dir, save_dir, conv: Converter) -> Dict[str, int]:
-    import pyarrow.parquet as pq
-
     data = Path(data_dir) / "path-vqa" / "data"
     image_dir = Path(save_dir) / "pathvqa_images"
     out: Dict[str, int] = {}
@@ -116,12 +127,8 @@ def convert_pathvqa(data_dir, save_dir, conv: Converter) -> Dict[str, int]:
         written: Dict[str, str] = {}  # digest -> file name
         recs: List[Dict[str, Any]] = []
         for f in files:
-            table = pq.read_table(f)
-            missing = [c for c in ("image", "question", "answer") if c not in table.column_names]
-            if missing:
-                raise ValueError(f"{source}: {f} has no column {missing[0]!r} (its columns: {table.column_names})")
-            questions, answers, column = table.column("question").to_pylist(), table.column("answer").to_pylist(), table.column("image")
-            for row in range(table.num_rows):
+            questions, answers, column = vqa_parquet_columns(f, source)
+            for row in range(len(questions)):
                 question, answer = clean_text(_text(questions[row])), clean_text(_text(answers[row]))
                 cell = column[row].as_py()
                 blob = cell.get("bytes") if isinstance(cell, dict) else None

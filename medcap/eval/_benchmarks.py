@@ -175,7 +175,7 @@ def decode_image_bytes(data: bytes, name: str):
 def read_hf_parquet(dataset_source: str | Path, folder: str, prefix: str) -> Tuple[List[EvalItem], Report, ParquetImages]:
     """``{folder}/data/test-*.parquet`` (columns image{bytes, path}, question, answer), files
     in name order; closed questions are those answered yes or no."""
-    import pyarrow.parquet as pq
+    from medcap.data._convert_vqa import vqa_parquet_columns
 
     data_dir = Path(dataset_source) / folder / "data"
     files = sorted(data_dir.glob("test-*.parquet"))
@@ -189,12 +189,8 @@ def read_hf_parquet(dataset_source: str | Path, folder: str, prefix: str) -> Tup
     seen: Dict[str, str] = {}  # image name -> sha256 of its bytes
     n = 0
     for f in files:
-        table = pq.read_table(f)
-        missing = [c for c in ("image", "question", "answer") if c not in table.column_names]
-        if missing:
-            raise ValueError(f"{f} has no column {missing[0]!r} (its columns: {table.column_names})")
-        questions, answers, image_col = table.column("question").to_pylist(), table.column("answer").to_pylist(), table.column("image")
-        for row in range(table.num_rows):
+        questions, answers, image_col = vqa_parquet_columns(f)
+        for row in range(len(questions)):
             n += 1
             report["records"] += 1
             where = f"{f.name} row {row}"
