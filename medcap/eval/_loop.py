@@ -157,7 +157,7 @@ def _write_record(path: Path, record: Dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(record, indent=1, ensure_ascii=False, sort_keys=True))
 
 
-def _check_same_run(record: Dict[str, Any], identity: Dict[str, Any], digest: str, what: Path) -> List[str]:
+def _check_same_run(record: Dict[str, Any], identity: Dict[str, Any], digest: str) -> List[str]:
     diffs = _differences(record.get("identity", {}), identity)
     if record.get("items_digest") != digest:
         diffs.append("the questions (data set, chunk or filters) differ")
@@ -241,7 +241,7 @@ def run_items(
             log.info("%s exists with no record of what made it (written by the reference or by hand): "
                      "taken as it is, not generated again", raw_path)
             return read_csv_rows(raw_path), {}
-        diffs = _check_same_run(record, identity, digest, raw_path)
+        diffs = _check_same_run(record, identity, digest)
         if diffs:
             raise _refuse(raw_path, diffs, outputs_of(raw_path))
         rows = read_csv_rows(raw_path)
@@ -253,18 +253,13 @@ def run_items(
         if len(keys) != len(rows):
             raise ValueError(f"{raw_path} holds {len(rows)} rows, its record says {len(keys)}; move it away to start over")
         log.info("%s: %d item(s) were left out (unreadable images); trying them again", raw_path, len(left_out))
-    else:
-        if partial.exists() and record is not None:
-            diffs = _check_same_run(record, identity, digest, partial)
-            if diffs:
-                raise _refuse(partial, diffs, outputs_of(raw_path))
-        elif partial.exists() or (_rank_files(raw_path) and record is None):
+    elif partial.exists() or _rank_files(raw_path):  # a run stopped half-way: is it this one?
+        if record is None:
             raise ValueError(f"{partial} has no record of what made it ({record_path} is missing): "
                              "move it away, or pass overwrite=True to start afresh")
-        if record is not None and _rank_files(raw_path):
-            diffs = _check_same_run(record, identity, digest, partial)
-            if diffs:
-                raise _refuse(partial, diffs, outputs_of(raw_path))
+        diffs = _check_same_run(record, identity, digest)
+        if diffs:
+            raise _refuse(partial, diffs, outputs_of(raw_path))
     ranks.barrier()  # every rank has looked at the folder before any rank writes to it
     journal = CsvJournal(raw_path, journal_columns, bom=bom, partial=ranks.partial(raw_path))
     damage = journal.damage_report()
@@ -349,13 +344,12 @@ def _rows_on_disk(raw_path: Path, journal: CsvJournal, by_key: Mapping[str, Eval
 
 def _rows_by_key(rows: Sequence[Dict[str, str]], path: Path, by_key: Mapping[str, EvalItem]) -> Dict[str, Dict[str, str]]:
     """Rows on disk by key; a row for another question set is an error, never reused."""
-    journal_path = path
     out: Dict[str, Dict[str, str]] = {}
     for r in rows:
         it = by_key.get(r[KEY_COLUMN])
         if it is None or ("output" in r and r["output"] != cell(it.answer)) or ("image" in r and r["image"] != cell(it.image)):
             raise ValueError(
-                f"{journal_path} does not belong to this run: its row for key {r[KEY_COLUMN]!r} "
+                f"{path} does not belong to this run: its row for key {r[KEY_COLUMN]!r} "
                 f"({r.get('image')!r} / {r.get('output')!r}) matches no question of this run. "
                 "Move it away (or pass overwrite=True) to start over."
             )
