@@ -42,6 +42,7 @@ import torch
 
 from medcap._fs import atomic_write_text
 from medcap.data import BadSample
+from medcap.eval._datasets import read_question_list
 from medcap.eval._journal import CsvJournal, accuracy_name, read_csv_rows, write_csv_atomic
 from medcap.eval._loop import OPTION_LETTERS, EvalItem, results_lock
 from medcap.eval._protocol import check_vqa_type, run_vqa
@@ -96,11 +97,7 @@ def read_slake(dataset_source: str | Path, *, q_lang: str = "en") -> Tuple[List[
         raise ValueError(f"q_lang must be one of {list(SLAKE_LANGUAGES)}, got {q_lang!r}")
     root = Path(dataset_source) / "Slake1.0"
     path = root / "test.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"SLAKE questions not found: {str(path)!r} (dataset_source={str(dataset_source)!r})")
-    records = json.loads(path.read_text(encoding="utf-8-sig"))
-    if not isinstance(records, list):
-        raise ValueError(f"{path} must hold a JSON list of questions")
+    records = read_question_list(path, "SLAKE", dataset_source)
     report = {**_new_report(path), "q_lang": q_lang, "other_language": 0}
     items: List[EvalItem] = []
     for i, r in enumerate(records):

@@ -91,16 +91,22 @@ def read_caption_set(source: str | Path) -> Tuple[List[CaptionItem], Dict[str, A
     return items, report
 
 
+def read_question_list(path: Path, name: str, dataset_source: str | Path) -> List[Any]:
+    """A data set's question file: one JSON list (a BOM allowed), or a clear error."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{name} questions not found: {str(path)!r} (dataset_source={str(dataset_source)!r})")
+    records = json.loads(path.read_text(encoding="utf-8-sig"))
+    if not isinstance(records, list):
+        raise ValueError(f"{path} must hold a JSON list of questions")
+    return records
+
+
 def read_vqarad(dataset_source: str | Path) -> Tuple[List[VQAItem], Dict[str, Any]]:
     """The closed test questions of VQA-RAD (``phrase_type`` test_freeform or test_para,
     ``answer_type`` CLOSED), in file order."""
     root = Path(dataset_source) / "VQA_RAD"
     path = root / "VQA_RAD Dataset Public.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"VQA-RAD questions not found: {str(path)!r} (dataset_source={str(dataset_source)!r})")
-    records = json.loads(path.read_text(encoding="utf-8-sig"))
-    if not isinstance(records, list):
-        raise ValueError(f"{path} must hold a JSON list of questions")
+    records = read_question_list(path, "VQA-RAD", dataset_source)
     img_dir = root / "VQA_RAD Image Folder"
     items: List[VQAItem] = []
     answer_types: Counter = Counter()
