@@ -414,8 +414,7 @@ def build_model(dims: LlamaDims, *, num_image_tokens: int, device: torch.device,
     on the host). ``real_vision`` gives BiomedCLIP's tower and the 4096-wide projector."""
     from torchtune.models.llama3_1 import llama3_1
 
-    from medcap.models._builders import medcap_fusion
-    from medcap.models._vision import biomedclip_tower, tiny_tower
+    from medcap.models._model import biomedclip_tower, medcap_fusion, tiny_tower
 
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()
@@ -457,7 +456,7 @@ def to_hf_llama(model, dims: LlamaDims, device: torch.device, dtype: torch.dtype
     from torchtune.models.convert_weights import tune_to_hf
     from transformers import LlamaForCausalLM
 
-    from medcap.models._builders import hf_llama3_1_config
+    from medcap.models._model import hf_llama3_1_config
 
     cfg = hf_llama3_1_config(
         dims.vocab_size,

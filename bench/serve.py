@@ -68,8 +68,7 @@ def _server_command(args, work: Path) -> Tuple[List[str], List[Path]]:
         return base + ["--demo", args.demo], images
     import torch
 
-    from medcap.checkpointing import save_vision_checkpoint
-    from medcap.models import medcap_tiny
+    from medcap.models import medcap_tiny, save_vision_checkpoint
     from medcap.testing import make_tiny_training_assets
 
     assets = make_tiny_training_assets(work / "tiny", samples=8)

@@ -219,7 +219,7 @@ class Captioner:
 
         from medcap.data import image_transform
         from medcap.generation import GenerationEngine
-        from medcap.models._load import load_model
+        from medcap.models._checkpoint import load_model
 
         device = str(cfg.get("device") or "cuda")
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -259,7 +259,7 @@ def _loaded(cfg, args, **kw) -> Captioner:
 
 
 def _write_rows(path: str, rows: List[Dict[str, Any]]) -> None:
-    from medcap._fs import atomic_write
+    from medcap._io import atomic_write
 
     columns = ["image", "question", "answer"]
 
@@ -278,7 +278,7 @@ def _write_rows(path: str, rows: List[Dict[str, Any]]) -> None:
 
 def caption(cap: Captioner, images: Sequence[str], question: Optional[str], *, on_row=None) -> Tuple[List[Dict[str, Any]], List[str]]:
     """Rows ``{image, question, answer}`` for the readable images, and the failures."""
-    from medcap._progress import progress
+    from medcap._io import progress
     from medcap.data import BadSample
 
     rows: List[Dict[str, Any]] = []
@@ -336,7 +336,7 @@ def chat(cap: Captioner, image_path: str, lines, write=print) -> List[Dict[str, 
     first carries the image), each reply is written as ``ASSISTANT: ...``. Ends at
     ``q``/``quit``/``exit``, at the end of ``lines``, or when the context is full."""
     from medcap.generation import clean_text
-    from medcap.generation._prompt import question_messages
+    from medcap.generation._engine import question_messages
 
     image = cap.image(image_path)
     messages: List[Dict[str, str]] = []
@@ -391,7 +391,7 @@ def _chat_main(argv: List[str]) -> int:
 
 def _run(prog: str, main, argv: List[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from medcap._progress import quiet_library_noise
+    from medcap._io import quiet_library_noise
 
     quiet_library_noise()
     try:

@@ -39,7 +39,7 @@ import numpy as np
 
 from PIL import Image
 
-from medcap.models._builders import hf_llama3_1_config
+from medcap.models._model import hf_llama3_1_config
 from medcap.models._tokenizer import model_vocab_size, write_tiktoken_tokenizer
 
 PLACEHOLDER_CHAR = "\u2460"  # '①', the reference's image placeholder character
@@ -264,7 +264,7 @@ def make_omnimedvqa_layout(
     counts = {"kept": 0, "missing_images": 0, "excluded": 0, "modality_key": 0, "no_option_C": 0}
     n = 0
     # imported here: medcap.eval loads torch, which the tiny-assets command does not need
-    from medcap.eval._datasets import OMNIMEDVQA_MODALITIES
+    from medcap.eval._suites import OMNIMEDVQA_MODALITIES
 
     for m_i, modality in enumerate(OMNIMEDVQA_MODALITIES):
         for k in range(per_modality):

@@ -47,11 +47,10 @@ import torch
 from torchtune import config as tt_config
 from torchtune import training as tt_training
 
-from medcap._progress import progress
-from medcap.checkpointing import save_vision_checkpoint
+from medcap._io import progress
 from medcap.config import ConfigError, run_recipe, save_resolved
 from medcap.data import SkipLog
-from medcap.models import load_model
+from medcap.models import load_model, save_vision_checkpoint
 from medcap.training import (
     RECIPE_STATE_FILE,
     StopSignals,

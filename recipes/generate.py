@@ -45,14 +45,13 @@ import torch
 from omegaconf import DictConfig
 from torchtune import config
 
-from medcap.config import from_config, plain, run_recipe, save_resolved
+from medcap.config import FREE_TEXT, GenerateConfig, from_config, plain, run_recipe, save_resolved
 from medcap.eval import ImageLoader, checkpoint_name, run_test_metrics, run_test_omnimedvqa, run_test_vqarad
 from medcap.eval._benchmarks import BENCHMARKS, run_benchmark
-from medcap.eval._config import FREE_TEXT, GenerateConfig
 from medcap.eval._loop import Ranks, file_identity, folder_identity
 from medcap.generation import GenerationEngine, prompt_text
-from medcap.models import MedcapModel
-from medcap.models._load import resolve_dtype, load_model
+from medcap.models import MedcapModel, load_model
+from medcap.models._checkpoint import resolve_dtype
 
 log = logging.getLogger("medcap.generate")
 

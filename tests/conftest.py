@@ -38,8 +38,7 @@ def tiny_model(tiny_llm):
     """
     import torch
 
-    from medcap.checkpointing import load_llama_weights
-    from medcap.models import medcap_tiny
+    from medcap.models import load_llama_weights, medcap_tiny
 
     decoder_state = {}  # loaded once: torchtune's checkpointer costs ~1 s (a gc.collect per shard)
 

@@ -24,7 +24,7 @@ def world(tiny_llm, tiny_model, tmp_path_factory):
     .pt (no metadata) and a .safetensors recording the LLM folder."""
     import pydicom.data
 
-    from medcap.checkpointing import save_vision_checkpoint
+    from medcap.models import save_vision_checkpoint
 
     root = tmp_path_factory.mktemp("caption")
     folder = root / "images"

@@ -127,7 +127,7 @@ def test_system_turn_and_image_only_user_turn(llama3_tokenizer, tmp_path):
 
 
 def test_converted_caption_holds_no_placeholder_token(llama3_tokenizer, tmp_path, capsys):
-    from medcap.data import convert_main
+    from medcap.data import convert_main, image_chat_dataset
 
     tok = llama3_tokenizer
     root = tmp_path / "datasets" / "pmc_oa"
@@ -144,8 +144,6 @@ def test_converted_caption_holds_no_placeholder_token(llama3_tokenizer, tmp_path
     assert enc(tok, gpt) == PANEL_1
     assert enc(tok, human) == [PH_ID] * 50  # the human turn keeps exactly the 50 markers
 
-    from medcap.data import image_chat_dataset
-
     item = image_chat_dataset(tok, source=str(tmp_path / "out" / "pmcoa_train.json"), num_image_tokens=N,
                               image_size=16, bad_samples="raise")[0]
     user = header(USER) + [IMG] * N + [EOT]
@@ -156,7 +154,7 @@ def test_converted_caption_holds_no_placeholder_token(llama3_tokenizer, tmp_path
 
 
 def test_reply_is_cut_at_the_first_special_token(llama3_tokenizer):
-    from medcap.generation._prompt import decode_text
+    from medcap.generation._engine import decode_text
 
     new_tokens = REPLY + [EOT] + [128006, 9906, 1917, EOT_TEXT]  # whatever follows <|eot_id|> is dropped
     assert decode_text(llama3_tokenizer, new_tokens) == "Yes, there is a fracture."

@@ -1,10 +1,10 @@
-"""medcap._progress: a bar on a terminal, plain timed lines anywhere else."""
+"""medcap._io: a bar on a terminal, plain timed lines anywhere else."""
 
 from __future__ import annotations
 
 import io
 
-from medcap._progress import progress
+from medcap._io import progress
 
 
 class _FakeClock:
@@ -74,7 +74,7 @@ def test_child_stderr_held_back_unless_the_block_fails(capfd):
 
     import pytest
 
-    from medcap._progress import quiet_stderr_fd
+    from medcap._io import quiet_stderr_fd
 
     with quiet_stderr_fd():
         subprocess.run(["sh", "-c", "echo PTBTokenizer tokenized 3359 tokens >&2"], check=True)
@@ -88,7 +88,7 @@ def test_child_stderr_held_back_unless_the_block_fails(capfd):
 def test_library_noise_quieted(caplog):
     import logging
 
-    from medcap._progress import quiet_library_noise
+    from medcap._io import quiet_library_noise
 
     tt = logging.getLogger("torchtune.utils._logging")
     own = logging.StreamHandler(io.StringIO())  # what torchtune's get_logger adds before logging is set up

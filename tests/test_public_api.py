@@ -31,8 +31,7 @@ def with_settings(block: str, settings: dict) -> str:
 def test_the_readme_python_api_runs_on_a_tiny_model(tmp_path):
     import torch
 
-    from medcap.checkpointing import save_vision_checkpoint
-    from medcap.models import medcap_tiny
+    from medcap.models import medcap_tiny, save_vision_checkpoint
     from medcap.testing import make_tiny_training_assets, make_vqarad_layout
 
     assets = make_tiny_training_assets(tmp_path / "assets", samples=1)

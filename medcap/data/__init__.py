@@ -12,14 +12,21 @@ from typing import TYPE_CHECKING
 from medcap import lazy_attrs
 
 _EXPORTS = {
-    "medcap.data._collate": ["collate_image_chat"],
     "medcap.data._convert": ["convert_main"],
-    "medcap.data._dataset": ["chat_dataset", "image_chat_dataset"],
+    "medcap.data._dataset": ["chat_dataset", "collate_image_chat", "image_chat_dataset"],
     "medcap.data._image": ["image_transform", "load_image"],
     "medcap.data._preprocess": ["preprocess_images"],
-    "medcap.data._records": ["IMAGE_MARKER", "PLACEHOLDER_CHAR", "Turn", "parse_record", "read_index"],
-    "medcap.data._skip": ["BadSample", "SkipLog"],
-    "medcap.data._tokenize": ["make_labels", "tokenize_conversation"],
+    "medcap.data._records": [
+        "IMAGE_MARKER",
+        "PLACEHOLDER_CHAR",
+        "BadSample",
+        "SkipLog",
+        "Turn",
+        "make_labels",
+        "parse_record",
+        "read_index",
+        "tokenize_conversation",
+    ],
     "medcap.data._validate": ["validate_main"],
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
@@ -28,12 +35,19 @@ __all__ = sorted(_WHERE)
 __getattr__, __dir__ = lazy_attrs(__name__, _WHERE)
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
-    from medcap.data._collate import collate_image_chat  # noqa: F401
     from medcap.data._convert import convert_main  # noqa: F401
-    from medcap.data._dataset import chat_dataset, image_chat_dataset  # noqa: F401
+    from medcap.data._dataset import chat_dataset, collate_image_chat, image_chat_dataset  # noqa: F401
     from medcap.data._image import image_transform, load_image  # noqa: F401
     from medcap.data._preprocess import preprocess_images  # noqa: F401
-    from medcap.data._records import IMAGE_MARKER, PLACEHOLDER_CHAR, Turn, parse_record, read_index  # noqa: F401
-    from medcap.data._skip import BadSample, SkipLog  # noqa: F401
-    from medcap.data._tokenize import make_labels, tokenize_conversation  # noqa: F401
+    from medcap.data._records import (  # noqa: F401
+        IMAGE_MARKER,
+        PLACEHOLDER_CHAR,
+        BadSample,
+        SkipLog,
+        Turn,
+        make_labels,
+        parse_record,
+        read_index,
+        tokenize_conversation,
+    )
     from medcap.data._validate import validate_main  # noqa: F401

@@ -236,7 +236,7 @@ def read_csv(path: Path, columns: Sequence[str]) -> List[Dict[str, str]]:
 
 def write_records(path: Path, records: List[Dict[str, Any]]) -> Path:
     """One JSON list, one record per line (readable, grep-able), written atomically."""
-    from medcap._fs import atomic_write
+    from medcap._io import atomic_write
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -161,7 +161,7 @@ def _store(blob: bytes, image_dir: Path, written: Dict[str, str]) -> Optional[st
         image_dir.mkdir(parents=True, exist_ok=True)
         path = image_dir / f"{digest}{suffix}"
         if not path.exists():
-            from medcap._fs import atomic_write_bytes
+            from medcap._io import atomic_write_bytes
 
             atomic_write_bytes(path, blob)
         written[digest] = path.name

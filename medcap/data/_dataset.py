@@ -1,4 +1,6 @@
-"""The image-aware sharegpt chat dataset (``dataset._component_`` in training configs).
+"""The training dataset and its collate: records -> tokens, labels and an image -> padded batches.
+
+The image-aware sharegpt chat dataset (``dataset._component_`` in training configs).
 
 Construction reads the JSON index and nothing else: no image is opened and no
 text is tokenized until ``__getitem__``, which runs in DataLoader workers.
@@ -15,6 +17,8 @@ under ``bad_samples="skip"`` item ``i`` is the first good record among
 choice is deterministic; the records passed over travel back in
 ``item["skipped"]`` for a :class:`SkipLog` in the training process. Under
 ``"raise"`` a bad record raises :class:`BadSample` naming its index and reason.
+
+Batching image-chat samples: right padding, images stacked in batch order.
 """
 
 from __future__ import annotations
@@ -22,14 +26,28 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
+import torch
 from torch.utils.data import Dataset
 
 from medcap.data._image import DEFAULT_MAX_IMAGE_PIXELS, ImageTransform, load_image
-from medcap.data._records import ParsedRecord, RecordIndex, parse_record, read_index
-from medcap.data._skip import BadSample, SkipLog, check_policy
-from medcap.data._tokenize import Tokenized, make_labels, tokenize_conversation, truncate_tokenized
+from medcap.data._records import (
+    CROSS_ENTROPY_IGNORE_IDX,
+    BadSample,
+    ParsedRecord,
+    RecordIndex,
+    SkipLog,
+    Tokenized,
+    check_policy,
+    make_labels,
+    parse_record,
+    read_index,
+    tokenize_conversation,
+    truncate_tokenized,
+)
+
+# ---- The dataset -----------------------------------------------------------------
 
 _SPLIT_RE = re.compile(r"^\s*(\w+)\s*(?:\[\s*([-\d.]*%?)\s*:\s*([-\d.]*%?)\s*\])?\s*$")
 
@@ -335,3 +353,54 @@ def chat_dataset(
         split=split,
         packed=packed,
     )
+
+
+# ---- Collate ---------------------------------------------------------------------
+
+def collate_image_chat(
+    batch: Sequence[Mapping[str, Any]],
+    pad_id: int = 0,
+    ignore_idx: int = CROSS_ENTROPY_IGNORE_IDX,
+    pad_to_multiple_of: int = 1,
+) -> Dict[str, Any]:
+    """Pad and stack dataset items.
+
+    Returns ``tokens`` and ``labels`` ``LongTensor[b, L]`` (right padded with
+    ``pad_id`` / ``ignore_idx``; ``L`` rounded up to ``pad_to_multiple_of``),
+    ``images`` ``FloatTensor[n, 3, S, S]`` holding only the samples that have an
+    image, in batch order (what ``MedcapModel`` pairs with the placeholder runs),
+    or None when no sample has one, ``indices`` (LongTensor[b], the records used)
+    and ``skipped`` (list of ``(index, reason)`` the dataset passed over; merge
+    it into a ``SkipLog`` and drop it before moving the batch to a device).
+    """
+    if not batch:
+        raise ValueError("collate_image_chat got an empty batch")
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+    lengths = [len(s["tokens"]) for s in batch]
+    for k, s in enumerate(batch):
+        if len(s["labels"]) != lengths[k]:
+            raise ValueError(f"sample {k}: {lengths[k]} tokens but {len(s['labels'])} labels")
+    width = max(lengths)
+    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    tokens = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [b, L]
+    labels = torch.full((len(batch), width), ignore_idx, dtype=torch.long)  # [b, L]
+    for k, s in enumerate(batch):
+        tokens[k, : lengths[k]] = torch.as_tensor(s["tokens"], dtype=torch.long)
+        labels[k, : lengths[k]] = torch.as_tensor(s["labels"], dtype=torch.long)
+
+    imgs: List[torch.Tensor] = [s["image"] for s in batch if s.get("image") is not None]
+    if imgs:
+        shapes = {tuple(i.shape) for i in imgs}
+        if len(shapes) > 1:
+            raise ValueError(f"images of different shapes in one batch: {sorted(shapes)}; use one image_size")
+        images = torch.stack(imgs).float()  # [n, 3, S, S]
+    else:
+        images = None
+    skipped: List[tuple] = []
+    for s in batch:
+        skipped.extend(tuple(x) for x in s.get("skipped") or ())
+    out: Dict[str, Any] = {"tokens": tokens, "labels": labels, "images": images, "skipped": skipped}
+    if all("index" in s for s in batch):
+        out["indices"] = torch.as_tensor([s["index"] for s in batch], dtype=torch.long)
+    return out

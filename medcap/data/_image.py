@@ -35,7 +35,7 @@ from typing import Callable, Optional, Tuple, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from medcap.data._skip import BadSample
+from medcap.data._records import BadSample
 
 # Pillow's own hard limit (2 x Image.MAX_IMAGE_PIXELS at its default): images it
 # would merely warn about are accepted, the ones it refuses are refused here too.

@@ -24,9 +24,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from medcap._fs import atomic_write
+from medcap._io import atomic_write
 from medcap.data._image import DEFAULT_MAX_IMAGE_PIXELS, load_image, pad_to_square, resize_center_crop
-from medcap.data._skip import BadSample
+from medcap.data._records import BadSample
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from medcap.data._image import DEFAULT_MAX_IMAGE_PIXELS
-from medcap.data._skip import reason_kind
+from medcap.data._records import reason_kind
 
 # numpy, torch and the dataset are imported where used, so `--help` answers at once.
 if TYPE_CHECKING:

@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from medcap._progress import progress as progress_bar
+from medcap._io import progress as progress_bar
 
 from medcap.demo._world import (
     MODALITY_KEYS,
@@ -242,7 +242,7 @@ def pretrain(
 
 def hf_config(sizes: LMSizes):
     """The ``LlamaConfig`` that equals torchtune's ``llama3_1`` at these sizes."""
-    from medcap.models._builders import hf_llama3_1_config
+    from medcap.models._model import hf_llama3_1_config
 
     return hf_llama3_1_config(sizes.vocab_size, **{k: v for k, v in asdict(sizes).items() if k != "vocab_size"})
 
@@ -252,7 +252,7 @@ def save_hf(decoder, sizes: LMSizes, out_dir: str | Path) -> Path:
     from safetensors.torch import save_file
     from torchtune.models.convert_weights import tune_to_hf
 
-    from medcap._fs import atomic_write
+    from medcap._io import atomic_write
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from medcap._fs import atomic_write
+from medcap._io import atomic_write
 
 STAGES: Tuple[str, ...] = (
     "world",

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from medcap._fs import atomic_write
+from medcap._io import atomic_write
 
 PLACEHOLDER_CHAR = "\u2460"  # '①', the reference's image placeholder character
 
@@ -378,7 +378,7 @@ def write_world(out_dir: str | Path, settings) -> Dict[str, str]:
     """
     out = Path(out_dir)
     n_ph = settings.num_image_tokens
-    from medcap._progress import progress
+    from medcap._io import progress
 
     bar = progress(settings.n_train + settings.n_test, "world: drawing images", "img")
     train = make_split(out, "train", settings.n_train, seed=settings.seed, image_size=settings.image_size,

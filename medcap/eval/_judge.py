@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 
-from medcap.eval._journal import CsvJournal, accuracy_name, cell, read_csv_rows
+from medcap.eval._loop import CsvJournal, accuracy_name, cell, read_csv_rows
 
 log = logging.getLogger(__name__)
 

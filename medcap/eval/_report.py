@@ -5,7 +5,7 @@ folder when several folders are given), columns the suites. Each cell is
 recomputed from the rows on disk, never copied from a summary:
 
 * SLAKE, PathVQA, VQA-RAD (HF), PMC-VQA, questions: ``overall``, MedEvalKit's
-  total accuracy (``_vqa_scores``), from the newest scored file
+  total accuracy (``medcap.eval._benchmarks``), from the newest scored file
   ``{prefix}-{vqa_type}-raw-{ckpt}-{acc}.csv``;
 * OmniMedVQA: the reference's macro accuracy over modalities (letter mapping,
   or log-likelihood), from ``omnimedvqa-...-raw-{ckpt}-{idx}_{chunk}-{acc}.csv``.
@@ -40,14 +40,14 @@ def _title(prefix: str) -> Optional[str]:
 
 
 def _score(prefix: str, path: Path) -> float:
-    from medcap.eval._journal import read_csv_rows
+    from medcap.eval._loop import read_csv_rows
 
     rows = read_csv_rows(path)
     if prefix == "omnimedvqa":
         from medcap.eval._scoring import accuracy_by_modality
 
         return accuracy_by_modality(rows)[0] if rows else float("nan")
-    from medcap.eval._vqa_scores import HEADLINE, summarize
+    from medcap.eval._benchmarks import HEADLINE, summarize
 
     value = summarize(rows)[HEADLINE]
     return float("nan") if value is None else value
@@ -93,8 +93,8 @@ def table_lines(rows: List[str], columns: List[str], scores: Dict[Tuple[str, str
 
 
 def write_report(out: Path, rows, columns, scores) -> List[Path]:
-    from medcap._fs import atomic_write_text
-    from medcap.eval._journal import write_csv_atomic
+    from medcap._io import atomic_write_text
+    from medcap.eval._loop import write_csv_atomic
 
     out.parent.mkdir(parents=True, exist_ok=True)
     csv_path = write_csv_atomic(out.with_name(out.name + ".csv"), ["checkpoint"] + columns, [

@@ -19,7 +19,7 @@ OmniMedVQA raw         ``nearest_macro``/``nearest_micro``
 judged (``-70B_``)     ``judge_accuracy``: replies containing "right" (what the name states)
 ``metrics-raw-CKPT``   the seven caption metrics, compared with ``metrics-CKPT.csv`` (Java)
 benchmarks (SLAKE,     ``overall`` (MedEvalKit's total accuracy), closed accuracy, open exact
-PathVQA, VQA-RAD HF,   match / token recall / token F1, choice accuracy (``_vqa_scores``),
+PathVQA, VQA-RAD HF,   match / token recall / token F1, choice accuracy (``_benchmarks``),
 PMC-VQA, questions)    beside the file's name, ``correct`` column and ``-summary.json``
 =====================  ==================================================================
 """
@@ -40,7 +40,7 @@ TOLERANCE = 1e-6
 
 
 def _read(path: Path) -> List[Dict[str, str]]:
-    from medcap.eval._journal import read_csv_rows
+    from medcap.eval._loop import read_csv_rows
 
     return read_csv_rows(path)
 
@@ -130,7 +130,7 @@ def rescore_judged(path: Path, rows: List[Dict[str, str]]) -> Dict[str, Any]:
 
 
 def rescore_metrics(path: Path, rows: List[Dict[str, str]]) -> Dict[str, Any]:
-    from medcap.eval._metrics import caption_metrics
+    from medcap.eval._scoring import caption_metrics
 
     stated: Dict[str, float] = {}
     metrics_file = path.with_name(path.name.replace("metrics-raw-", "metrics-", 1))
@@ -156,7 +156,7 @@ def rescore(path: str | Path) -> Dict[str, Any]:
     if "-70B_" in path.name and {"instruction", "generated"} <= cols and "output" not in cols:
         return rescore_judged(path, rows)
     if {"answer_type", "output", "generated"} <= cols:  # SLAKE, PathVQA, VQA-RAD (HF), PMC-VQA, questions
-        from medcap.eval._vqa_scores import rescore_benchmark
+        from medcap.eval._benchmarks import rescore_benchmark
 
         return rescore_benchmark(path, rows, _stated_accuracy(path))
     if {"option_A", "option_B", "output", "generated"} <= cols:

@@ -1,4 +1,16 @@
-"""Batched generation with image prefill and a KV cache sized to the batch.
+"""Decoding, gpt-fast style: small functions over fixed-shape KV caches. Sampling, the
+static batched ``generate``, and scoring fixed answers by log-likelihood.
+
+Next-token choice: greedy, or top-k sampling with one random stream per row.
+
+One ``torch.Generator`` per row makes a row's samples depend only on its own
+seed, not on which other rows share its batch, so a resumed run (whose batches
+are cut differently) draws the same tokens as an uninterrupted one.
+
+Log-likelihood of given answers, for scoring multiple-choice questions by the
+model itself instead of a second, free-text generation.
+
+Batched generation with image prefill and a KV cache sized to the batch.
 
 gpt-fast style: small functions (``left_pad``, ``prefill``, ``decode_one_token``)
 over a static cache. The prompt batch is left padded so every row's next token
@@ -19,6 +31,7 @@ outputs of both are the same token for token (tested).
 
 from __future__ import annotations
 
+import hashlib
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -27,7 +40,145 @@ from torchtune.generation import get_causal_mask_from_padding_mask, get_position
 from torchtune.modules import delete_kv_caches
 from torchtune.modules.kv_cache import KVCache
 
-from medcap.generation._sampling import is_greedy, make_generators, sample
+# ---- Sampling --------------------------------------------------------------------
+
+def row_seed(seed: int, key: str) -> int:
+    """A stable 63-bit seed for one row from the run's seed and the row's key."""
+    digest = hashlib.sha256(f"{int(seed)}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def make_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> List[torch.Generator]:
+    gens = []
+    for s in seeds:
+        g = torch.Generator(device=device)
+        g.manual_seed(int(s))
+        gens.append(g)
+    return gens
+
+
+def is_greedy(temperature: float, top_k: Optional[int]) -> bool:
+    return temperature is None or float(temperature) <= 0.0 or top_k == 1
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    generators: Optional[Sequence[torch.Generator]] = None,
+) -> torch.Tensor:
+    """``logits [b, V]`` -> next tokens ``[b]``.
+
+    ``temperature <= 0`` (or ``top_k == 1``) is greedy. Otherwise the logits are
+    scaled, cut to the ``top_k`` largest (all when ``None``) and sampled with the
+    exponential race ``argmax(p / q), q ~ Exp(1)``, one ``q`` row per generator.
+    """
+    if is_greedy(temperature, top_k):
+        return logits.argmax(dim=-1)
+    if generators is None or len(generators) != logits.shape[0]:
+        raise ValueError("sampling needs one torch.Generator per row")
+    scaled = logits.float() / float(temperature)
+    if top_k is not None:
+        k = min(int(top_k), scaled.shape[-1])
+        kth = torch.topk(scaled, k, dim=-1).values[:, -1:]  # [b, 1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)  # [b, V]
+    q = torch.stack(
+        [torch.empty(probs.shape[-1], device=probs.device).exponential_(1.0, generator=g) for g in generators]
+    )  # [b, V]
+    return (probs / q).argmax(dim=-1)
+
+
+# ---- Scoring fixed answers -------------------------------------------------------
+
+def option_tokens(tokenizer, option: str) -> List[int]:
+    """An answer as the assistant turn's body plus its end-of-turn token, exactly as a
+    training target is tokenised, so the score is P(the whole answer, then stop)."""
+    return tokenizer.encode(str(option).strip(), add_bos=False, add_eos=False) + [tokenizer.eot_id]
+
+
+@torch.inference_mode()
+def score_options(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    images: Optional[torch.Tensor],
+    options: Sequence[Sequence[str]],
+    *,
+    reduction: str = "sum",
+) -> List[List[float]]:
+    """Log-likelihood of each option as the continuation of its prompt.
+
+    ``prompts`` end with the open assistant header (see ``build_prompt``);
+    ``images [n, 3, H, W]`` holds one image per prompt with placeholders, in order;
+    ``options[i]`` are the answers to score for prompt ``i``. Every (prompt, option)
+    pair goes through one forward pass; logits are computed only where an option
+    token is predicted. ``reduction``: ``"sum"`` (the answer's log-probability) or
+    ``"mean"`` (per token).
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if len(options) != len(prompts):
+        raise ValueError(f"{len(options)} option lists for {len(prompts)} prompts")
+    if model.caches_are_setup():
+        delete_kv_caches(model)
+    device = model.decoder.norm.scale.device
+    dtype = next(model.decoder.parameters()).dtype
+    image_id = model.image_token_id
+    img_of: List[Optional[int]] = []
+    n = 0
+    for p in prompts:
+        if image_id in p:
+            img_of.append(n)
+            n += 1
+        else:
+            img_of.append(None)
+    if (images is None and n) or (images is not None and images.shape[0] != n):
+        raise ValueError(f"{n} prompt(s) hold image placeholders but {0 if images is None else images.shape[0]} image(s) given")
+
+    seqs, conts, owners, pair_images = [], [], [], []
+    for i, (p, opts) in enumerate(zip(prompts, options)):
+        for o in opts:
+            c = option_tokens(tokenizer, o)
+            seqs.append(list(p) + c)
+            conts.append((len(p), c))
+            owners.append(i)
+            if img_of[i] is not None:
+                pair_images.append(img_of[i])
+    results: List[List[float]] = [[] for _ in prompts]
+    if not seqs:
+        return results
+    longest = max(len(s) for s in seqs)
+    if longest > model.decoder.max_seq_len:
+        raise ValueError(f"a prompt plus option is {longest} tokens, over the model's max_seq_len")
+    # Right padding: the causal mask keeps padding out of every real position.
+    tokens = torch.full((len(seqs), longest), tokenizer.pad_id, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        tokens[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+    imgs = None
+    if pair_images:
+        imgs = images[torch.tensor(pair_images)].to(device=device, dtype=dtype)  # [n_pairs_with_image, 3, H, W]
+    h = model.hidden_states(tokens.to(device), images=imgs)  # [P, L, d]
+    rows, cols, targets = [], [], []
+    for r, (start, c) in enumerate(conts):
+        for k, t in enumerate(c):
+            rows.append(r)
+            cols.append(start - 1 + k)  # the position whose output predicts token k
+            targets.append(t)
+    sel = h[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]  # [N, d]
+    logp = torch.log_softmax(model.logits(sel), dim=-1)  # [N, V]
+    tok_lp = logp.gather(1, torch.tensor(targets, device=device).view(-1, 1)).squeeze(1).cpu()  # [N]
+    offset = 0
+    for r, (_, c) in enumerate(conts):
+        lp = tok_lp[offset : offset + len(c)]
+        offset += len(c)
+        val = float(lp.sum()) if reduction == "sum" else float(lp.mean())
+        results[owners[r]].append(val)
+    return results
+
+
+# ---- Static batched generation ---------------------------------------------------
 
 IntOrList = Union[int, Sequence[int]]
 

@@ -1,11 +1,25 @@
 """Models: the fused model and its builders (names for configs' ``_component_``), the
-Llama 3 tokenizer, and ``load_model`` (build, load the weights, freeze)."""
+Llama 3 tokenizer, ``load_model`` (build, load the weights, freeze), and the
+checkpoints of the trained vision side (medcap's safetensors + JSON format, and the
+reference's ``{'visual','projector'}`` .pt)."""
 
-from medcap.models._builders import medcap_llama3_1_8b, medcap_tiny
-from medcap.models._fusion import ImageTokenMismatchError, MedcapModel, assert_only_vision_trainable
-from medcap.models._load import load_model
+from medcap.models._checkpoint import (
+    load_llama_weights,
+    load_model,
+    load_vision_checkpoint,
+    load_vision_weights,
+    save_vision_checkpoint,
+)
+from medcap.models._model import (
+    BIOMEDCLIP_MEAN,
+    BIOMEDCLIP_STD,
+    ImageTokenMismatchError,
+    MedcapModel,
+    assert_only_vision_trainable,
+    medcap_llama3_1_8b,
+    medcap_tiny,
+)
 from medcap.models._tokenizer import llama3_tokenizer, write_tiktoken_tokenizer
-from medcap.models._vision import BIOMEDCLIP_MEAN, BIOMEDCLIP_STD
 
 __all__ = [
     "BIOMEDCLIP_MEAN",
@@ -14,8 +28,12 @@ __all__ = [
     "MedcapModel",
     "assert_only_vision_trainable",
     "llama3_tokenizer",
+    "load_llama_weights",
     "load_model",
+    "load_vision_checkpoint",
+    "load_vision_weights",
     "medcap_llama3_1_8b",
     "medcap_tiny",
+    "save_vision_checkpoint",
     "write_tiktoken_tokenizer",
 ]

@@ -100,8 +100,7 @@ def _limits(args):
 def read_model_config(config: str, overrides: Sequence[str]):
     """The generate recipe's checked ``GenerateConfig`` (no suite needed: nothing is run)."""
     from medcap.cli import CLIError, resolve_config
-    from medcap.config import ConfigError, from_config, must_exist, parse_args, plain
-    from medcap.eval._config import FREE_TEXT, GenerateConfig
+    from medcap.config import FREE_TEXT, ConfigError, GenerateConfig, from_config, must_exist, parse_args, plain
 
     try:
         _, cfg = parse_args(["--config", str(resolve_config(config)), *overrides], FREE_TEXT)
@@ -126,7 +125,7 @@ def load_engine(conf, batch_size: Optional[int]):
     from torchtune import config as tt_config
 
     from medcap.generation import GenerationEngine
-    from medcap.models._load import load_model, resolve_dtype
+    from medcap.models._checkpoint import load_model, resolve_dtype
 
     device = conf.device
     if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -205,7 +204,7 @@ def serve_main(argv: Sequence[str]) -> int:
     """``medcap serve ...``"""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page phones nobody
-    from medcap._progress import quiet_library_noise
+    from medcap._io import quiet_library_noise
 
     quiet_library_noise()
     try:

@@ -113,7 +113,7 @@ def parse_chat_request(body: Any, limits: Limits, model_name: str) -> ChatReques
 def _messages(raw: Any) -> Tuple[List[Dict[str, str]], Optional[Tuple[bytes, str]]]:
     """OpenAI messages -> medcap messages (the image marker where the image was) + the image."""
     from medcap.generation import clean_text
-    from medcap.generation._prompt import question_messages
+    from medcap.generation._engine import question_messages
 
     _need(isinstance(raw, list) and raw, "messages must be a non-empty list", "messages")
     out: List[Dict[str, str]] = []
@@ -185,7 +185,7 @@ def load_image_bytes(data: bytes, suffix: str, max_pixels: int):
     (so an image served here is preprocessed exactly as ``medcap caption`` does it).
     The bytes go to a private temporary file the server names itself."""
     from medcap.data import load_image
-    from medcap.data._skip import BadSample
+    from medcap.data._records import BadSample
 
     fd, path = tempfile.mkstemp(prefix="medcap-serve-", suffix=suffix)
     try:

@@ -16,21 +16,28 @@ from typing import TYPE_CHECKING
 from medcap import lazy_attrs
 
 _EXPORTS = {
-    "medcap.training._config": ["TrainConfig"],
+    "medcap.config": ["TrainConfig"],
     "medcap.training._data": ["ResumableBatchSampler", "setup_data", "setup_dataset"],
-    "medcap.training._dist": ["init_distributed_env", "peak_memory_gib", "shard_frozen_decoder"],
-    "medcap.training._loss": ["LabelTokenCrossEntropy", "TrainForward", "count_label_tokens"],
-    "medcap.training._optim": ["build_lr_scheduler", "build_optimizer"],
+    "medcap.training._optim": [
+        "LabelTokenCrossEntropy",
+        "TrainForward",
+        "build_lr_scheduler",
+        "build_optimizer",
+        "count_label_tokens",
+    ],
     "medcap.training._run": [
         "RECIPE_STATE_FILE",
         "StopSignals",
         "atomic_write",
         "capture_rng_state",
         "check_vision_start",
+        "init_distributed_env",
         "load_recipe_state",
         "open_run_folder",
+        "peak_memory_gib",
         "restore_rng_state",
         "save_recipe_state",
+        "shard_frozen_decoder",
     ],
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
@@ -39,19 +46,26 @@ __all__ = sorted(_WHERE)
 __getattr__, __dir__ = lazy_attrs(__name__, _WHERE)
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
-    from medcap.training._config import TrainConfig  # noqa: F401
+    from medcap.config import TrainConfig  # noqa: F401
     from medcap.training._data import ResumableBatchSampler, setup_data, setup_dataset  # noqa: F401
-    from medcap.training._dist import init_distributed_env, peak_memory_gib, shard_frozen_decoder  # noqa: F401
-    from medcap.training._loss import LabelTokenCrossEntropy, TrainForward, count_label_tokens  # noqa: F401
-    from medcap.training._optim import build_lr_scheduler, build_optimizer  # noqa: F401
+    from medcap.training._optim import (  # noqa: F401
+        LabelTokenCrossEntropy,
+        TrainForward,
+        build_lr_scheduler,
+        build_optimizer,
+        count_label_tokens,
+    )
     from medcap.training._run import (  # noqa: F401
         RECIPE_STATE_FILE,
         StopSignals,
         atomic_write,
         capture_rng_state,
         check_vision_start,
+        init_distributed_env,
         load_recipe_state,
         open_run_folder,
+        peak_memory_gib,
         restore_rng_state,
         save_recipe_state,
+        shard_frozen_decoder,
     )

@@ -30,12 +30,11 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Sampler
 from torchtune import config as tt_config
 
-from medcap._progress import progress
+from medcap._io import progress
 from medcap.data import BadSample, collate_image_chat
 from medcap.models import MedcapModel
-from medcap.training._dist import DistEnv
-from medcap.training._loss import IGNORE_INDEX
-from medcap.training._run import ignore_sigint_in_worker
+from medcap.training._run import DistEnv, ignore_sigint_in_worker
+from medcap.training._optim import IGNORE_INDEX
 
 log = logging.getLogger("medcap.training")
 

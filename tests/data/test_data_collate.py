@@ -84,6 +84,6 @@ def test_dataloader_with_workers_uses_every_good_sample_and_reports_every_bad(to
 def test_ignore_index_matches_torchtune():
     from torchtune.data import CROSS_ENTROPY_IGNORE_IDX as TT
 
-    from medcap.data._tokenize import CROSS_ENTROPY_IGNORE_IDX
+    from medcap.data._records import CROSS_ENTROPY_IGNORE_IDX
 
     assert CROSS_ENTROPY_IGNORE_IDX == TT

@@ -7,8 +7,7 @@ import shlex
 
 import pytest
 
-from medcap.demo._main import STAGES, Demo, DemoSettings
-from medcap.demo._main import _parse_settings, build_parser
+from medcap.demo._main import STAGES, Demo, DemoSettings, _parse_settings, build_parser
 
 
 def test_settings_and_stage_overrides():

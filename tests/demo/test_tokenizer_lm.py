@@ -84,8 +84,7 @@ def test_conversations_are_consistent():
 def test_hf_save_loads_back_with_equal_logits(tmp_path, demo_tokenizer):
     """The saved LM goes through torchtune's FullModelHFCheckpointer (medcap's loading
     path) into a MedcapModel and gives the same logits as the decoder that was saved."""
-    from medcap.checkpointing import load_llama_weights
-    from medcap.models import medcap_tiny
+    from medcap.models import load_llama_weights, medcap_tiny
 
     tok, merges, _ = demo_tokenizer
     sizes = LMSizes(vocab_size=tok.image_id, num_layers=2, embed_dim=64, intermediate_dim=128, max_seq_len=64)
@@ -131,7 +130,7 @@ def test_demo_generate_config_leaves_every_description_its_budget(tmp_path):
 
     from medcap.demo._bpe import build_tokenizer
     from medcap.demo._world import QUESTION_TYPES
-    from medcap.eval._protocol import VQA_TYPES, description_budget
+    from medcap.eval._suites import VQA_TYPES, description_budget
 
     cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "recipes" / "configs" / "demo" / "generate.yaml")
     build_tokenizer(tmp_path, DemoSettings().bpe_merges)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from medcap.eval._vqa_scores import closed_correct, exact_match, summarize, token_scores
+from medcap.eval._benchmarks import closed_correct, exact_match, summarize, token_scores
 
 
 @pytest.mark.parametrize("answer, reply, right", [

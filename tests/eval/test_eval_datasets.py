@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from medcap.eval import read_caption_set, read_omnimedvqa, read_vqarad
-from medcap.eval._datasets import OMNIMEDVQA_MODALITIES, chunk_bounds, drop_missing_images, select_chunk
+from medcap.eval._suites import OMNIMEDVQA_MODALITIES, chunk_bounds, drop_missing_images, select_chunk
 from medcap.testing import make_caption_dataset, make_omnimedvqa_layout, make_vqarad_layout
 
 

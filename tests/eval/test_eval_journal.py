@@ -8,7 +8,7 @@ import csv
 import pytest
 
 from medcap.eval import read_csv_rows
-from medcap.eval._journal import CsvJournal, JsonlCache
+from medcap.eval._loop import CsvJournal, JsonlCache
 
 COLUMNS = ["image", "instruction", "output", "generated"]
 ROWS = [
@@ -123,7 +123,7 @@ def test_a_second_writer_is_refused_at_once_naming_the_holder(tmp_path):
     import sys
     import textwrap
 
-    from medcap._fs import LockedError
+    from medcap._io import LockedError
     from medcap.eval import results_lock
 
     raw = tmp_path / "omnimedvqa-omit-raw-ck-0_50.csv"

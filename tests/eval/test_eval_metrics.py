@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from medcap.eval import caption_metrics, check_java, run_test_metrics
-from medcap.eval._metrics import METRIC_NAMES, JavaNotFoundError, write_metrics_csv
+from medcap.eval._scoring import METRIC_NAMES, JavaNotFoundError, write_metrics_csv
 
 REFS = [
     "A small lesion in the left lower lobe.",

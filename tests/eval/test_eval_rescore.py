@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
-from medcap.eval._journal import write_csv_atomic
-from medcap.eval._protocol import RAW_COLUMNS
-from medcap.eval._suites import OMNIMEDVQA_EXTRA_COLUMNS
+from medcap.eval._loop import write_csv_atomic
+from medcap.eval._suites import OMNIMEDVQA_EXTRA_COLUMNS, RAW_COLUMNS
 from medcap.eval._rescore import nearest_option, rescore, rescore_main
 
 COLS = list(RAW_COLUMNS) + list(OMNIMEDVQA_EXTRA_COLUMNS) + ["predict_generated", "predict", "correct"]

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 
 from medcap.eval import letter_prompt, read_csv_rows, score_file
-from medcap.eval._journal import write_csv_atomic
-from medcap.eval._protocol import RAW_COLUMNS, answer_messages
+from medcap.eval._loop import write_csv_atomic
+from medcap.eval._suites import OMNIMEDVQA_EXTRA_COLUMNS, RAW_COLUMNS, answer_messages
 from medcap.eval._scoring import LETTER_MAX_NEW_TOKENS, accuracy_by_modality, is_correct, read_letter
-from medcap.eval._suites import OMNIMEDVQA_EXTRA_COLUMNS
 from medcap.generation import build_prompt, prompt_text
 
 TAIL = "Based on the question and our answer, respond with only the letter of the correct option from the given choices."

@@ -8,8 +8,7 @@ import torch
 
 import medcap.generation._generate as gen_mod
 from medcap.generation import build_prompt, generate
-from medcap.generation._generate import generate_reference, left_pad, prefill
-from medcap.generation._sampling import make_generators, row_seed, sample
+from medcap.generation._generate import generate_reference, left_pad, make_generators, prefill, row_seed, sample
 
 QUESTIONS = [
     "What is it?",

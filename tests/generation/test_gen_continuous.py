@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from medcap.generation import GenerationEngine, build_prompt
-from medcap.generation._continuous import ContinuousBatcher
-from medcap.generation._generate import generate, generate_reference
-from medcap.generation._sampling import make_generators, row_seed
+from medcap.generation._engine import ContinuousBatcher
+from medcap.generation._generate import generate, generate_reference, make_generators, row_seed
 
 QUESTIONS = [
     "What is it?",

@@ -13,7 +13,7 @@ from medcap.generation import (
     prompt_tokens_from_text,
     question_from_instruction,
 )
-from medcap.generation._prompt import IMAGE_PLACEHOLDER, decode_text, parse_prompt_text
+from medcap.generation._engine import IMAGE_PLACEHOLDER, decode_text, parse_prompt_text
 from medcap.testing import make_caption_dataset
 
 

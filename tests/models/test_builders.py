@@ -6,7 +6,7 @@ import torch
 from open_clip.timm_model import TimmModel
 
 from medcap.models import medcap_llama3_1_8b
-from medcap.models._builders import LLAMA3_IMAGE_TOKEN_ID
+from medcap.models._model import LLAMA3_IMAGE_TOKEN_ID
 
 # Published parameter count of Llama-3.1-8B (untied input and output embeddings).
 LLAMA_3_1_8B_PARAMS = 8_030_261_248

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medcap.models._vision import load_open_clip_visual, tiny_tower
+from medcap.models._model import load_open_clip_visual, tiny_tower
 
 
 def _images(n: int = 2, size: int = 32) -> torch.Tensor:

@@ -124,10 +124,8 @@ def gen_assets(tmp_path_factory) -> Dict[str, Any]:
     .pt format, and VQA-RAD / OmniMedVQA layouts under ``datasets`` (read-only)."""
     import torch
 
-    from medcap.checkpointing import save_vision_checkpoint
-    from medcap.testing import make_omnimedvqa_layout, make_vqarad_layout
-    from medcap.models import medcap_tiny
-    from medcap.testing import make_tiny_training_assets
+    from medcap.models import medcap_tiny, save_vision_checkpoint
+    from medcap.testing import make_omnimedvqa_layout, make_tiny_training_assets, make_vqarad_layout
 
     root = tmp_path_factory.mktemp("gen_assets")
     assets = make_tiny_training_assets(root, samples=5)

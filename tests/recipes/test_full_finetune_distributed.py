@@ -73,7 +73,7 @@ def _reference_line(assets, out: Path, launch_args):
 
 
 def test_two_ranks_train_one_vision_model(train_assets, train_config, train_run, train_launch_args, tmp_path):
-    from medcap.checkpointing import load_vision_checkpoint
+    from medcap.models import load_vision_checkpoint
     from medcap.cli import build_run_command
 
     argv = _reference_line(train_assets, tmp_path / "OUT", train_launch_args)

@@ -53,8 +53,8 @@ import subprocess  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from medcap._fs import LockedError  # noqa: E402
-from medcap.checkpointing import load_vision_checkpoint  # noqa: E402
+from medcap._io import LockedError  # noqa: E402
+from medcap.models import load_vision_checkpoint  # noqa: E402
 
 # one_thread (tests/conftest.py): toy-sized ops run far faster on one thread on shared cores
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]

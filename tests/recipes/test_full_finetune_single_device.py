@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DistributedSampler
 
-from medcap.checkpointing import load_vision_checkpoint, load_vision_weights
+from medcap.models import load_vision_checkpoint, load_vision_weights, medcap_tiny
 from medcap.data import collate_image_chat
-from medcap.models import medcap_tiny
 
 # one_thread (tests/conftest.py): toy-sized ops run far faster on one thread on shared cores
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
@@ -162,7 +161,7 @@ def test_bad_samples_are_skipped_counted_and_reported(train_bad_assets, train_co
 
 
 def test_checkpoints_load_through_medcap_checkpointing(train_assets, train_config, train_run, tmp_path):
-    """The reference's .pt format on request, loaded by medcap.checkpointing into a fresh
+    """The reference's .pt format on request, loaded by medcap.models into a fresh
     model; TensorBoard logging as the metric logger."""
     pytest.importorskip("tensorboard")
     cfg = train_config(

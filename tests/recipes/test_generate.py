@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from medcap.eval import read_csv_rows
-from medcap.eval._datasets import OMNIMEDVQA_MODALITIES
+from medcap.eval._suites import OMNIMEDVQA_MODALITIES
 from medcap.generation import GenerationEngine, question_from_instruction
 
 RAW = ["image", "instruction", "output", "generated"]
@@ -217,8 +217,7 @@ def test_another_model_under_the_same_checkpoint_name_never_reuses_rows(gen_asse
     """Model B, saved as meta_model_last.pt like model A, evaluated into A's folder: the
     finished file of A is refused (naming what to move), never re-scored as B's; with
     overwrite=True B gets its own rows, equal to B evaluated in a fresh folder."""
-    from medcap.checkpointing import save_vision_checkpoint
-    from medcap.models import medcap_tiny
+    from medcap.models import medcap_tiny, save_vision_checkpoint
 
     torch.manual_seed(77)
     other = tmp_path / "b" / "meta_model_last.pt"

@@ -26,8 +26,7 @@ MAX_TOKENS = 64
 def serve_assets(tmp_path_factory) -> Dict[str, Any]:
     import torch
 
-    from medcap.checkpointing import save_vision_checkpoint
-    from medcap.models import medcap_tiny
+    from medcap.models import medcap_tiny, save_vision_checkpoint
     from medcap.testing import make_tiny_training_assets
 
     root = tmp_path_factory.mktemp("serve_assets")

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 
 from medcap.eval import judge_main, read_csv_rows
-from medcap.eval._journal import write_csv_atomic
+from medcap.eval._loop import write_csv_atomic
 from medcap.eval._judge import Judge, chat_loop, eval_vqa, is_right, judge_prompt, quantization_config
-from medcap.eval._protocol import RAW_COLUMNS, answer_messages
-from medcap.eval._suites import OMNIMEDVQA_EXTRA_COLUMNS
+from medcap.eval._suites import OMNIMEDVQA_EXTRA_COLUMNS, RAW_COLUMNS, answer_messages
 from medcap.generation import build_prompt, prompt_text
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,9 +13,9 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from medcap._fs import LockedError
+from medcap._io import LockedError
 from medcap.training import StopSignals, check_vision_start, open_run_folder
-from medcap.training._config import resume_mode
+from medcap.config import resume_mode
 from medcap.training._run import checkpoint_lock_path
 
 
@@ -134,7 +134,7 @@ def test_the_folder_is_locked_while_another_process_trains(tmp_path):
     assert lock == (tmp_path / ".checkpoint.lock").resolve()  # beside the folder, not in it
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time\nfrom medcap._fs import exclusive_lock\n"
+         "import sys, time\nfrom medcap._io import exclusive_lock\n"
          "with exclusive_lock(sys.argv[1], 'test'):\n    print('held', flush=True)\n    time.sleep(60)\n",
          str(lock)],
         stdout=subprocess.PIPE, text=True,

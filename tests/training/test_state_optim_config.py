@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from medcap.config import ConfigError
+from medcap.config import ConfigError, resolve_dataset_config, resolve_loss_config
 from medcap.training import (
     TrainConfig,
     atomic_write,
@@ -21,7 +21,6 @@ from medcap.training import (
     restore_rng_state,
     save_recipe_state,
 )
-from medcap.training._config import resolve_dataset_config, resolve_loss_config
 from medcap.training._optim import InBackwardOptimizer, StandardOptimizer
 
 

@@ -12,10 +12,10 @@ import stat
 import pytest
 import torch
 
-import medcap._fs as fs
-import medcap.checkpointing._vision as vision_ckpt
-from medcap.checkpointing import load_vision_checkpoint, load_vision_weights, save_vision_checkpoint
-from medcap.checkpointing._vision import sidecar_path
+import medcap._io as fs
+import medcap.models._checkpoint as vision_ckpt
+from medcap.models import load_vision_checkpoint, load_vision_weights, save_vision_checkpoint
+from medcap.models._checkpoint import sidecar_path
 
 T = 4
 
@@ -68,7 +68,7 @@ def test_sidecar_of_other_weights_is_ignored_and_reported(saved, caplog):
     a = saved(".safetensors", seed=0, name="a", epoch=1)
     b = saved(".safetensors", seed=1, name="b", epoch=7, note="other run")
     shutil.copyfile(sidecar_path(b), sidecar_path(a))
-    with caplog.at_level(logging.WARNING, logger="medcap.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="medcap.models"):
         state, meta = load_vision_checkpoint(a)
     assert meta["epoch"] == 1 and "note" not in meta
     assert "does not describe the weights" in caplog.text and "epoch" in caplog.text and "note" in caplog.text
@@ -78,7 +78,7 @@ def test_sidecar_of_other_weights_is_ignored_and_reported(saved, caplog):
 
 def test_matching_sidecar_is_silent(saved, caplog):
     path = saved(".safetensors", epoch=2)
-    with caplog.at_level(logging.WARNING, logger="medcap.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="medcap.models"):
         _, meta = load_vision_checkpoint(path)
     assert meta["epoch"] == 2 and caplog.text == ""
 

@@ -1,4 +1,13 @@
-"""Checkpoints of the trained part: the image tower and the projector.
+"""Weights to and from disk: the frozen Llama from a Hugging Face folder, the trained vision
+side in medcap's or the reference's format, and ``load_model``, which builds a model and fills it.
+
+Llama weights from a Hugging Face checkpoint directory into a ``MedcapModel``'s decoder.
+
+The reading and the HF -> torchtune key conversion are torchtune's own
+(``FullModelHFCheckpointer``); this module only points it at the right files
+and checks that what comes out is exactly the decoder, no more and no less.
+
+Checkpoints of the trained part: the image tower and the projector.
 
 Two formats, chosen by the file's suffix:
 
@@ -20,29 +29,231 @@ Loading never unpickles code: ``.pt`` files are read with
 ``torch.load(weights_only=True)``; a truncated or damaged file of either format,
 or a damaged sidecar, fails naming the file and saying "truncated or corrupt";
 a tensor holding NaN or inf is refused by name. Every write goes through
-``medcap._fs.atomic_write`` (temporary file in the target folder, ``os.replace``,
+``medcap._io.atomic_write`` (temporary file in the target folder, ``os.replace``,
 permissions from the umask, a full disk reported as such), so a crash mid-save
 leaves the previous checkpoint whole.
+
+Building a ``MedcapModel`` with its weights: written once for training and generation.
+
+Both recipes and ``medcap caption`` go through :func:`load_model`: build the
+config's ``model`` section in a dtype on a device, check that the tokenizer
+belongs to it, load the Llama weights from a Hugging Face folder, load the
+trained vision side when a checkpoint is given, then freeze. The only
+difference between training and generation is what stays trainable (the vision
+tower and projector, or nothing).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
 import math
+import os
 import pickle
+import tempfile
+import time
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torchtune import config as tt_config
+from torchtune import training
+from torchtune import training as tt_training
+from torchtune.training import FullModelHFCheckpointer
+from torchtune.training.checkpointing import ModelType
+from torchtune.training.checkpointing import _checkpointer as _tt_checkpointer
 
-from medcap._fs import atomic_write
+from medcap._io import atomic_write
+from medcap.models._model import MedcapModel, assert_only_vision_trainable
 
-log = logging.getLogger("medcap.checkpointing")
+# ---- Llama weights from a Hugging Face folder ------------------------------------
+
+log = logging.getLogger("medcap.models")
+
+CheckpointFiles = Union[List[str], Dict[str, str]]
+
+_DECODER_PREFIX = "decoder."
+
+
+def _default_checkpoint_files(checkpoint_dir: Path) -> List[str]:
+    files = sorted(p.name for p in checkpoint_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors files in {str(checkpoint_dir)!r}; pass checkpoint_files, or point "
+            "checkpoint_dir at the Hugging Face model folder (for Llama-3.1-8B-Instruct it holds "
+            "model-00001-of-00004.safetensors ... and config.json)"
+        )
+    return files
+
+
+def _check_inputs(checkpoint_dir: Path, checkpoint_files: CheckpointFiles, model_type: str) -> None:
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {str(checkpoint_dir)!r}")
+    if not (checkpoint_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{str(checkpoint_dir)!r} has no config.json, which the HF checkpointer needs for the "
+            "head counts: is it a Hugging Face model folder?"
+        )
+    if model_type not in ModelType.__members__:
+        raise ValueError(f"unknown model_type {model_type!r}; torchtune knows {sorted(ModelType.__members__)}")
+    if isinstance(checkpoint_files, dict):
+        if set(checkpoint_files) != {"filename_format", "max_filename"}:
+            raise ValueError(
+                "checkpoint_files as a dict needs exactly the keys 'filename_format' and 'max_filename', "
+                f"got {sorted(checkpoint_files)}"
+            )
+        return
+    missing = [f for f in checkpoint_files if not (checkpoint_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint files not found in {str(checkpoint_dir)!r}: {missing}")
+
+
+def _scratch_parent(checkpoint_dir: Path) -> Optional[str]:
+    """A folder for the checkpointer's (unused) output_dir: torchtune refuses one
+    inside the checkpoint directory, so skip candidates that lie there."""
+    ckpt = checkpoint_dir.resolve()
+    for cand in (Path(tempfile.gettempdir()), Path.cwd(), ckpt.parent):
+        c = cand.resolve()
+        if c != ckpt and ckpt not in c.parents:
+            return str(c)
+    return None
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KB", "MB"):
+        if nbytes < 1000:
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} GB"
+
+
+@contextlib.contextmanager
+def _log_each_shard(num_shards: int):
+    """Log every shard torchtune's checkpointer reads (name, size, seconds): the 8B
+    model's four shards take minutes on a slow disk, which should not look like a hang.
+    The checkpointer reads through its module's ``safe_torch_load``, wrapped here
+    for the duration of one load (left alone if a torchtune release renames it)."""
+    inner = getattr(_tt_checkpointer, "safe_torch_load", None)
+    if inner is None:
+        yield
+        return
+    done = [0]
+
+    def load(path, *args, **kwargs):
+        start = time.perf_counter()
+        state = inner(path, *args, **kwargs)
+        done[0] += 1
+        log.info(
+            "LLM shard %d/%d %s (%s) read in %.1f s",
+            done[0], num_shards, os.path.basename(str(path)), _size(os.path.getsize(path)), time.perf_counter() - start,
+        )
+        return state
+
+    _tt_checkpointer.safe_torch_load = load
+    try:
+        yield
+    finally:
+        _tt_checkpointer.safe_torch_load = inner
+
+
+def _short(keys, n: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_llama_weights(
+    model: nn.Module,
+    checkpoint_dir: Union[str, Path],
+    checkpoint_files: Optional[CheckpointFiles] = None,
+    model_type: str = "LLAMA3",
+) -> Dict[str, Any]:
+    """Load an HF-format Llama checkpoint into ``model.decoder`` (the vision side is untouched).
+
+    Args:
+        model: a :class:`~medcap.models.MedcapModel` (anything with torchtune's
+            ``EarlyFusionModel`` layout: ``decoder.*`` plus ``tok_embeddings``).
+        checkpoint_dir: the HF model folder (``config.json`` + safetensors shards).
+        checkpoint_files: shard names, torchtune's ``{"filename_format", "max_filename"}``
+            dict, or ``None`` for every ``*.safetensors`` in the folder.
+        model_type: torchtune's model type name (``LLAMA3`` for Llama 3.x).
+
+    Returns:
+        ``{"checkpoint_dir", "num_tensors"}`` for logging.
+
+    Raises:
+        ValueError: when the checkpoint's tensors are not exactly the decoder's
+            (names or shapes), listing what is missing, unexpected or mis-sized.
+    """
+    ckpt_dir = Path(checkpoint_dir)
+    if checkpoint_files is None:
+        _check_inputs(ckpt_dir, [], model_type)
+        checkpoint_files = _default_checkpoint_files(ckpt_dir)
+    _check_inputs(ckpt_dir, checkpoint_files, model_type)
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError(
+            "the model is on the meta device, where loading would silently do nothing; "
+            "build it on a real device first"
+        )
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="medcap-ckpt-", dir=_scratch_parent(ckpt_dir)) as scratch:
+        checkpointer = FullModelHFCheckpointer(
+            checkpoint_dir=str(ckpt_dir),
+            checkpoint_files=checkpoint_files,
+            model_type=model_type,
+            output_dir=scratch,
+        )
+        paths = [Path(p) for p in getattr(checkpointer, "_checkpoint_paths", [])]
+        total = sum(p.stat().st_size for p in paths if p.is_file())
+        log.info("loading the LLM from %s: %d shard(s), %s", ckpt_dir, len(paths), _size(total))
+        with _log_each_shard(len(paths)):
+            tune_sd = checkpointer.load_checkpoint()[training.MODEL_KEY]
+
+    # EarlyFusionModel keeps the decoder's embedding at ``model.tok_embeddings`` but
+    # reports it (and accepts it back) as ``decoder.tok_embeddings.*`` through its
+    # state-dict hooks, so plain ``decoder.`` prefixes line up with its state dict.
+    full_sd = {_DECODER_PREFIX + k: v for k, v in tune_sd.items()}
+    model_sd = model.state_dict()
+    expected = {k for k in model_sd if k.startswith(_DECODER_PREFIX)}
+    got = set(full_sd)
+    missing, unexpected = expected - got, got - expected
+    mis_sized = [
+        f"{k}: checkpoint {list(full_sd[k].shape)}, model {list(model_sd[k].shape)}"
+        for k in sorted(expected & got)
+        if full_sd[k].shape != model_sd[k].shape
+    ]
+    if missing or unexpected or mis_sized:
+        lines = [f"the checkpoint in {str(ckpt_dir)!r} does not match the model's decoder:"]
+        if missing:
+            lines.append(f"  missing from the checkpoint ({len(missing)}): {_short(missing)}")
+        if unexpected:
+            lines.append(f"  not in the model ({len(unexpected)}): {_short(unexpected)}")
+        if mis_sized:
+            lines.append(f"  different sizes ({len(mis_sized)}): " + "; ".join(mis_sized[:6]))
+        lines.append("  (are the model builder's sizes those of the checkpoint's config.json?)")
+        raise ValueError("\n".join(lines))
+
+    with torch.no_grad():
+        result = model.load_state_dict(full_sd, strict=False)
+    # Only the vision side may be left out; anything else means the hooks moved keys.
+    stray = [k for k in result.missing_keys if k.startswith(_DECODER_PREFIX) or k.startswith("tok_embeddings")]
+    if stray or result.unexpected_keys:
+        raise RuntimeError(
+            f"decoder weights did not all land: missing {stray[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    log.info("LLM loaded: %d tensors in %.1f s", len(full_sd), time.perf_counter() - start)
+    return {"checkpoint_dir": str(ckpt_dir), "num_tensors": len(full_sd)}
+
+
+# ---- Vision checkpoints ----------------------------------------------------------
+
 
 VisionState = Dict[str, Dict[str, torch.Tensor]]
 
@@ -123,7 +334,7 @@ def _encoder_sizes(encoder: nn.Module) -> Dict[str, int]:
 # saving
 
 
-def _plain(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _cpu_tensors(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     out = {}
     for k, t in state.items():
         if not isinstance(t, torch.Tensor):
@@ -164,11 +375,11 @@ def save_vision_checkpoint(
     if isinstance(model_or_encoder, Mapping):
         if set(model_or_encoder) != set(_PARTS):
             raise ValueError(f"a state mapping needs exactly the keys {list(_PARTS)}, got {sorted(model_or_encoder)}")
-        state = {part: _plain(model_or_encoder[part]) for part in _PARTS}
+        state = {part: _cpu_tensors(model_or_encoder[part]) for part in _PARTS}
         sizes = _sizes(state)
     else:
         encoder = _vision_encoder(model_or_encoder)
-        state = {part: _plain(sd) for part, sd in _encoder_state(encoder).items()}
+        state = {part: _cpu_tensors(sd) for part, sd in _encoder_state(encoder).items()}
         sizes = _encoder_sizes(encoder)
 
     meta: Dict[str, Any] = {
@@ -413,3 +624,116 @@ def load_vision_weights(model_or_encoder: Any, path: Union[str, Path]) -> Dict[s
         for part in _PARTS:
             getattr(encoder, part).load_state_dict(state[part], strict=True)
     return meta
+
+
+# ---- load_model ------------------------------------------------------------------
+
+
+# The one table of dtype names the configs accept (the ``dtype`` key).
+DTYPES: Dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(name: Union[str, torch.dtype], key: str = "dtype") -> torch.dtype:
+    """``"bf16"`` -> ``torch.bfloat16``; a ``torch.dtype`` passes through."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"{key}={name!r}; choose one of {list(DTYPES)}")
+    return DTYPES[name]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def build_model(cfg_model: Mapping[str, Any], *, device: torch.device, dtype: torch.dtype, skip_pretrained: bool = False) -> MedcapModel:
+    """``cfg_model`` (``_component_`` + its arguments) instantiated in ``dtype`` on ``device``.
+
+    ``skip_pretrained``: the vision weights come from a checkpoint, so BiomedCLIP's
+    pretrained weights (``vision_pretrained``) would be overwritten at once; not
+    reading them also avoids a download.
+    """
+    if not isinstance(cfg_model, DictConfig):
+        cfg_model = OmegaConf.create(dict(cfg_model))
+    overrides: Dict[str, Any] = {}
+    if skip_pretrained and cfg_model.get("vision_pretrained"):
+        log.info("model.vision_pretrained not read: the vision weights come from a checkpoint")
+        overrides["vision_pretrained"] = None
+    with tt_training.set_default_dtype(dtype), torch.device(device):
+        model = tt_config.instantiate(cfg_model, **overrides)
+    if not isinstance(model, MedcapModel):
+        raise TypeError(
+            f"model._component_={cfg_model.get('_component_')!r} built a {type(model).__name__}, "
+            "not a MedcapModel (e.g. medcap.models.medcap_llama3_1_8b)"
+        )
+    return model
+
+
+def check_tokenizer(tokenizer: Any, model: MedcapModel) -> None:
+    """A tokenizer from another model would put its placeholders where the model
+    looks for none: refuse the pair before any weight is read."""
+    image_id = getattr(tokenizer, "image_id", None)
+    if image_id != model.image_token_id:
+        raise ValueError(
+            f"the tokenizer's image id ({image_id}) is not the model's image_token_id "
+            f"({model.image_token_id}): tokenizer and model do not belong together"
+        )
+
+
+def load_model(
+    cfg_model: Mapping[str, Any],
+    cfg_checkpointer: Mapping[str, Any],
+    *,
+    device: Union[str, torch.device],
+    dtype: Union[str, torch.dtype],
+    tokenizer: Any = None,
+    vision_checkpoint: Optional[str] = None,
+    train_vision: bool = False,
+    vision_weights_follow: bool = False,
+) -> MedcapModel:
+    """The fused model, weights loaded, frozen as the caller needs.
+
+    Args:
+        cfg_model: the config's ``model`` section (``_component_`` + arguments).
+        cfg_checkpointer: the config's ``checkpointer`` section; read are
+            ``checkpoint_dir``, ``checkpoint_files`` (default: every
+            ``*.safetensors``) and ``model_type`` (default ``LLAMA3``).
+        device, dtype: where and in what to build (``dtype`` a name of :data:`DTYPES`).
+        tokenizer: when given, its ``image_id`` must be the model's.
+        vision_checkpoint: the trained vision tower + projector (``.safetensors`` or ``.pt``).
+        train_vision: training: the vision side stays trainable (and only it,
+            checked); otherwise everything is frozen and the model is in eval mode.
+        vision_weights_follow: the caller loads the vision weights later (a
+            resume), so ``vision_pretrained`` is not read either.
+    """
+    dtype = resolve_dtype(dtype)
+    model = build_model(
+        cfg_model, device=torch.device(device), dtype=dtype,
+        skip_pretrained=bool(vision_checkpoint) or vision_weights_follow,
+    )
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, model)
+    load_llama_weights(
+        model,
+        cfg_checkpointer["checkpoint_dir"],
+        checkpoint_files=_plain(cfg_checkpointer.get("checkpoint_files")),
+        model_type=cfg_checkpointer.get("model_type") or "LLAMA3",
+    )
+    if vision_checkpoint:
+        load_vision_weights(model, vision_checkpoint)
+        log.info("vision tower and projector loaded from %s", vision_checkpoint)
+    elif not train_vision and not vision_weights_follow:
+        log.warning("no vision checkpoint: the vision tower and projector are untrained; outputs mean little")
+
+    model.requires_grad_(False)
+    if train_vision:
+        model.vision.requires_grad_(True)
+        assert_only_vision_trainable(model)
+    else:
+        model.eval()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("model: %.1f M parameters, %.1f M trainable", n_all / 1e6, n_train / 1e6)
+    return model

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from medcap.checkpointing import load_llama_weights
-from medcap.models._builders import hf_llama3_1_config
+from medcap.models import load_llama_weights
+from medcap.models._model import hf_llama3_1_config
 
 
 def _text_tokens(vocab_size: int, b: int = 2, s: int = 24) -> torch.Tensor:

@@ -14,10 +14,9 @@ from safetensors import safe_open
 from torch import nn
 from torchtune.models.llama3_1 import llama3_1
 
-import medcap.checkpointing._vision as vision_ckpt
-from medcap.checkpointing import load_vision_checkpoint, load_vision_weights, save_vision_checkpoint
-from medcap.models._builders import medcap_fusion
-from medcap.models._vision import ImageTower
+import medcap.models._checkpoint as vision_ckpt
+from medcap.models import load_vision_checkpoint, load_vision_weights, save_vision_checkpoint
+from medcap.models._model import ImageTower, medcap_fusion
 
 T = 4
 

@@ -9,14 +9,14 @@ import textwrap
 
 import pytest
 
-import medcap.checkpointing
+import medcap.models._checkpoint
 import medcap.training
-from medcap._fs import atomic_write, remove_stale_tmp
+from medcap._io import atomic_write, remove_stale_tmp
 
 
 def test_one_atomic_write_everywhere():
-    assert medcap.checkpointing.atomic_write is atomic_write
-    assert medcap.training.atomic_write is atomic_write
+    assert medcap.models._checkpoint.atomic_write is atomic_write  # vision checkpoints
+    assert medcap.training.atomic_write is atomic_write  # the recipe's state
 
 
 def test_kill_9_mid_write_leaves_a_temp_file_that_the_next_run_removes(tmp_path):
@@ -25,7 +25,7 @@ def test_kill_9_mid_write_leaves_a_temp_file_that_the_next_run_removes(tmp_path)
     script = textwrap.dedent(
         f"""
         import os, signal
-        from medcap._fs import atomic_write
+        from medcap._io import atomic_write
 
         def write(tmp):
             with open(tmp, "wb") as f:
