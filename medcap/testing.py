@@ -39,10 +39,10 @@ import numpy as np
 
 from PIL import Image
 
+from medcap.data import PLACEHOLDER_CHAR
 from medcap.models._model import hf_llama3_1_config
 from medcap.models._tokenizer import model_vocab_size, write_tiktoken_tokenizer
 
-PLACEHOLDER_CHAR = "\u2460"  # '①', the reference's image placeholder character
 # The sizes recipes/configs/tiny/*.yaml assume (medcap_tiny's defaults).
 TINY_VOCAB_SIZE = 268  # 256 byte tokens + 12 special tokens; <|image|> = 268, outside the vocabulary
 _WORDS = ["lesion", "mass", "nodule", "effusion", "fracture", "opacity", "normal", "edema", "cyst", "tumor"]

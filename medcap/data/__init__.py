@@ -17,6 +17,7 @@ _EXPORTS = {
     "medcap.data._image": ["image_transform", "load_image"],
     "medcap.data._preprocess": ["preprocess_images"],
     "medcap.data._records": [
+        "CROSS_ENTROPY_IGNORE_IDX",
         "IMAGE_MARKER",
         "PLACEHOLDER_CHAR",
         "BadSample",
@@ -40,6 +41,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from medcap.data._image import image_transform, load_image  # noqa: F401
     from medcap.data._preprocess import preprocess_images  # noqa: F401
     from medcap.data._records import (  # noqa: F401
+        CROSS_ENTROPY_IGNORE_IDX,
         IMAGE_MARKER,
         PLACEHOLDER_CHAR,
         BadSample,

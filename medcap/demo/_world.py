@@ -23,8 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from medcap._io import atomic_write
-
-PLACEHOLDER_CHAR = "\u2460"  # '①', the reference's image placeholder character
+from medcap.data import PLACEHOLDER_CHAR
 
 
 @dataclass(frozen=True)

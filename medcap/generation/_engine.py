@@ -79,7 +79,6 @@ from medcap.generation._generate import (
 
 # ---- Prompts ---------------------------------------------------------------------
 
-IMAGE_PLACEHOLDER = PLACEHOLDER_CHAR  # '①', the reference's image placeholder character
 # The image markers a user turn may carry (the data module's set).
 _MARKER = re.compile(rf"{PLACEHOLDER_CHAR}(?:\s*{PLACEHOLDER_CHAR})*|<image>|<\|image\|>")
 

@@ -31,10 +31,9 @@ from torch.utils.data import DataLoader, Sampler
 from torchtune import config as tt_config
 
 from medcap._io import progress
-from medcap.data import BadSample, collate_image_chat
+from medcap.data import CROSS_ENTROPY_IGNORE_IDX, BadSample, collate_image_chat
 from medcap.models import MedcapModel
 from medcap.training._run import DistEnv, ignore_sigint_in_worker
-from medcap.training._optim import IGNORE_INDEX
 
 log = logging.getLogger("medcap.training")
 
@@ -251,7 +250,7 @@ def setup_data(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
-        collate_fn=partial(collate_image_chat, pad_id=pad_id, ignore_idx=IGNORE_INDEX),
+        collate_fn=partial(collate_image_chat, pad_id=pad_id, ignore_idx=CROSS_ENTROPY_IGNORE_IDX),
         pin_memory=env.device.type == "cuda",
         generator=generator,
         worker_init_fn=ignore_sigint_in_worker if num_workers > 0 else None,

@@ -34,9 +34,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchtune import config as tt_config
 
-# ---- The loss --------------------------------------------------------------------
+from medcap.data import CROSS_ENTROPY_IGNORE_IDX
 
-IGNORE_INDEX = -100
+# ---- The loss --------------------------------------------------------------------
 
 
 @dataclass
@@ -65,7 +65,7 @@ class TokenLoss:
         return self.per_sample_total / self.per_sample_count.to(self.per_sample_total.dtype)
 
 
-def count_label_tokens(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> int:
+def count_label_tokens(labels: torch.Tensor, ignore_index: int = CROSS_ENTROPY_IGNORE_IDX) -> int:
     """Label tokens that a batch contributes to the loss (after the shift by one)."""
     return int((labels[:, 1:] != ignore_index).sum())
 
@@ -84,7 +84,7 @@ class LabelTokenCrossEntropy:
     (the shift by one happens here).
     """
 
-    def __init__(self, chunk_size: int = 1024, ignore_index: int = IGNORE_INDEX):
+    def __init__(self, chunk_size: int = 1024, ignore_index: int = CROSS_ENTROPY_IGNORE_IDX):
         if chunk_size < 1:
             raise ValueError(f"loss chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = int(chunk_size)

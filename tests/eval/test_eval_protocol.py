@@ -17,7 +17,7 @@ from medcap.eval._suites import (
     drop_missing_images,
 )
 from medcap.generation import question_from_instruction
-from medcap.generation._engine import IMAGE_PLACEHOLDER
+from medcap.data import PLACEHOLDER_CHAR
 from medcap.testing import make_image, make_omnimedvqa_layout
 
 
@@ -42,14 +42,14 @@ def test_each_vqa_type_runs_the_references_two_steps(vqa_type, scripted, fake_im
     assert len(ans_calls) == len(items)
     # Step 1 always sees the image (the reference's *_no_image types hide it from step 2 only).
     assert all(img for _, img, _, _ in desc_calls)
-    assert all(t.startswith(f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{IMAGE_PLACEHOLDER * 4}<|eot_id|>")
+    assert all(t.startswith(f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{PLACEHOLDER_CHAR * 4}<|eot_id|>")
                for t, *_ in desc_calls)
     assert all(img == answer_sees_image for _, img, _, _ in ans_calls)
     assert all(b == 50 for _, _, b, _ in ans_calls)  # min(50, max_new_tokens)
-    first_turn = IMAGE_PLACEHOLDER * 4 if answer_sees_image else "Describe the image."
+    first_turn = PLACEHOLDER_CHAR * 4 if answer_sees_image else "Describe the image."
     for t, _, _, _ in ans_calls:
         assert t.startswith(f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{first_turn}<|eot_id|>")
-        assert (IMAGE_PLACEHOLDER in t) == answer_sees_image
+        assert (PLACEHOLDER_CHAR in t) == answer_sees_image
     if vqa_type.startswith("no_cond_desc"):
         # One description per image, at its first question, reused afterwards.
         assert [k for *_, k in desc_calls] == [f"desc:{items[0].image}", f"desc:{items[2].image}", f"desc:{items[4].image}"]

@@ -13,7 +13,8 @@ from medcap.generation import (
     prompt_tokens_from_text,
     question_from_instruction,
 )
-from medcap.generation._engine import IMAGE_PLACEHOLDER, decode_text, parse_prompt_text
+from medcap.data import PLACEHOLDER_CHAR
+from medcap.generation._engine import decode_text, parse_prompt_text
 from medcap.testing import make_caption_dataset
 
 
@@ -61,7 +62,7 @@ def test_prompt_equals_the_training_tokens_up_to_the_answer(gen_tok, tmp_path):
         [{"role": "user", "content": "<image>"}],
         [{"role": "system", "content": "You are a radiologist."}, {"role": "user", "content": "<image>\n\nDescribe it."}],
         [
-            {"role": "user", "content": IMAGE_PLACEHOLDER * 50},
+            {"role": "user", "content": PLACEHOLDER_CHAR * 50},
             {"role": "assistant", "content": "A chest film.\nTwo lines."},
             {"role": "user", "content": "Is there an effusion?"},
         ],
@@ -71,18 +72,18 @@ def test_prompt_equals_the_training_tokens_up_to_the_answer(gen_tok, tmp_path):
 )
 def test_prompt_text_reads_back_into_the_same_tokens(gen_tok, messages):
     has_image = any(
-        mk in m["content"] for m in messages if m["role"] == "user" for mk in ("<image>", "<|image|>", IMAGE_PLACEHOLDER)
+        mk in m["content"] for m in messages if m["role"] == "user" for mk in ("<image>", "<|image|>", PLACEHOLDER_CHAR)
     )
     tokens = build_prompt(gen_tok, messages, num_image_tokens=4, has_image=has_image)
     text = prompt_text(gen_tok, tokens)
     assert text.startswith("<|begin_of_text|><|start_header_id|>")
     assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert text.count(IMAGE_PLACEHOLDER) == (4 if has_image else 0)
+    assert text.count(PLACEHOLDER_CHAR) == (4 if has_image else 0)
     back, back_has_image = prompt_tokens_from_text(gen_tok, text, num_image_tokens=4)
     assert back == tokens and back_has_image == has_image
     users = [m for m in messages if m["role"] == "user"]
     last = users[-1]["content"]
-    for marker in ("<image>", "<|image|>", IMAGE_PLACEHOLDER):
+    for marker in ("<image>", "<|image|>", PLACEHOLDER_CHAR):
         last = last.replace(marker, "")
     assert question_from_instruction(text) == last.strip()
     roles = [m["role"] for m in parse_prompt_text(text)]
@@ -90,7 +91,7 @@ def test_prompt_text_reads_back_into_the_same_tokens(gen_tok, messages):
 
 
 def test_literal_markers_in_questions_stay_text(gen_tok):
-    q = f"Compare {IMAGE_PLACEHOLDER} with <image>, please"
+    q = f"Compare {PLACEHOLDER_CHAR} with <image>, please"
     tokens = build_prompt(gen_tok, q, num_image_tokens=4)
     assert tokens.count(gen_tok.image_id) == 4  # only the prompt's own image
     assert clean_text(q) == "Compare (1) with (image), please"
