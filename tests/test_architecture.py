@@ -153,7 +153,7 @@ def test_internals_md_maps_every_package():
     text = (REPO / "docs" / "internals.md").read_text(encoding="utf-8")
     packages = {count_modules.module_name(p) for p in (REPO / "medcap").glob("*/__init__.py")}
     modules = {count_modules.module_name(p) for p in (REPO / "medcap").glob("*.py") if p.name != "__init__.py"}
-    short = {name: f"`{name.rsplit('.', 1)[1]}`" for name in modules}  # `_fs` beside `medcap._io`
+    short = {name: f"`{name.rsplit('.', 1)[1]}`" for name in modules}  # `_io` beside `medcap._io`
     missing = [name for name in sorted(packages | modules) if f"`{name}`" not in text and short.get(name, "?") not in text]
     assert not missing, f"docs/internals.md does not mention {missing}"
     assert "@" not in text.replace("`@`", ""), "a placeholder was left in docs/internals.md"
