@@ -16,7 +16,7 @@ The one resumable evaluation loop that every suite runs through.
     items -> skip those on disk -> batch -> load images -> suite makes rows -> append -> finish
 
 A suite (captioning, VQA-RAD, OmniMedVQA, ...) declares its items and a
-``make_rows(engine, items, images) -> rows`` step; this module owns everything
+``make_rows(engine, items, images) -> rows`` step; the loop owns everything
 that makes a results file trustworthy:
 
 * **one writer**: an exclusive lock per results file for the whole suite

@@ -4,7 +4,7 @@ side in medcap's or the reference's format, and ``load_model``, which builds a m
 Llama weights from a Hugging Face checkpoint directory into a ``MedcapModel``'s decoder.
 
 The reading and the HF -> torchtune key conversion are torchtune's own
-(``FullModelHFCheckpointer``); this module only points it at the right files
+(``FullModelHFCheckpointer``); medcap only points it at the right files
 and checks that what comes out is exactly the decoder, no more and no less.
 
 Checkpoints of the trained part: the image tower and the projector.
