@@ -376,7 +376,6 @@ def run_recipe(main: Callable[[Any], Any], argv: Optional[Sequence[str]] = None,
 
 # ---- TrainConfig: recipes/full_finetune_single_device.py -------------------------
 
-
 CHECKPOINT_FORMATS = {"safetensors": ".safetensors", "pt": ".pt"}
 TORCHTUNE_CHAT_DATASET = "torchtune.datasets.chat_dataset"
 MEDCAP_CHAT_DATASET = "medcap.data.chat_dataset"

@@ -369,7 +369,6 @@ class JsonlCache:
 
 # ---- The loop --------------------------------------------------------------------
 
-
 OPTION_LETTERS = ("A", "B", "C", "D")
 KEY_COLUMN = "key"
 

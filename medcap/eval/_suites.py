@@ -541,7 +541,6 @@ def _describe(
 
 # ---- The suites ------------------------------------------------------------------
 
-
 OMNIMEDVQA_EXTRA_COLUMNS = ("option_A", "option_B", "option_C", "option_D", "modality_type", "question_id")
 
 

@@ -254,7 +254,6 @@ def load_llama_weights(
 
 # ---- Vision checkpoints ----------------------------------------------------------
 
-
 VisionState = Dict[str, Dict[str, torch.Tensor]]
 
 FORMAT_NAME = "medcap-vision"
@@ -627,7 +626,6 @@ def load_vision_weights(model_or_encoder: Any, path: Union[str, Path]) -> Dict[s
 
 
 # ---- load_model ------------------------------------------------------------------
-
 
 # The one table of dtype names the configs accept (the ``dtype`` key).
 DTYPES: Dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

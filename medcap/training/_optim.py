@@ -38,7 +38,6 @@ from medcap.data import CROSS_ENTROPY_IGNORE_IDX
 
 # ---- The loss --------------------------------------------------------------------
 
-
 @dataclass
 class TokenLoss:
     """Summed cross-entropy over label tokens, and how many there were.

@@ -264,7 +264,6 @@ def peak_memory_gib(device: torch.device, reset: bool = True) -> float:
 
 # ---- The run's folder, state and signals -----------------------------------------
 
-
 RECIPE_STATE_FILE = "recipe_state.pt"
 STATE_FORMAT_VERSION = 1
 # weights in either format, the safetensors files' JSON sidecars, the resumable state
