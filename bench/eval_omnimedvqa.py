@@ -73,7 +73,7 @@ COMPARED_SCORED = ("predict_generated", "predict", "correct")
 
 def run_suite(engine, root: Path, out_dir: Path, args, image_size: int) -> Dict:
     """One full ``test_omnimedvqa`` run into a fresh ``out_dir``; returns the rows and timing."""
-    from medcap.eval import ImageLoader, read_csv_rows, run_test_omnimedvqa
+    from medcap.eval import ImageLoader, SuiteRun, read_csv_rows, run_test_omnimedvqa
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -82,16 +82,12 @@ def run_suite(engine, root: Path, out_dir: Path, args, image_size: int) -> Dict:
     t0 = time.perf_counter()
     summary = run_test_omnimedvqa(
         engine,
+        SuiteRun(output_dir=out_dir, ckpt="bench", image_loader=ImageLoader(image_size), limit=args.limit, progress=False),
         dataset_source=str(root),
-        output_dir=out_dir,
-        ckpt="bench",
         vqa_type=args.vqa_type,
         max_seq_len=args.max_seq_len,
         max_new_tokens=args.max_new_tokens,
-        image_loader=ImageLoader(image_size),
         scoring="letter",
-        limit=args.limit,
-        progress=False,
     )
     sync(device)
     elapsed = time.perf_counter() - t0

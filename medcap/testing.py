@@ -264,7 +264,7 @@ def make_omnimedvqa_layout(
     counts = {"kept": 0, "missing_images": 0, "excluded": 0, "modality_key": 0, "no_option_C": 0}
     n = 0
     # imported here: medcap.eval loads torch, which the tiny-assets command does not need
-    from medcap.eval._suites import OMNIMEDVQA_MODALITIES
+    from medcap.eval import OMNIMEDVQA_MODALITIES
 
     for m_i, modality in enumerate(OMNIMEDVQA_MODALITIES):
         for k in range(per_modality):
@@ -296,18 +296,24 @@ def make_omnimedvqa_layout(
             counts["kept"] += 1
             files["Dataset-A.json" if n % 2 else "Dataset-B.json"].append(rec)
     if quirks:
-        for j, odd in enumerate(("MR (Magnetic Resonance Imaging)", "OCT (Optical Coherence Tomography)", "Ultrasound")):
-            n += 1
-            rel = f"Images/odd/img_{j}.png"
-            make_image(base / rel, image_size, seed=seed * 1000 + n)
-            files["Dataset-B.json"].append(
-                {"question_id": f"q{n:04d}", "dataset": "Dataset-B", "question_type": "x", "question": "Which one?",
-                 "gt_answer": "a", "image_path": rel, "option_A": "a", "option_B": "b", "modality_type": odd}
-            )
-            counts["excluded"] += 1
+        odd = _other_spellings(base, image_size, seed, n)
+        files["Dataset-B.json"] += odd
+        counts["excluded"] += len(odd)
     for name, recs in files.items():
         (qa_dir / name).write_text(json.dumps(recs, indent=1))
     return {"root": str(root), **counts}
+
+
+def _other_spellings(base: Path, image_size: int, seed: int, n: int) -> List[Dict[str, Any]]:
+    """Questions ``n + 1, ...`` whose modality is spelled otherwise than the 8 kept ones (left out)."""
+    records = []
+    for j, odd in enumerate(("MR (Magnetic Resonance Imaging)", "OCT (Optical Coherence Tomography)", "Ultrasound")):
+        n += 1
+        rel = f"Images/odd/img_{j}.png"
+        make_image(base / rel, image_size, seed=seed * 1000 + n)
+        records.append({"question_id": f"q{n:04d}", "dataset": "Dataset-B", "question_type": "x", "question": "Which one?",
+                        "gt_answer": "a", "image_path": rel, "option_A": "a", "option_B": "b", "modality_type": odd})
+    return records
 
 
 # ------------------------------------------------------------ the field's benchmark layouts

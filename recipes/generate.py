@@ -1,5 +1,5 @@
-"""Generation and evaluation with medcap: captioning metrics, VQA-RAD, OmniMedVQA,
-or captions / answers for given image files.
+"""Generate and evaluate with medcap: captioning metrics, VQA-RAD, OmniMedVQA, the field's
+benchmarks, or captions / answers for given image files; the whole run in one file.
 
     medcap run generate --config custom_generation_config \
         test_omnimedvqa=True vqa_type=no_cond_desc seed=1 max_new_tokens=200 top_k=null temperature=0 \
@@ -10,26 +10,36 @@ or captions / answers for given image files.
     # single shot: caption images, or answer a question about them
     medcap run generate --config custom_generation_config ... image=a.png,b.png prompt="Is there a fracture?"
 
-What it does (the logic lives in ``medcap.generation`` and ``medcap.eval``):
+Under ``medcap run --nproc_per_node N generate ...`` every suite's questions are shared
+out over the N processes (one per device); rank 0 writes exactly the files one process
+writes. What only several processes do is marked ``# distributed:`` below.
 
-* builds ``cfg.model`` in ``cfg.dtype`` on ``cfg.device`` (the CPU, with a
-  warning, when no GPU is present), loads the Llama weights named by
-  ``cfg.checkpointer`` and the vision side from ``vision_checkpoint``; nothing
-  trains;
-* generates in batches of ``batch_size`` with a KV cache sized to each batch
-  (``enable_kv_cache=False`` takes the reference's slow path: one sample at a
-  time, no cache); greedy when ``temperature=0`` (or ``top_k=1``), otherwise
-  top-k sampling with one seeded random stream per row;
-* runs each suite switched on (``test_metrics``, ``test_vqarad``,
-  ``test_omnimedvqa``) and writes the reference's files into ``output_dir``;
-  rows are on disk as soon as they are made, and a stopped run continues where
-  it stopped when started again with the same command.
+The run, in the order of this file:
 
-``ckpt`` in the file names is the vision checkpoint's file name up to its first
-dot, as in the reference. Each results file records what made it (the vision
-checkpoint, the LLM folder, the settings that change outputs) in a
-``.run.json`` beside it: a restart with another model or other settings is
-refused rather than mixed in; ``overwrite=True`` starts those files afresh.
+1. ``__init__``: the config, typed and checked (every key, value and file) before
+   anything is loaded; the process group; the device (the CPU, with a warning, when
+   no GPU is present); the seed.
+2. ``setup``: the tokenizer; the model built once in ``dtype`` (Llama weights from
+   ``checkpointer``, the trained vision side from ``vision_checkpoint``, everything
+   frozen); the generation engine (batches of ``batch_size`` with a KV cache sized to
+   each batch, greedy at ``temperature=0``, else top-k sampling with one seeded stream
+   per row; ``enable_kv_cache=False`` is the reference's slow path); the image loader;
+   the identity of what the results depend on, recorded beside each results file.
+3. ``run``: the single-shot mode, then each suite switched on (``test_metrics``,
+   ``test_vqarad``, ``test_omnimedvqa``, ``test_slake`` ...), in ``run_suite``:
+   a. its items, read from the data set (``suite.read``);
+   b. what is on disk (``resume_plan``): a file made by this model and these
+      settings is continued where it stopped or reused; one made otherwise is
+      refused rather than mixed in (``overwrite=True`` starts it afresh);
+   c. the batches still to make, their images loaded (``pending_batches``);
+   d. each batch's prompts and generation (``suite.make_rows``), its rows on disk
+      before the next batch starts (``plan.write``);
+   e. the final file, in item order (``finish``);
+   f. the scores, computed from the rows on disk (``suite.score``), and the report.
+4. ``cleanup``: the process group left.
+
+The files are the reference's, in ``output_dir``; ``ckpt`` in their names is the
+vision checkpoint's file name up to its first dot.
 """
 
 import dataclasses
@@ -46,12 +56,25 @@ from omegaconf import DictConfig
 from torchtune import config
 
 from medcap.config import FREE_TEXT, GenerateConfig, from_config, plain, run_recipe, save_resolved
-from medcap.eval import ImageLoader, checkpoint_name, run_test_metrics, run_test_omnimedvqa, run_test_vqarad
-from medcap.eval._benchmarks import BENCHMARKS, run_benchmark
-from medcap.eval._loop import Ranks, file_identity, folder_identity
+from medcap.eval import (
+    BenchmarkSuite,
+    CaptionSuite,
+    ImageLoader,
+    OmniMedVQASuite,
+    Ranks,
+    SuiteRun,
+    VQARADSuite,
+    checkpoint_name,
+    file_identity,
+    finish,
+    folder_identity,
+    pending_batches,
+    read_csv_rows,
+    results_lock,
+    resume_plan,
+)
 from medcap.generation import GenerationEngine, prompt_text
 from medcap.models import MedcapModel, load_model
-from medcap.models._checkpoint import resolve_dtype
 
 log = logging.getLogger("medcap.generate")
 
@@ -69,21 +92,18 @@ def read_config(cfg: Union[DictConfig, GenerateConfig]) -> GenerateConfig:
 
 
 class GenerateRecipe:
-    """Build the model once, then run the suites (or the single-shot mode) the config asks for."""
+    """One run: ``GenerateRecipe(cfg)``, ``setup()``, ``run()``, ``cleanup()``."""
 
     def __init__(self, cfg: Union[DictConfig, GenerateConfig]):
-        self.cfg = read_config(cfg)
+        self.cfg = read_config(cfg)  # unknown keys, bad values and missing files stop here
         self.ranks = self._setup_ranks(self.cfg.device)
         self.device = self._setup_device(self.cfg.device)
-        self.dtype = resolve_dtype(self.cfg.dtype)
         self.seed = self.cfg.seed if self.cfg.seed is not None else 0
         torch.manual_seed(self.seed)
 
     @staticmethod
     def _setup_ranks(device: str) -> Ranks:
-        """Under torchrun (``medcap run --nproc_per_node N generate ...``) every suite's
-        questions are shared out over the N processes, one per device; the files are
-        exactly those one process writes."""
+        """distributed: torchrun's processes; each suite's questions are shared out over them."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
             return Ranks()
@@ -106,6 +126,7 @@ class GenerateRecipe:
         return torch.device(name)
 
     # ------------------------------------------------------------------ setup
+
     def setup(self) -> None:
         cfg = self.cfg
         self.tokenizer = self._setup_tokenizer(cfg.tokenizer)
@@ -114,6 +135,29 @@ class GenerateRecipe:
         self.image_loader = ImageLoader(self.model.vision.visual.image_size)
         self.ckpt = checkpoint_name(cfg.vision_checkpoint)
         self.identity = self._identity(cfg)
+
+    def _setup_tokenizer(self, cfg_tokenizer: Dict[str, Any]):
+        tok = config.instantiate(DictConfig(cfg_tokenizer))
+        if getattr(tok, "max_seq_len", None):
+            log.info("tokenizer.max_seq_len is ignored at generation: prompts are checked against the model instead")
+        return tok
+
+    def _setup_model(self, cfg_model: Dict[str, Any], checkpointer, vision_checkpoint: Optional[str]) -> MedcapModel:
+        """The one model loader training uses too: built in dtype on the device, Llama
+        weights, the trained vision side, everything frozen."""
+        return load_model(
+            cfg_model, dataclasses.asdict(checkpointer), device=self.device, dtype=self.cfg.dtype,
+            tokenizer=self.tokenizer, vision_checkpoint=vision_checkpoint,
+        )
+
+    def _setup_engine(self, cfg: GenerateConfig) -> GenerationEngine:
+        if not cfg.enable_kv_cache:
+            log.warning("enable_kv_cache=False: the reference's slow path (one sample at a time, full recompute per token)")
+        return GenerationEngine(
+            self.model, self.tokenizer, batch_size=cfg.batch_size, temperature=float(cfg.temperature or 0.0),
+            top_k=cfg.top_k, seed=self.seed, use_cache=cfg.enable_kv_cache, compile=cfg.compile,
+            chunk_size=cfg.chunk_size or 4 * cfg.batch_size,
+        )
 
     def _identity(self, cfg: GenerateConfig) -> Dict[str, Any]:
         """What the results depend on, recorded beside each results file (and
@@ -130,71 +174,64 @@ class GenerateRecipe:
             "max_new_tokens": cfg.max_new_tokens,
         }
 
-    def _setup_tokenizer(self, cfg_tokenizer: Dict[str, Any]):
-        tok = config.instantiate(DictConfig(cfg_tokenizer))
-        if getattr(tok, "max_seq_len", None):
-            log.info("tokenizer.max_seq_len is ignored at generation: prompts are checked against the model instead")
-        return tok
-
-    def _setup_model(self, cfg_model: Dict[str, Any], checkpointer, vision_checkpoint: Optional[str]) -> MedcapModel:
-        """The one model loader training uses too: built in dtype on the device, Llama
-        weights, the trained vision side, everything frozen."""
-        return load_model(
-            cfg_model, dataclasses.asdict(checkpointer), device=self.device, dtype=self.dtype,
-            tokenizer=self.tokenizer, vision_checkpoint=vision_checkpoint,
-        )
-
-    def _setup_engine(self, cfg: GenerateConfig) -> GenerationEngine:
-        if not cfg.enable_kv_cache:
-            log.warning("enable_kv_cache=False: the reference's slow path (one sample at a time, full recompute per token)")
-        return GenerationEngine(
-            self.model, self.tokenizer, batch_size=cfg.batch_size, temperature=float(cfg.temperature or 0.0),
-            top_k=cfg.top_k, seed=self.seed, use_cache=cfg.enable_kv_cache, compile=cfg.compile,
-            chunk_size=cfg.chunk_size or 4 * cfg.batch_size,
-        )
-
     # ------------------------------------------------------------------ run
+
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
-        out = Path(cfg.output_dir)
-        limit = None
-        if cfg.debug:
-            # A few samples into a separate folder, so a debug run never passes for a real one.
-            out = out / "debug"
-            limit = cfg.debug_samples
-            log.info("debug: %d samples per suite, files in %s", limit, out)
+        run = self._suite_run(cfg)
         if cfg.suites() and self.ranks.rank == 0:
-            log.info("config as run: %s", save_resolved(cfg, out, f"generate-{self.ckpt}.config.yaml"))
-        common = dict(
-            output_dir=out, ckpt=self.ckpt, image_loader=self.image_loader, limit=limit,
-            progress=cfg.progress, identity=self.identity, overwrite=cfg.overwrite, ranks=self.ranks,
-        )
+            log.info("config as run: %s", save_resolved(cfg, run.output_dir, f"generate-{self.ckpt}.config.yaml"))
         results: Dict[str, Any] = {}
         t0 = time.perf_counter()
         if cfg.image_paths() and self.ranks.rank == 0:
             results["single"] = self.single_shot(cfg.image_paths(), cfg.prompt, cfg.max_new_tokens)
-        if cfg.test_metrics:
-            results["test_metrics"] = run_test_metrics(
-                self.engine, dataset_source=str(cfg.dataset_source), max_new_tokens=cfg.max_new_tokens, **common
-            )
-        vqa = dict(dataset_source=str(cfg.dataset_source), vqa_type=cfg.vqa_type, max_seq_len=cfg.dataset_max_seq_len,
-                   max_new_tokens=cfg.max_new_tokens)
-        if cfg.test_vqarad:
-            results["test_vqarad"] = run_test_vqarad(self.engine, **vqa, **common)
-        if cfg.test_omnimedvqa:
-            results["test_omnimedvqa"] = run_test_omnimedvqa(
-                self.engine, **vqa, test_chunk_idx=cfg.test_chunk_idx, test_chunk=cfg.test_chunk,
-                scoring=cfg.vqa_scoring, include_modality_key=cfg.omnimedvqa_include_modality_key,
-                file_order=cfg.omnimedvqa_file_order, **common,
-            )
-        for suite in BENCHMARKS:  # the field's benchmarks: SLAKE, PathVQA, VQA-RAD (HF), PMC-VQA, your questions
-            if getattr(cfg, suite):
-                results[suite] = run_benchmark(self.engine, suite, **vqa, scoring=cfg.vqa_scoring, q_lang=cfg.q_lang,
-                                               **common)
+        for name in cfg.suites():
+            results[name] = self.run_suite(self._setup_suite(name, run), run)
         if cfg.debug and self.ranks.rank == 0:
             _show_rows(results)
         log.info("done in %.1f s", time.perf_counter() - t0)
         return results
+
+    def _suite_run(self, cfg: GenerateConfig) -> SuiteRun:
+        """What every suite of this run shares: where its files go, the model's identity, ..."""
+        out, limit = Path(cfg.output_dir), None
+        if cfg.debug:
+            # A few samples into a separate folder, so a debug run never passes for a real one.
+            out, limit = out / "debug", cfg.debug_samples
+            log.info("debug: %d samples per suite, files in %s", limit, out)
+        return SuiteRun(output_dir=out, ckpt=self.ckpt, image_loader=self.image_loader, identity=self.identity,
+                        overwrite=cfg.overwrite, limit=limit, progress=cfg.progress, ranks=self.ranks)
+
+    def _setup_suite(self, name: str, run: SuiteRun):
+        cfg = self.cfg
+        vqa = dict(dataset_source=str(cfg.dataset_source), vqa_type=cfg.vqa_type, max_seq_len=cfg.dataset_max_seq_len,
+                   max_new_tokens=cfg.max_new_tokens)
+        if name == "test_metrics":
+            return CaptionSuite(run, dataset_source=str(cfg.dataset_source), max_new_tokens=cfg.max_new_tokens)
+        if name == "test_vqarad":
+            return VQARADSuite(run, **vqa)
+        if name == "test_omnimedvqa":
+            return OmniMedVQASuite(run, **vqa, test_chunk_idx=cfg.test_chunk_idx, test_chunk=cfg.test_chunk,
+                                   scoring=cfg.vqa_scoring, include_modality_key=cfg.omnimedvqa_include_modality_key,
+                                   file_order=cfg.omnimedvqa_file_order)
+        # the field's benchmarks: SLAKE, PathVQA, VQA-RAD (HF), PMC-VQA, your questions
+        return BenchmarkSuite(run, name, **vqa, scoring=cfg.vqa_scoring, q_lang=cfg.q_lang)
+
+    def run_suite(self, suite, run: SuiteRun) -> Dict[str, Any]:
+        """One suite, in the steps every suite takes (3a-f of the module docstring)."""
+        engine = self.engine
+        items = suite.read()  # a. its questions, from the data set (what was skipped is reported)
+        with results_lock(suite.raw_path, run.ranks):  # one writer per results file
+            plan = resume_plan(suite, items, run)  # b. what is on disk: continue, reuse, or refuse
+            for batch in pending_batches(plan, engine):  # c. the rows still to make, images loaded
+                rows = suite.make_rows(engine, batch.items, batch.images)  # d. prompts, generation
+                plan.write(batch, rows)  # on disk (fsync'd) before the next batch
+            rows = finish(plan)  # e. the final file, in item order
+            if run.ranks.rank != 0:  # distributed: rank 0 scores, once every rank's rows are in
+                return {"raw_path": str(suite.raw_path), "rows": len(rows), "left_out": plan.left_out}
+            result = suite.score(engine, rows, plan.left_out)  # f. scores, from the rows on disk
+        suite.report(result)
+        return result
 
     def single_shot(self, images: List[str], prompt: Optional[str], max_new_tokens: int) -> List[Dict[str, str]]:
         """Caption each image (no prompt) or answer ``prompt`` about it; printed and returned."""
@@ -211,11 +248,17 @@ class GenerateRecipe:
             out.append({"image": p, "prompt": prompt or "", "generated": t})
         return out
 
+    # ------------------------------------------------------------------ cleanup
+
+    def cleanup(self) -> None:
+        if self.ranks.world > 1:  # distributed: leave the process group
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
 
 def _show_rows(results: Dict[str, Any], n: int = 2) -> None:
     """debug: print the first prompts and outputs of each suite's raw file."""
-    from medcap.eval import read_csv_rows
-
     for suite, res in results.items():
         path = res.get("raw_path") if isinstance(res, dict) else None
         if not path or not Path(path).exists():
@@ -231,10 +274,7 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
     try:
         return recipe.run()
     finally:
-        if recipe.ranks.world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        recipe.cleanup()
 
 
 def recipe_main(argv: Optional[List[str]] = None) -> int:

@@ -1,6 +1,13 @@
-"""Evaluation: the reference's suites (captioning metrics, VQA-RAD, OmniMedVQA)
-run through one resumable loop, the two-step VQA protocol, scoring, the judge,
-and ``rescore`` (every number recomputed from the rows on disk).
+"""Evaluation: the reference's suites (captioning metrics, VQA-RAD, OmniMedVQA) and the
+field's benchmarks, each run in the steps ``recipes/generate.py`` takes; the two-step
+VQA protocol, scoring, the judge, and ``rescore`` (every number recomputed from the
+rows on disk).
+
+Modules: ``_run`` (the context and the steps), ``_results`` (results files and their
+records), ``_protocol`` (the two-step VQA protocol), ``_choices`` (a choice read as a
+letter), one module per suite (``_captions``, ``_vqarad``, ``_omnimedvqa``,
+``_benchmarks`` with ``_benchmark_readers`` and ``_benchmark_scores``), and the
+commands ``_judge``, ``_rescore``, ``_report``.
 
 Names are imported when first used, so ``tools/judge.py --help`` and
 ``medcap rescore -h`` start without loading torch.
@@ -8,38 +15,47 @@ Names are imported when first used, so ``tools/judge.py --help`` and
 
 from medcap import lazy_attrs
 
-# public name -> the module that defines it (relative to this package when it starts with _)
+# public name -> the module of this package that defines it
 _EXPORTS = {
-    # the one loop and its items
-    "EvalItem": "_loop",
-    "run_items": "_loop",
-    "results_lock": "_loop",
-    # the suites (what recipes/generate.py runs) and their config
-    "GenerateConfig": "medcap.config",
-    "ImageLoader": "_suites",
-    "checkpoint_name": "_suites",
-    "run_test_metrics": "_suites",
-    "run_test_vqarad": "_suites",
-    "run_test_omnimedvqa": "_suites",
-    "VQA_TYPES": "_suites",
-    "run_vqa": "_suites",
+    # one suite's run: its context, and the steps recipes/generate.py takes
+    "SuiteRun": "_run",
+    "Ranks": "_run",
+    "EvalItem": "_run",
+    "ImageLoader": "_run",
+    "checkpoint_name": "_run",
+    "resume_plan": "_run",
+    "pending_batches": "_run",
+    "finish": "_run",
+    "results_lock": "_results",
+    "file_identity": "_results",
+    "folder_identity": "_results",
+    "read_csv_rows": "_results",
+    # the suites, and each run whole
+    "CaptionSuite": "_captions",
+    "VQARADSuite": "_vqarad",
+    "OmniMedVQASuite": "_omnimedvqa",
+    "BenchmarkSuite": "_benchmarks",
+    "run_test_metrics": "_captions",
+    "run_test_vqarad": "_vqarad",
+    "run_test_omnimedvqa": "_omnimedvqa",
+    "run_benchmark": "_benchmarks",
+    "VQA_TYPES": "_protocol",
+    "run_vqa": "_protocol",
     # data sets
-    "read_caption_set": "_suites",
-    "read_vqarad": "_suites",
-    "read_omnimedvqa": "_suites",
+    "read_caption_set": "_captions",
+    "read_vqarad": "_vqarad",
+    "read_omnimedvqa": "_omnimedvqa",
+    "OMNIMEDVQA_MODALITIES": "_omnimedvqa",
     # scores
-    "score_file": "_scoring",
-    "letter_prompt": "_scoring",
-    "LETTER_INSTRUCTION": "_scoring",
-    "caption_metrics": "_scoring",
-    "check_java": "_scoring",
+    "score_file": "_omnimedvqa",
+    "letter_prompt": "_choices",
+    "LETTER_INSTRUCTION": "_choices",
+    "caption_metrics": "_captions",
+    "check_java": "_captions",
     "rescore": "_rescore",
-    "read_csv_rows": "_loop",
     "judge_main": "_judge",
 }
 
 __all__ = sorted(_EXPORTS)
 
-__getattr__, __dir__ = lazy_attrs(
-    __name__, {name: f"medcap.eval.{module}" if module.startswith("_") else module for name, module in _EXPORTS.items()}
-)
+__getattr__, __dir__ = lazy_attrs(__name__, {name: f"medcap.eval.{module}" for name, module in _EXPORTS.items()})

@@ -24,8 +24,8 @@ import logging
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-
-from medcap.eval._loop import CsvJournal, accuracy_name, cell, read_csv_rows
+from medcap._io import progress as progress_bar
+from medcap.eval._results import CsvJournal, accuracy_name, cell, read_csv_rows
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +152,12 @@ def eval_vqa(
         a["instruction"] != cell(p) or a["image"] != cell(r.get("image", "")) for a, p, r in zip(journal.rows(), prompts, rows)
     ):
         raise ValueError(f"{partial} does not match {csv_path}; move it away to judge again")
-    from tqdm import tqdm
-
-    for r, prompt in tqdm(list(zip(rows, prompts))[len(journal) :], initial=len(journal), total=len(rows), desc="judging",
-                          disable=not progress):
+    bar = progress_bar(len(rows) - len(journal), "judging", "row", enabled=progress)  # a bar on a terminal only
+    for r, prompt in list(zip(rows, prompts))[len(journal) :]:
         reply = chat([{"role": "user", "content": prompt}])
         journal.append([{"image": r.get("image", ""), "instruction": prompt, "generated": reply}])
+        bar.update(1)
+    bar.close()
     done = journal.rows()
     right = sum(is_right(r["generated"]) for r in done)
     acc = right / len(done) if done else float("nan")

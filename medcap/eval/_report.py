@@ -5,7 +5,7 @@ folder when several folders are given), columns the suites. Each cell is
 recomputed from the rows on disk, never copied from a summary:
 
 * SLAKE, PathVQA, VQA-RAD (HF), PMC-VQA, questions: ``overall``, MedEvalKit's
-  total accuracy (``medcap.eval._benchmarks``), from the newest scored file
+  total accuracy (``medcap.eval._benchmark_scores``), from the newest scored file
   ``{prefix}-{vqa_type}-raw-{ckpt}-{acc}.csv``;
 * OmniMedVQA: the reference's macro accuracy over modalities (letter mapping,
   or log-likelihood), from ``omnimedvqa-...-raw-{ckpt}-{idx}_{chunk}-{acc}.csv``.
@@ -24,6 +24,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from medcap._io import atomic_write_text
+from medcap.eval._results import read_csv_rows, write_csv_atomic
+
 HEADER = ("scores in % of questions; SLAKE, PathVQA, VQA-RAD (HF), PMC-VQA, questions: MedEvalKit's total accuracy "
           "(closed: yes/no read from the reply, open: exact match, choice: mapped letter), micro over questions; "
           "OmniMedVQA: the reference's macro accuracy over modalities")
@@ -32,7 +35,7 @@ _SCORED = re.compile(r"^(?P<prefix>[a-z]+)-(?P<vqa>[a-z_]+)-raw-(?P<ckpt>.+?)(?P
 
 
 def _title(prefix: str) -> Optional[str]:
-    from medcap.eval._benchmarks import PREFIX_TITLES
+    from medcap.eval._benchmark_readers import PREFIX_TITLES
 
     if prefix == "omnimedvqa":
         return "OmniMedVQA"
@@ -40,14 +43,12 @@ def _title(prefix: str) -> Optional[str]:
 
 
 def _score(prefix: str, path: Path) -> float:
-    from medcap.eval._loop import read_csv_rows
-
     rows = read_csv_rows(path)
     if prefix == "omnimedvqa":
-        from medcap.eval._scoring import accuracy_by_modality
+        from medcap.eval._omnimedvqa import accuracy_by_modality
 
         return accuracy_by_modality(rows)[0] if rows else float("nan")
-    from medcap.eval._benchmarks import HEADLINE, summarize
+    from medcap.eval._benchmark_scores import HEADLINE, summarize
 
     value = summarize(rows)[HEADLINE]
     return float("nan") if value is None else value
@@ -93,9 +94,6 @@ def table_lines(rows: List[str], columns: List[str], scores: Dict[Tuple[str, str
 
 
 def write_report(out: Path, rows, columns, scores) -> List[Path]:
-    from medcap._io import atomic_write_text
-    from medcap.eval._loop import write_csv_atomic
-
     out.parent.mkdir(parents=True, exist_ok=True)
     csv_path = write_csv_atomic(out.with_name(out.name + ".csv"), ["checkpoint"] + columns, [
         {"checkpoint": r, **{c: ("" if scores.get((r, c)) is None or math.isnan(scores[(r, c)]) else f"{scores[(r, c)]:.6f}")

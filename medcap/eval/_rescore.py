@@ -19,7 +19,7 @@ OmniMedVQA raw         ``nearest_macro``/``nearest_micro``
 judged (``-70B_``)     ``judge_accuracy``: replies containing "right" (what the name states)
 ``metrics-raw-CKPT``   the seven caption metrics, compared with ``metrics-CKPT.csv`` (Java)
 benchmarks (SLAKE,     ``overall`` (MedEvalKit's total accuracy), closed accuracy, open exact
-PathVQA, VQA-RAD HF,   match / token recall / token F1, choice accuracy (``_benchmarks``),
+PathVQA, VQA-RAD HF,   match / token recall / token F1, choice accuracy (``_benchmark_scores``),
 PMC-VQA, questions)    beside the file's name, ``correct`` column and ``-summary.json``
 =====================  ==================================================================
 """
@@ -36,13 +36,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from medcap.eval._results import read_csv_rows
+
 TOLERANCE = 1e-6
-
-
-def _read(path: Path) -> List[Dict[str, str]]:
-    from medcap.eval._loop import read_csv_rows
-
-    return read_csv_rows(path)
 
 
 def _options(row: Dict[str, str]) -> Dict[str, str]:
@@ -81,7 +77,7 @@ def _stated_accuracy(path: Path) -> Optional[float]:
 
 
 def rescore_omnimedvqa(path: Path, rows: List[Dict[str, str]]) -> Dict[str, Any]:
-    from medcap.eval._scoring import is_correct
+    from medcap.eval._choices import is_correct
 
     out: Dict[str, Any] = {"file": str(path), "kind": "omnimedvqa", "rows": len(rows), "scores": OrderedDict()}
     scores = out["scores"]
@@ -130,7 +126,7 @@ def rescore_judged(path: Path, rows: List[Dict[str, str]]) -> Dict[str, Any]:
 
 
 def rescore_metrics(path: Path, rows: List[Dict[str, str]]) -> Dict[str, Any]:
-    from medcap.eval._scoring import caption_metrics
+    from medcap.eval._captions import caption_metrics
 
     stated: Dict[str, float] = {}
     metrics_file = path.with_name(path.name.replace("metrics-raw-", "metrics-", 1))
@@ -143,21 +139,63 @@ def rescore_metrics(path: Path, rows: List[Dict[str, str]]) -> Dict[str, Any]:
     return {"file": str(path), "kind": "captioning", "rows": len(rows), "metrics_file": str(metrics_file),
             "scores": {k: {"file": stated.get(k), "recomputed": v} for k, v in mine.items()}}
 
+_SUMMARY_KEYS = (("closed", "accuracy"), ("open", "exact_match"), ("open", "token_recall"), ("open", "token_f1"),
+                 ("choice", "accuracy"))
+
+
+def rescore_benchmark(path: Path, rows: List[Dict[str, str]], stated_overall: Optional[float]) -> Dict[str, Any]:
+    """A benchmark file (rows with ``answer_type``): every score recomputed from the rows,
+    next to what the file's name, its ``correct`` column and its summary state. A raw
+    file's choice rows are read by the nearest option (no model)."""
+    from medcap.eval._benchmark_scores import HEADLINE, row_scores, summarize
+
+    scored = "correct" in rows[0]
+    if scored:
+        mine = summarize(rows)
+        column = [int(r["correct"]) for r in rows if r.get("correct", "") != ""]
+    else:
+        letters = [nearest_option(r.get("generated", ""), _options(r)) if r.get("answer_type") == "choice" else ""
+                   for r in rows]
+        mine = summarize([{**r, "predict": L} for r, L in zip(rows, letters)])
+    stated = _summary_beside(path)
+    scores: Dict[str, Any] = {}
+    if scored:
+        scores[HEADLINE] = {"file": stated_overall if stated_overall is not None else stated.get(HEADLINE),
+                            "recomputed": mine[HEADLINE]}
+        scores["correct_column_agrees"] = {"file": sum(column), "recomputed": sum(
+            s["correct"] for s in (row_scores(r) for r in rows) if s is not None)}
+    else:
+        scores[f"{HEADLINE} (nearest option)" if any(r.get("answer_type") == "choice" for r in rows) else HEADLINE] = {
+            "file": None, "recomputed": mine[HEADLINE]}
+    for kind, name in _SUMMARY_KEYS:
+        if kind in mine:
+            scores[f"{kind}_{name}"] = {"file": stated.get(kind, {}).get(name) if scored else None,
+                                        "recomputed": mine[kind][name]}
+    return {"file": str(path), "kind": "benchmark" + ("" if scored else " (raw)"), "rows": len(rows), "scores": scores}
+
+
+def _summary_beside(path: Path) -> Dict[str, Any]:
+    """The ``-summary.json`` of a raw file or of its scored file (``{raw}-{acc}.csv``)."""
+    stem = re.sub(r"-(\d+(\.\d+)?(e-?\d+)?|nan)$", "", path.stem)
+    p = path.with_name(stem + "-summary.json")
+    try:
+        return json.loads(p.read_text(encoding="utf-8")).get("scores", {}) if p.is_file() else {}
+    except ValueError:
+        return {}
+
 
 def rescore(path: str | Path) -> Dict[str, Any]:
     """Recompute every score of one results file (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such results file: {str(path)!r}")
-    rows = _read(path)
+    rows = read_csv_rows(path)
     if not rows:
         return {"file": str(path), "kind": "empty", "rows": 0, "scores": {}}
     cols = set(rows[0])
     if "-70B_" in path.name and {"instruction", "generated"} <= cols and "output" not in cols:
         return rescore_judged(path, rows)
     if {"answer_type", "output", "generated"} <= cols:  # SLAKE, PathVQA, VQA-RAD (HF), PMC-VQA, questions
-        from medcap.eval._benchmarks import rescore_benchmark
-
         return rescore_benchmark(path, rows, _stated_accuracy(path))
     if {"option_A", "option_B", "output", "generated"} <= cols:
         return rescore_omnimedvqa(path, rows)

@@ -130,7 +130,7 @@ def test_demo_generate_config_leaves_every_description_its_budget(tmp_path):
 
     from medcap.demo._bpe import build_tokenizer
     from medcap.demo._world import QUESTION_TYPES
-    from medcap.eval._suites import VQA_TYPES, description_budget
+    from medcap.eval._protocol import VQA_TYPES, description_budget
 
     cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "recipes" / "configs" / "demo" / "generate.yaml")
     build_tokenizer(tmp_path, DemoSettings().bpe_merges)

@@ -150,16 +150,17 @@ class _Stop(Exception):
 
 def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(gen_assets, gen_config, gen_recipe_module,
                                                                     bench_data, tmp_path):
-    from medcap.eval._benchmarks import run_benchmark
+    from medcap.eval import SuiteRun, run_benchmark
 
     def run(out, on_batch=None):
         cfg = gen_config(gen_assets, out, dataset_source=bench_data["root"], test_slake=True, batch_size=1)
         r = gen_recipe_module.GenerateRecipe(cfg)
         r.setup()
-        return run_benchmark(r.engine, "test_slake", dataset_source=bench_data["root"], output_dir=out, ckpt=r.ckpt,
+        context = SuiteRun(output_dir=out, ckpt=r.ckpt, image_loader=r.image_loader, identity=r.identity,
+                           progress=False, on_batch=on_batch)
+        return run_benchmark(r.engine, "test_slake", context, dataset_source=bench_data["root"],
                              vqa_type="no_cond_desc", max_seq_len=r.cfg.dataset_max_seq_len,
-                             max_new_tokens=r.cfg.max_new_tokens, image_loader=r.image_loader, identity=r.identity,
-                             progress=False, on_batch=on_batch)
+                             max_new_tokens=r.cfg.max_new_tokens)
 
     def stop_after_two(n):
         if n >= 2:

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medcap.eval import read_csv_rows
-from medcap.eval._suites import OMNIMEDVQA_MODALITIES
+from medcap.eval import OMNIMEDVQA_MODALITIES, read_csv_rows
 from medcap.generation import GenerationEngine, question_from_instruction
 
 RAW = ["image", "instruction", "output", "generated"]

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from medcap.eval import judge_main, read_csv_rows
-from medcap.eval._loop import write_csv_atomic
 from medcap.eval._judge import Judge, chat_loop, eval_vqa, is_right, judge_prompt, quantization_config
-from medcap.eval._suites import OMNIMEDVQA_EXTRA_COLUMNS, RAW_COLUMNS, answer_messages
+from medcap.eval._protocol import answer_messages
+from medcap.eval._results import write_csv_atomic
+from medcap.eval._run import RAW_COLUMNS
 from medcap.generation import build_prompt, prompt_text
 
 REPO = Path(__file__).resolve().parents[2]
@@ -170,3 +171,30 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "none.csv' does not exist" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="judge model folder"):
         Judge(str(tmp_path / "no_model"), bit=4)
+
+
+def test_a_run_into_a_log_file_writes_no_carriage_return(llama3_tok, tmp_path):
+    """stdout and stderr are pipes (a job's log), not a terminal: progress comes as plain
+    lines, never a bar redrawn with ``\\r``."""
+    import subprocess
+    import textwrap
+
+    raw = tmp_path / "vqarad-no_cond_desc-raw-ck.csv"
+    _raw_file(raw, llama3_tok, [("Yes.", "yes"), ("No", "yes"), ("left", "left")])
+    script = textwrap.dedent(f"""
+        from medcap.eval import judge_main
+
+        class Judge:
+            def __init__(self, path, bit, max_new_tokens):
+                pass
+
+            def chat(self, messages):
+                return "RIGHT"
+
+        raise SystemExit(judge_main(["--exp", "eval_vqa", "--csv-path", {str(raw)!r}], judge_factory=Judge))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert b"\r" not in done.stdout + done.stderr
+    assert b"judging: 3/3" in done.stderr  # the progress, as a line
+    assert b"accuracy: 1.00000 (3/3)" in done.stdout

@@ -1,56 +1,97 @@
-"""The scoring step: the reference's letter-mapping prompt, unreadable replies counted
-wrong with their own empty prediction, macro accuracy over modalities, the files."""
+"""OmniMedVQA: the reader in the reference's layout, with its quirks; chunks; the scoring
+step (letter mapping, unreadable replies counted wrong with their own empty prediction,
+macro accuracy over modalities, the files)."""
 
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
 import pytest
 
-from medcap.eval import letter_prompt, read_csv_rows, score_file
-from medcap.eval._loop import write_csv_atomic
-from medcap.eval._suites import OMNIMEDVQA_EXTRA_COLUMNS, RAW_COLUMNS, answer_messages
-from medcap.eval._scoring import LETTER_MAX_NEW_TOKENS, accuracy_by_modality, is_correct, read_letter
+from medcap.eval import read_csv_rows, read_omnimedvqa, score_file
+from medcap.eval._choices import LETTER_MAX_NEW_TOKENS, letter_prompt
+from medcap.eval._omnimedvqa import (
+    OMNIMEDVQA_EXTRA_COLUMNS,
+    OMNIMEDVQA_MODALITIES,
+    accuracy_by_modality,
+    chunk_bounds,
+    select_chunk,
+)
+from medcap.eval._protocol import answer_messages
+from medcap.eval._results import write_csv_atomic
+from medcap.eval._run import RAW_COLUMNS, drop_missing_images
 from medcap.generation import build_prompt, prompt_text
+from medcap.testing import make_omnimedvqa_layout
 
-TAIL = "Based on the question and our answer, respond with only the letter of the correct option from the given choices."
 
-
-def test_letter_prompt_is_the_references():
-    four = {"A": "CT", "B": "MRI", "C": "X-ray", "D": "PET"}
-    assert letter_prompt("Which modality?", "It is a CT scan.", four) == (
-        "Question: Which modality?\nOur answer: It is a CT scan.\nA. CT\nB. MRI\nC. X-ray\nD. PET\n\n" + TAIL
+def test_the_eight_modalities_are_the_datasets_own_spellings():
+    assert OMNIMEDVQA_MODALITIES == (
+        "CT(Computed Tomography)", "X-Ray", "Dermoscopy", "Fundus Photography",
+        "OCT (Optical Coherence Tomography", "ultrasound", "MR (Mag-netic Resonance Imaging)", "Microscopy Images",
     )
-    assert letter_prompt("Q", "G", {"A": "yes", "B": "no"}) == "Question: Q\nOur answer: G\nA. yes\nB. no\n\n" + TAIL
-    # The reference's rule: when C or D is given, both lines are listed (an absent one empty).
-    assert letter_prompt("Q", "G", {"A": "a", "B": "b", "C": "c"}) == "Question: Q\nOur answer: G\nA. a\nB. b\nC. c\nD. \n\n" + TAIL
-    assert letter_prompt("Q", "G", {"A": "a", "B": "b", "C": "", "D": "d"}) == (
-        "Question: Q\nOur answer: G\nA. a\nB. b\nC. \nD. d\n\n" + TAIL)
 
 
-@pytest.mark.parametrize(
-    "reply,expect",
-    [("B", "B"), ("b. MRI", "B"), ("  c", "C"), ("", ""), ("   ", ""), ("D", "D"), ("The answer is A", "T"), ("?", "?")],
-)
-def test_read_letter_is_the_first_character_upper_cased(reply, expect):
-    assert read_letter(reply) == expect
+def test_omnimedvqa_reader_keeps_exact_spellings_and_handles_quirks(tmp_path):
+    info = make_omnimedvqa_layout(tmp_path, per_modality=2)
+    items, report = read_omnimedvqa(tmp_path)
+    # The record keyed `modality` is left out, as the reference's filter on `modality_type` leaves it out.
+    assert len(items) == info["kept"] == report["kept"] == 15
+    assert report["modality_key_instead_of_modality_type"] == info["modality_key"] == 1
+    assert report["left_out_modality_key"] == 1
+    assert report["no_option_C"] == info["no_option_C"]
+    assert sorted(report["excluded_modalities"]) == sorted(
+        ["MR (Magnetic Resonance Imaging)", "OCT (Optical Coherence Tomography)", "Ultrasound"])
+    assert set(report["per_modality"]) == set(OMNIMEDVQA_MODALITIES)
+    # The order is the reference's: the kept records in file order, shuffled by random.Random(0).
+    qa = Path(tmp_path) / "OmniMedVQA" / "QA_information" / "Open-access"
+    recs = [r for f in sorted(qa.glob("*.json")) for r in json.loads(f.read_text())]
+    kept = [r for r in recs if r.get("modality_type", "") in OMNIMEDVQA_MODALITIES]
+    random.Random(0).shuffle(kept)
+    assert [it.extra["question_id"] for it in items] == [r["question_id"] for r in kept]
+    assert [it.answer for it in items] == [r["gt_answer"] for r in kept]
+    for it, r in zip(items, kept):
+        assert it.image == r["image_path"]  # the data set's own value, written in the `image` column
+        assert it.file == str(Path(tmp_path) / "OmniMedVQA" / r["image_path"])
+        assert it.extra["option_C"] == r.get("option_C", "") and it.extra["option_D"] == r.get("option_D", "")
+        assert it.options() == {L: r[f"option_{L}"] for L in "ABCD" if f"option_{L}" in r}
+    assert len({it.key for it in items}) == len(items)
+    present, missing = drop_missing_images(items)
+    assert len(missing) == info["missing_images"] == 1 and len(present) == 14
+    assert all(Path(it.file).is_file() for it in present)
+    # The option brings the `modality` record in, where its file order puts it.
+    more, report = read_omnimedvqa(tmp_path, include_modality_key=True)
+    assert len(more) == 16 and report["modality_key_instead_of_modality_type"] == 1
+    assert "left_out_modality_key" not in report
 
 
-@pytest.mark.parametrize(
-    "letter,options,answer,expect",
-    [("B", {"A": "CT", "B": "MRI"}, "MRI", 1),
-     ("A", {"A": "CT", "B": "MRI"}, "MRI", 0),
-     ("C", {"A": "CT", "B": "MRI"}, "MRI", 0),  # names an absent option
-     ("T", {"A": "CT", "B": "MRI"}, "CT", 0),  # not a letter of A-D
-     ("", {"A": "CT", "B": "MRI"}, "CT", 0),
-     ("A", {"A": "yes", "B": "yes"}, "yes", 1),  # duplicates: the first equal option is the answer's
-     ("B", {"A": "yes", "B": "yes"}, "yes", 0),
-     ("A", {"A": "CT", "B": "MRI"}, "PET", 0)],  # the answer is no option
-)
-def test_correct_is_the_references_position_rule(letter, options, answer, expect):
-    assert is_correct(letter, options, answer) == expect
+@pytest.mark.parametrize("n,chunks", [(2600, 50), (120, 50), (1000, 3), (49, 2), (0, 4)])
+def test_chunks_cover_everything_once_with_the_intended_sizes(n, chunks):
+    size = max(n // chunks, 50)
+    seen = []
+    for i in range(chunks):
+        lo, hi = chunk_bounds(n, i, chunks)
+        if i < chunks - 1:
+            assert hi - lo == min(size, max(0, n - lo)) and lo == min(n, i * size)
+        else:
+            assert hi == n
+        seen += list(range(lo, hi))
+    assert seen == list(range(n))
+
+
+def test_select_chunk_only_when_asked():
+    items = list(range(130))
+    # Without test_chunk_idx everything runs, under the reference's name for that launch line (0_50).
+    assert select_chunk(items, None, 50) == (items, (0, 50))
+    assert select_chunk(items, None, 7) == (items, (0, 7))
+    part, name = select_chunk(items, 1, 50)
+    assert part == items[50:100] and name == (1, 50)
+    assert select_chunk(items, 49, 50)[0] == []
+    assert select_chunk(items, 1, 2)[0] == items[65:]
+    with pytest.raises(ValueError, match="test_chunk_idx"):
+        select_chunk(items, 50, 50)
 
 
 # (modality, gt option letter, options, scripted reply)

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from medcap.eval._loop import write_csv_atomic
-from medcap.eval._suites import OMNIMEDVQA_EXTRA_COLUMNS, RAW_COLUMNS
+from medcap.eval._omnimedvqa import OMNIMEDVQA_EXTRA_COLUMNS
 from medcap.eval._rescore import nearest_option, rescore, rescore_main
+from medcap.eval._results import write_csv_atomic
+from medcap.eval._run import RAW_COLUMNS
 
 COLS = list(RAW_COLUMNS) + list(OMNIMEDVQA_EXTRA_COLUMNS) + ["predict_generated", "predict", "correct"]
 

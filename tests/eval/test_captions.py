@@ -1,11 +1,16 @@
-"""Captioning metrics against pycocoevalcap's own scorers, and the missing-Java error."""
+"""Captioning: the caption set's reader, the metrics against pycocoevalcap's own scorers,
+and the missing-Java error."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from medcap.eval import caption_metrics, check_java, run_test_metrics
-from medcap.eval._scoring import METRIC_NAMES, JavaNotFoundError, write_metrics_csv
+from medcap.eval import SuiteRun, caption_metrics, check_java, read_caption_set, run_test_metrics
+from medcap.eval._captions import METRIC_NAMES, JavaNotFoundError, write_metrics_csv
+from medcap.testing import make_caption_dataset
 
 REFS = [
     "A small lesion in the left lower lobe.",
@@ -64,5 +69,19 @@ def test_missing_java_is_a_clear_error_before_any_work(tmp_path, monkeypatch):
             raise AssertionError("generation must not start without Java")
 
     with pytest.raises(JavaNotFoundError):
-        run_test_metrics(NoEngine(), dataset_source=str(tmp_path / "x.json"), output_dir=tmp_path, ckpt="c",
-                         max_new_tokens=4, image_loader=None, progress=False)
+        run_test_metrics(NoEngine(), SuiteRun(output_dir=tmp_path, ckpt="c", image_loader=None, progress=False),
+                         dataset_source=str(tmp_path / "x.json"), max_new_tokens=4)
+
+
+def test_caption_set_prompt_is_the_conversation_before_the_first_answer(tmp_path):
+    path = make_caption_dataset(tmp_path, n=3, image_size=32)
+    recs = json.loads(path.read_text())
+    recs[1]["conversations"][0]["value"] += "\n\nDescribe the image."
+    recs.append({"conversations": [{"from": "gpt", "value": "no question"}], "image": "x.png", "meta": f"dir={tmp_path}"})
+    path.write_text(json.dumps(recs))
+    items, report = read_caption_set(path)
+    assert report["bad"] == 1 and len(items) == 3
+    assert [it.answer for it in items] == [r["conversations"][1]["value"] for r in recs[:3]]
+    assert items[1].messages == [{"role": "user", "content": "<image>\n\nDescribe the image."}]
+    assert [it.image for it in items] == [r["image"] for r in recs[:3]]  # the record's own value
+    assert all(Path(it.file).is_file() and Path(it.file).name == Path(it.image).name for it in items)

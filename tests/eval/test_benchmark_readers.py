@@ -12,7 +12,7 @@ from medcap.data import BadSample
 from medcap.testing import (
     make_hf_parquet_layout, make_pmcvqa_layout, make_questions_file, make_slake_layout,
 )
-from medcap.eval._benchmarks import (
+from medcap.eval._benchmark_readers import (
     benchmark_loader, decode_image_bytes, read_hf_parquet, read_pmcvqa, read_questions, read_slake,
 )
 

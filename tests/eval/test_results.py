@@ -1,5 +1,5 @@
 """Resumable results files: a run cut at any byte continues after the last complete
-row, and the finished file equals an uninterrupted run's."""
+row, and the finished file equals an uninterrupted run's; one writer per file."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import csv
 import pytest
 
 from medcap.eval import read_csv_rows
-from medcap.eval._loop import CsvJournal, JsonlCache
+from medcap.eval._results import CsvJournal, JsonlCache
 
 COLUMNS = ["image", "instruction", "output", "generated"]
 ROWS = [
@@ -130,7 +130,7 @@ def test_a_second_writer_is_refused_at_once_naming_the_holder(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, time
-            from medcap.eval._loop import results_lock
+            from medcap.eval import results_lock
             with results_lock({str(raw)!r}):
                 print("held", flush=True)
                 time.sleep(60)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from medcap.eval._benchmarks import closed_correct, exact_match, summarize, token_scores
+from medcap.eval._benchmark_scores import closed_correct, exact_match, summarize, token_scores
 
 
 @pytest.mark.parametrize("answer, reply, right", [
@@ -60,23 +60,3 @@ def test_summary_overall_is_right_answers_over_all_questions():
     assert s["open"]["token_recall"] == pytest.approx(0.75)
     assert s["choice"] == {"n": 1, "accuracy": 1.0}
     assert (s["scored"], s["unscored"]) == (5, 1)
-
-
-def test_scoring_again_replaces_only_its_own_scored_file(tmp_path):
-    import shutil
-    from pathlib import Path
-
-    from medcap.eval._benchmarks import score_benchmark
-
-    src = tmp_path / "questions-no_cond_desc-raw-ck.csv"
-    with open(src, "w", encoding="utf-8", newline="") as f:
-        f.write("image,instruction,output,generated,question,answer,answer_type\n"
-                "a.png,p,yes,Yes.,q,yes,closed\nb.png,p,left lung,lung,q,left lung,open\n")
-    other = tmp_path / "questions-no_cond_desc-raw-ck-2.csv"  # the raw file of a checkpoint named ck-2
-    shutil.copy(src, other)
-    first = score_benchmark(None, src)
-    assert Path(first["scored_path"]).name == "questions-no_cond_desc-raw-ck-0.5.csv"
-    Path(first["scored_path"]).rename(tmp_path / "questions-no_cond_desc-raw-ck-0.25.csv")  # a stale scoring
-    second = score_benchmark(None, src)
-    assert Path(second["scored_path"]).exists() and other.exists()
-    assert not (tmp_path / "questions-no_cond_desc-raw-ck-0.25.csv").exists()

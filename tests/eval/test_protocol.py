@@ -9,13 +9,10 @@ from pathlib import Path
 import pytest
 
 from medcap.eval import VQA_TYPES, ImageLoader, read_csv_rows, read_omnimedvqa, run_vqa
-from medcap.eval._suites import (
-    OMNIMEDVQA_EXTRA_COLUMNS,
-    VQAItem,
-    answer_messages,
-    description_budget,
-    drop_missing_images,
-)
+from medcap.eval import EvalItem as VQAItem
+from medcap.eval._omnimedvqa import OMNIMEDVQA_EXTRA_COLUMNS
+from medcap.eval._protocol import answer_messages, description_budget
+from medcap.eval._run import drop_missing_images
 from medcap.generation import question_from_instruction
 from medcap.data import PLACEHOLDER_CHAR
 from medcap.testing import make_image, make_omnimedvqa_layout
@@ -192,7 +189,7 @@ def test_changed_settings_never_reuse_rows_or_descriptions(scripted, fake_image_
     raw.unlink()
     (tmp_path / "raw.run.json").unlink()
     engine = scripted(_reply, batch_size=2)
-    with caplog.at_level("INFO", logger="medcap.eval._loop"):
+    with caplog.at_level("INFO", logger="medcap.eval._results"):
         run_vqa(engine, items, max_new_tokens=30, identity={"vision_checkpoint": "B"}, **args)
     assert "discarding 3 cached entries" in caplog.text
     assert len([k for c in engine.calls for k in c[3] if k.startswith("desc:")]) == 3
