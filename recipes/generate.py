@@ -125,7 +125,7 @@ class GenerateRecipe:
             return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
         return torch.device(name)
 
-    # ------------------------------------------------------------------ setup
+    # ---- setup
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -174,7 +174,7 @@ class GenerateRecipe:
             "max_new_tokens": cfg.max_new_tokens,
         }
 
-    # ------------------------------------------------------------------ run
+    # ---- run
 
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
@@ -248,7 +248,7 @@ class GenerateRecipe:
             out.append({"image": p, "prompt": prompt or "", "generated": t})
         return out
 
-    # ------------------------------------------------------------------ cleanup
+    # ---- cleanup
 
     def cleanup(self) -> None:
         if self.ranks.world > 1:  # distributed: leave the process group

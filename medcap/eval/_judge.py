@@ -14,7 +14,11 @@ tokens, stopping at the end-of-sequence token or ``<|eot_id|>``.
   reference's columns: ``image``, ``instruction`` (the prompt the judge was
   given) and ``generated`` (its reply), from which ``medcap rescore``
   recomputes the accuracy. Rows are written as they are judged; a stopped run
-  continues from ``{RAW}-70B_{bit}bit.partial.csv``.
+  continues from ``{RAW}-70B_{bit}bit.partial.csv``. Progress is a bar on a
+  terminal and a plain line every 30 s in a log (``medcap._io.progress``).
+
+In this file, in order: the judge's settings and prompt, ``Judge`` (the model),
+``eval_vqa``, ``chat_loop``, and the command line (``judge_main``).
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ benchmarks (SLAKE,     ``overall`` (MedEvalKit's total accuracy), closed accurac
 PathVQA, VQA-RAD HF,   match / token recall / token F1, choice accuracy (``_benchmark_scores``),
 PMC-VQA, questions)    beside the file's name, ``correct`` column and ``-summary.json``
 =====================  ==================================================================
+
+In this file, in order: the nearest-option rule, one ``rescore_*`` per kind of file,
+``rescore`` (which tells the kind from the columns and the name), and the command.
 """
 
 from __future__ import annotations

@@ -1,18 +1,18 @@
-"""One suite's run, in the steps ``recipes/generate.py`` takes, and what every suite shares.
+"""One suite's run, in the steps ``recipes/generate.py`` takes, and what every suite works with.
 
 In this file, in order:
 
 * what a suite works with: ``EvalItem`` (one row to make), ``Ranks`` (the processes
   sharing a suite under torchrun), ``SuiteRun`` (the one context every suite gets:
   output folder, checkpoint name, image loader, identity, overwrite, limit, progress,
-  ranks), and ``ready_items`` (missing images left out, ``limit``, the report saved);
-* what made a results file: ``file_identity``/``folder_identity``, the ``.run.json``
-  record beside the file, ``results_lock`` (one writer per file);
-* the steps over one results file, in the order the recipe calls them:
+  ranks), and what the readers share (``ready_items``: questions whose image is
+  missing left out, ``limit``, the report saved beside the results file);
+* the steps over one results file, in the order the recipe takes them:
   ``resume_plan`` (what is on disk: continue it, reuse it, or refuse it),
-  ``pending_batches`` (the rows still to make, images loaded), ``Plan.write``
-  (each batch's rows fsync'd before the next), ``finish`` (the final file, in item
-  order, the same bytes whatever stopped the run or however many ranks made it);
+  ``pending_batches`` (the rows still to make, images loaded), ``Plan.write`` (each
+  batch's rows fsync'd before the next), ``finish`` (the final file in item order:
+  the same bytes whatever stopped the run and however many ranks made it); the
+  files and the record beside them are ``_results``'s;
 * ``make_file`` and ``run_suite``: the same steps in one call, for library users.
 
 The rules behind resuming and refusing: ``docs/internals.md`` (evaluation).
