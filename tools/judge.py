@@ -7,7 +7,7 @@
 Loads a local Hugging Face chat model (default ./models/llama3/Meta-Llama-3.1-70B-Instruct)
 with bitsandbytes in 4 bit (nf4, double quantisation, bf16 compute) or 8 bit, device_map=auto,
 local files only; greedy, up to 200 new tokens. ``eval_vqa`` asks, for each row, whether our
-answer is right and writes RAW-70B_{bit}bit-{accuracy:.4f}.csv next to RAW.csv (resumable).
+answer is right and writes RAW-70B_{bit}bit-{round(accuracy, 5)}.csv next to RAW.csv (resumable).
 The logic lives in medcap/eval/_judge.py. The older ``--snake_case`` spellings
 of the flags still work.
 """

@@ -200,7 +200,7 @@ class OmniMedVQASuite:
         check_vqa_type(vqa_type)
         self.run, self.dataset_source, self.scoring = run, dataset_source, scoring
         self.chunk = (test_chunk_idx, test_chunk)
-        self.reading = dict(include_modality_key=include_modality_key, file_order=file_order)
+        self.read_options = dict(include_modality_key=include_modality_key, file_order=file_order)
         idx = 0 if test_chunk_idx is None else int(test_chunk_idx)
         self.raw_path = run.results_path(f"omnimedvqa-{vqa_type}-raw-{run.ckpt}-{idx}_{int(test_chunk)}.csv")
         self.protocol = TwoStepVQA(vqa_type, raw_path=self.raw_path, identity={**run.identity, "suite": "test_omnimedvqa"},
@@ -213,7 +213,7 @@ class OmniMedVQASuite:
     def read(self) -> List[EvalItem]:
         """The questions of this run: read, chunked, those whose image exists (the report
         saved beside the raw file), cut to ``run.limit``."""
-        items, self.data_report = read_omnimedvqa(self.dataset_source, **self.reading)
+        items, self.data_report = read_omnimedvqa(self.dataset_source, **self.read_options)
         items, _ = select_chunk(items, *self.chunk)
         self.items = ready_items("OmniMedVQA", items, self.data_report, self.raw_path, self.run, chunk=self.chunk)
         report = self.data_report
