@@ -31,7 +31,7 @@ from medcap.eval._benchmark_scores import CONVENTION, HEADLINE, ROW_SCORE_COLUMN
 from medcap.eval._choices import SCORING_METHODS, open_scoring, score_choices
 from medcap.eval._protocol import TwoStepVQA, check_vqa_type
 from medcap.eval._results import accuracy_name, read_csv_rows, write_csv_atomic
-from medcap.eval._run import EvalItem, SuiteRun, loader_by_image, run_suite
+from medcap.eval._run import EvalItem, SuiteRun, drop_missing_images, loader_by_image, run_suite
 
 EXTRA_COLUMNS = ("question", "answer", "answer_type", "option_A", "option_B", "option_C", "option_D", "question_id")
 CHOICE_COLUMNS = ("predict_generated", "predict")
@@ -107,12 +107,10 @@ def run_benchmark(engine, suite: str, run: SuiteRun, **settings) -> Dict[str, An
 
 
 def _drop_missing_files(items: List[EvalItem], images: Optional[ParquetImages], report: Report) -> List[EvalItem]:
-    kept = []
-    for it in items:
-        if images is not None and it.file in images or it.file is None or Path(it.file).is_file():
-            kept.append(it)
-        else:
-            skip(report, "missing_images", it.image)
+    """The questions whose image file is there (a parquet suite's images are inside its files)."""
+    kept, missing = (items, []) if images is not None else drop_missing_images(items)
+    for image in missing:
+        skip(report, "missing_images", image)
     report["kept"] = len(kept)
     return kept
 
