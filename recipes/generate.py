@@ -178,15 +178,15 @@ class GenerateRecipe:
 
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
-        run = self._suite_run(cfg)
+        suite_run = self._suite_run(cfg)
         if cfg.suites() and self.ranks.rank == 0:
-            log.info("config as run: %s", save_resolved(cfg, run.output_dir, f"generate-{self.ckpt}.config.yaml"))
+            log.info("config as run: %s", save_resolved(cfg, suite_run.output_dir, f"generate-{self.ckpt}.config.yaml"))
         results: Dict[str, Any] = {}
         t0 = time.perf_counter()
         if cfg.image_paths() and self.ranks.rank == 0:
             results["single"] = self.single_shot(cfg.image_paths(), cfg.prompt, cfg.max_new_tokens)
         for name in cfg.suites():
-            results[name] = self.run_suite(self._setup_suite(name, run), run)
+            results[name] = self.run_suite(self._setup_suite(name, suite_run), suite_run)
         if cfg.debug and self.ranks.rank == 0:
             _show_rows(results)
         log.info("done in %.1f s", time.perf_counter() - t0)
