@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Dict, List, Literal, Optional
 
 from medcap.config._reader import ConfigError, check_component, must_exist
 
+
 # ---- Suites and free-text keys
 
 VQA_TYPE = Literal["no_cond_desc", "no_cond_desc_no_image", "cond_desc", "cond_desc_no_image", "omit"]

@@ -42,8 +42,8 @@ SCHEMAS: Dict[str, str] = {
 }
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 
-# ---- Errors
 
+# ---- Errors
 
 class ConfigError(ValueError):
     """A problem with the user's config or command line: reported as one line."""
@@ -56,7 +56,6 @@ def suggest(name: str, candidates: Iterable[str]) -> str:
 
 
 # ---- The command line and the YAML
-
 
 def parse_args(argv: Sequence[str], free_text: Iterable[str] = ()) -> Tuple[Path, Any]:
     """``--config FILE key=value ...`` -> ``(file, DictConfig)``. Keys in ``free_text``
@@ -146,7 +145,6 @@ def save_resolved(cfg, folder: str | Path, name: str = "config.yaml") -> Path:
 
 
 # ---- The typed build
-
 
 def from_config(cls, data: Mapping[str, Any], *, where: str = "", variables: Iterable[str] = ()) -> Any:
     """Build dataclass ``cls`` from ``data`` (plain values), checking every key.
@@ -258,7 +256,6 @@ def _to_scalar(value: Any, tp: Any, key: str) -> Any:
 
 # ---- Checks that need no weights
 
-
 def check_component(section: Mapping[str, Any], key: str, *, ignore: Sequence[str] = ()) -> Callable:
     """The callable a ``_component_`` section names, its arguments checked against its
     signature (unknown ones named with the closest valid one)."""
@@ -306,7 +303,6 @@ def must_exist(path: Any, key: str, kind: str = "file") -> Path:
 
 
 # ---- A recipe's config and entry point
-
 
 def schema_for(recipe: str):
     """The config class of a recipe (by name or file stem)."""

@@ -25,6 +25,7 @@ from medcap.config._reader import ConfigError, check_component, from_config, mus
 
 log = logging.getLogger("medcap.config")
 
+
 # ---- Component names
 
 CHECKPOINT_FORMATS = {"safetensors": ".safetensors", "pt": ".pt"}
@@ -41,8 +42,8 @@ _CE_LOSSES = (
 )
 _MIN1 = {"min": 1}
 
-# ---- The config
 
+# ---- The config
 
 @dataclass
 class TrainCheckpointerConfig:
@@ -192,7 +193,6 @@ class TrainConfig:
 
 
 # ---- Legacy values mapped
-
 
 def resolve_dataset_config(cfg_dataset: Dict[str, Any]) -> Tuple[Dict[str, Any], bool]:
     """Swap torchtune's text-only ``chat_dataset`` for medcap's image-aware one (which takes
