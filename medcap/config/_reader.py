@@ -1,20 +1,16 @@
 """The config reader every recipe shares: YAML + ``key=value`` overrides -> one typed dataclass.
 
-In order:
+In order: ``ConfigError`` (a user's mistake, reported as one line) and ``suggest``; the
+command line and the YAML (``parse_args``: free-text keys such as ``prompt=`` stay the
+strings typed; ``plain``; ``save_resolved``); the typed build (``from_config``: an
+unknown key names the closest valid one, the class's ``LEGACY`` keys are mapped, each
+value is converted to its field's type and bounded, naming the key on error); the
+checks that need no weights (``check_component``, ``resolve``, ``must_exist``); then
+``schema_for`` and ``validate`` (``medcap validate``) and ``run_recipe``, every recipe's
+entry point (``medcap run: error: ...`` and exit status 2; the traceback with
+``MEDCAP_DEBUG=1``).
 
-- errors: ``ConfigError`` (a user's mistake, reported as one line) and ``suggest``;
-- the command line and the YAML: ``parse_args`` (free-text keys such as ``prompt=``
-  stay the strings typed), ``plain`` (interpolations resolved), ``save_resolved``;
-- the typed build: ``from_config`` checks every key (an unknown one names the closest
-  valid one), maps the class's ``LEGACY`` keys, and converts each value to its field's
-  type (``Literal`` choices, ``metadata={"min": ...}`` bounds), naming the key on error;
-- the checks that need no weights: ``check_component`` (a ``_component_``'s arguments
-  against its signature), ``resolve``, ``must_exist``;
-- ``schema_for`` and ``validate`` (``medcap validate``), then ``run_recipe``, every
-  recipe's entry point (one line ``medcap run: error: ...``, exit status 2; the
-  traceback with ``MEDCAP_DEBUG=1``).
-
-The recipes' configs themselves are ``_train`` and ``_generate``; why: docs/internals.md.
+The recipes' configs are in ``_train`` and ``_generate``; the rationale in docs/internals.md.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ order). Each item is::
      "index": int,                                     # the record actually used
      "skipped": List[Tuple[int, str]]}                 # bad records passed over to get here
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch.utils.data import Dataset
 
-from medcap.data._image import DEFAULT_MAX_IMAGE_PIXELS, ImageTransform, load_image
 from medcap.data._bad_samples import BadSample, SkipLog, check_policy
+from medcap.data._image import DEFAULT_MAX_IMAGE_PIXELS, ImageTransform, load_image
 from medcap.data._records import ParsedRecord, RecordIndex, parse_record, read_index
 from medcap.data._tokens import CROSS_ENTROPY_IGNORE_IDX, Tokenized, make_labels, tokenize_conversation, truncate_tokenized
 

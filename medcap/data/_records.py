@@ -1,5 +1,4 @@
-"""Sharegpt records: a dataset's files read into an index, and one record checked into turns
-and an image path.
+"""Sharegpt records: a dataset's files read into an index, one record checked into turns + an image.
 
 In order: the record format's constants (``PLACEHOLDER_CHAR``, ``IMAGE_MARKER``, the
 roles), ``Turn`` and ``ParsedRecord``; ``RecordIndex`` and ``read_index`` (one ``.json``
