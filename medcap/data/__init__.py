@@ -1,8 +1,16 @@
-"""Data: the image-aware sharegpt chat dataset, image loading and transform, collate,
-the bad-sample policy, ``validate-data`` and the logic behind the data tools.
+"""Data: sharegpt image-chat records -> the training dataset and its batches, plus the
+tools that check and prepare data sets.
 
-Names are resolved on first use (PEP 562), so that the data tools
-(``tools/convert_to_sharegpt.py``) start without importing torch.
+On the training path, in order: ``_records`` (the index of a dataset's files and one
+record checked into turns + an image path), ``_tokens`` (turns -> tokens and labels
+with image placeholders), ``_image`` (decoding and the transform), ``_dataset`` (the
+dataset and collate); ``_bad_samples`` (the skip policy) serves them all. Off the
+path: ``_validate`` (``medcap validate-data``), ``_preprocess``
+(``tools/preprocess_images.py``) and ``_convert`` with ``_converter`` and
+``_convert_vqa`` (``tools/convert_to_sharegpt.py``).
+
+Names are resolved on first use (PEP 562), so that the data tools start without
+importing torch.
 """
 
 from __future__ import annotations
@@ -12,22 +20,13 @@ from typing import TYPE_CHECKING
 from medcap import lazy_attrs
 
 _EXPORTS = {
+    "medcap.data._bad_samples": ["BadSample", "SkipLog"],
     "medcap.data._convert": ["convert_main"],
     "medcap.data._dataset": ["chat_dataset", "collate_image_chat", "image_chat_dataset"],
     "medcap.data._image": ["image_transform", "load_image"],
-    "medcap.data._preprocess": ["preprocess_images"],
-    "medcap.data._records": [
-        "CROSS_ENTROPY_IGNORE_IDX",
-        "IMAGE_MARKER",
-        "PLACEHOLDER_CHAR",
-        "BadSample",
-        "SkipLog",
-        "Turn",
-        "make_labels",
-        "parse_record",
-        "read_index",
-        "tokenize_conversation",
-    ],
+    "medcap.data._preprocess": ["preprocess_images", "preprocess_main"],
+    "medcap.data._records": ["IMAGE_MARKER", "PLACEHOLDER_CHAR", "Turn", "parse_record", "read_index"],
+    "medcap.data._tokens": ["CROSS_ENTROPY_IGNORE_IDX", "make_labels", "tokenize_conversation"],
     "medcap.data._validate": ["validate_main"],
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
@@ -36,20 +35,11 @@ __all__ = sorted(_WHERE)
 __getattr__, __dir__ = lazy_attrs(__name__, _WHERE)
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
+    from medcap.data._bad_samples import BadSample, SkipLog  # noqa: F401
     from medcap.data._convert import convert_main  # noqa: F401
     from medcap.data._dataset import chat_dataset, collate_image_chat, image_chat_dataset  # noqa: F401
     from medcap.data._image import image_transform, load_image  # noqa: F401
-    from medcap.data._preprocess import preprocess_images  # noqa: F401
-    from medcap.data._records import (  # noqa: F401
-        CROSS_ENTROPY_IGNORE_IDX,
-        IMAGE_MARKER,
-        PLACEHOLDER_CHAR,
-        BadSample,
-        SkipLog,
-        Turn,
-        make_labels,
-        parse_record,
-        read_index,
-        tokenize_conversation,
-    )
+    from medcap.data._preprocess import preprocess_images, preprocess_main  # noqa: F401
+    from medcap.data._records import IMAGE_MARKER, PLACEHOLDER_CHAR, Turn, parse_record, read_index  # noqa: F401
+    from medcap.data._tokens import CROSS_ENTROPY_IGNORE_IDX, make_labels, tokenize_conversation  # noqa: F401
     from medcap.data._validate import validate_main  # noqa: F401

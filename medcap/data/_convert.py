@@ -1,252 +1,50 @@
-"""Public medical datasets -> the reference's sharegpt files (``tools/convert_to_sharegpt.py``).
+"""``tools/convert_to_sharegpt.py``: public caption data sets -> the reference's sharegpt files.
 
-Input layouts under ``data_dir`` (section 6 of reference-behavior.md; the fields
-read from each source are listed in datasets/README.md)::
+In order: reading a source (``_pairs``: its (image, text) rows, once the two fields are
+found in some record); the caption sources: ``convert_pmcoa`` (``pmcoa_train.json``),
+``convert_vqarad`` (``vqarad_train.json``, ``vqarad_test.json``) and ``convert_textplus``
+(PMC-VQA-text, ROCOv2, LLaVA-Med, PubMedVision -> ``textplus_train.json``; + MedICaT when
+present, + PMC-OA -> ``textplus_pmcoa_train.json``; + PMC-Patients ->
+``textplus_pmcoa_patients_train.json``, in the reference's order); then the command,
+``convert_main``, which also runs SLAKE and PathVQA (``_convert_vqa``).
 
-    pmc_oa/train.jsonl                                   {"image", "caption"} per line
-    pmc_oa/caption_T060_filtered_top4_sep_v0_subfigures/ images
-    VQA_RAD/train_text.json, VQA_RAD/test_text.json      [{"image_name", "text"}]
-    VQA_RAD/VQA_RAD Image Folder/                        images
-    PMC-VQA-text/train_text.json + images/               PMC-VQA-text [{"Figure_path", "text"}]
-    PMC-VQA-text/train_captions.csv + train/{ID}.jpg     ROCOv2 (columns ID, Caption)
-    PMC-VQA-text/train_text_med60k.json + images_med60k/images/   LLaVA-Med-60K-IM-text [{"image", "text"}]
-    PMC-VQA-text/PubMedVision_Alignment_VQA.json + images_vision/ PubMedVision (image list, last turn's value)
-    PMC-VQA-text/release/s2_full_figures_oa_nonroco_combined_medical_top4_public.jsonl
-                 + release/figures/                      MedICaT (optional)
-    PMC-VQA-text/PMC-Patients.csv + images_patients/images/PMC<id>_*.jpg   PMC-Patients
-
-SLAKE (``Slake1.0/train.json``, ``validate.json``) and PathVQA
-(``path-vqa/data/train-*.parquet``, ``validation-*``) become question/answer
-records: see ``_convert_vqa``.
-
-Outputs in ``save_dir``: ``pmcoa_train.json``; ``vqarad_train.json`` and
-``vqarad_test.json``; ``textplus_train.json`` (PMC-VQA-text, ROCOv2,
-LLaVA-Med, PubMedVision), ``textplus_pmcoa_train.json`` (+ MedICaT when
-present, + PMC-OA) and ``textplus_pmcoa_patients_train.json`` (+ PMC-Patients),
-in the reference's order (MedICaT joins after ``textplus_train.json`` is written,
-as in the reference).
-
-Each record: a human turn of 50 ``①`` (plus a blank line and a caption
-instruction with ``--instruction random|fixed``), a gpt turn with the text
-(``①`` rewritten to ``(1)``), ``image`` relative to ``meta``'s ``dir=``, which is
-written as an absolute path so the file works from any working directory.
-Records whose image file is missing, or whose text is empty, and JSONL lines
-that are not valid JSON, are skipped and counted. A missing source of
-``textplus`` is reported and left out; a missing input of ``pmcoa``/``vqarad``
-(or of every textplus source) is an error, and so is a source whose records all
-lack a field it needs (the wrong file, or a changed release): the message names
-the field and the fields the records do have.
+Input layouts and the fields read from each source: datasets/README.md (section 6 of
+reference-behavior.md). Records with a missing image or an empty text are skipped and
+counted; a missing textplus source is reported and left out; a missing input of
+``pmcoa``/``vqarad`` (or of every textplus source), or a field no record has, is an error.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-import random
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
-from medcap.data._records import PLACEHOLDER_CHAR
-
-NUM_PLACEHOLDERS = 50
-INSTRUCTION_CHOICES = ("none", "random", "fixed")
-# Our own phrasings of a caption request; "fixed" uses the first.
-CAPTION_INSTRUCTIONS = (
-    "Describe the image in detail.",
-    "Write a caption for this medical image.",
-    "What does this image show?",
-    "Give a concise description of this figure.",
-    "Describe the findings in this image.",
-    "Summarise what is visible in this image.",
-    "Explain the content of this medical image.",
-    "Provide a detailed caption for the picture.",
-    "What can be seen in this scan?",
-    "Report on this image.",
-    "Characterise the main structures shown here.",
-    "Write a short report describing this image.",
-    "What is depicted in this figure?",
-    "Give a brief account of the image.",
-    "Describe this picture for a clinician.",
-    "List the notable features of this image.",
+from medcap.data._convert_vqa import convert_pathvqa, convert_slake
+from medcap.data._converter import (
+    INSTRUCTION_CHOICES,
+    Converter,
+    MissingInput,
+    read_csv,
+    read_json_list,
+    read_jsonl,
+    require_fields,
+    write_records,
 )
+
 MEDICAT_BROKEN = "ffd83b6453f94f2a1ddb346e324f5bdbf228c1f3_4-Figure3-1.png"
 PMCOA_IMAGES = "caption_T060_filtered_top4_sep_v0_subfigures"
 MEDICAT_JSONL = "s2_full_figures_oa_nonroco_combined_medical_top4_public.jsonl"
-_NAMED_BAD_LINES = 5  # invalid JSONL lines named one by one; the rest are only counted
 
 
-class MissingInput(FileNotFoundError):
-    """An input file or folder the conversion needs is not there."""
-
-
-class MissingField(ValueError):
-    """No record of a source has a field the conversion reads from it."""
-
-
-def require_fields(source: str, path: Path, items: Sequence[Any], fields: Sequence[str]) -> None:
-    """Raise ``MissingField`` when some field of ``fields`` is in no record of ``items``:
-    then ``path`` is not what ``source`` should be. Some records lacking it is data, not schema."""
-    records = [it for it in items if isinstance(it, dict)]
-    if not items:
-        return
-    for field in fields:
-        if not any(field in r for r in records):
-            seen = sorted({k for r in records[:1000] for k in r})
-            raise MissingField(
-                f"{source}: no record of {path} has the field {field!r} "
-                f"(expected {list(fields)}; the records have {seen if seen else 'no fields: not JSON objects'})"
-            )
-
-
-def clean_text(text: Any) -> Optional[str]:
-    """Caption text with the placeholder character rewritten; None when empty or not text."""
-    if not isinstance(text, str):
-        return None
-    text = text.replace(PLACEHOLDER_CHAR, "(1)").strip()
-    return text or None
-
-
-class _Folder:
-    """``exists(rel)`` for many files of one folder, listing each directory once."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self._listing: Dict[Path, frozenset] = {}
-
-    def exists(self, rel: str) -> bool:
-        p = self.root / rel
-        d = p.parent
-        if d not in self._listing:
-            try:
-                self._listing[d] = frozenset(os.listdir(d))
-            except OSError:
-                self._listing[d] = frozenset()
-        return p.name in self._listing[d]
-
-
-class Converter:
-    """Turns (image, text) pairs into records; counts what it skips, per source."""
-
-    def __init__(self, instruction: str = "none", seed: int = 0, progress: bool = True):
-        if instruction not in INSTRUCTION_CHOICES:
-            raise ValueError(f"instruction must be one of {INSTRUCTION_CHOICES}, got {instruction!r}")
-        self.instruction = instruction
-        self.rng = random.Random(seed)
-        self.progress = progress
-        self.skipped: Dict[str, Counter] = {}
-        self.warnings: List[str] = []
-
-    def warn(self, msg: str) -> None:
-        self.warnings.append(msg)
-        print(f"WARNING: {msg}", file=sys.stderr)
-
-    def human_value(self) -> str:
-        marker = PLACEHOLDER_CHAR * NUM_PLACEHOLDERS
-        if self.instruction == "none":
-            return marker
-        if self.instruction == "fixed":
-            return marker + "\n\n" + CAPTION_INSTRUCTIONS[0]
-        return marker + "\n\n" + self.rng.choice(CAPTION_INSTRUCTIONS)
-
-    def records(self, source: str, pairs: Iterable[Tuple[Any, Any]], image_dir: Path, total: Optional[int] = None):
-        """``pairs`` of (image path relative to ``image_dir``, text) -> records."""
-        from tqdm import tqdm
-
-        if not image_dir.is_dir():
-            raise MissingInput(f"{source}: image folder not found: {image_dir}")
-        skipped = self.skipped.setdefault(source, Counter())
-        folder = _Folder(image_dir)
-        meta = f"dir={image_dir.resolve()}"
-        out = []
-        for image, text in tqdm(pairs, desc=source, total=total, unit="rec", disable=not self.progress, file=sys.stderr):
-            value = self.human_value()  # drawn for every input row, so choices do not depend on what is skipped
-            text = clean_text(text)
-            if not isinstance(image, str) or not image:
-                skipped["no image name"] += 1
-            elif text is None:
-                skipped["empty text"] += 1
-            elif not folder.exists(image):
-                skipped["missing image"] += 1
-            else:
-                out.append(
-                    {
-                        "conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": text}],
-                        "image": image,
-                        "meta": meta,
-                    }
-                )
-        if skipped:
-            print(f"{source}: {len(out)} records, skipped " + ", ".join(f"{n} {k}" for k, n in skipped.items()), file=sys.stderr)
-        return out
-
-
-# ---------------------------------------------------------------------------- readers
-
+# ---- Reading a source
 
 def _need(path: Path, what: str) -> Path:
     if not path.exists():
         raise MissingInput(f"{what} not found: {path}")
-    return path
-
-
-def read_json_list(path: Path) -> List[Any]:
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, list):
-        raise ValueError(f"{path} must hold a JSON list, got {type(data).__name__}")
-    return data
-
-
-def read_jsonl(path: Path, invalid: Optional[Counter] = None) -> List[Any]:
-    """The JSON values of ``path``'s non-blank lines; lines that are not JSON are skipped,
-    counted under ``"invalid JSON line"`` in ``invalid`` and the first few named."""
-    out = []
-    bad = 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    bad += 1
-                    if bad <= _NAMED_BAD_LINES:
-                        print(f"WARNING: {path} line {n}: invalid JSON ({e}); skipped", file=sys.stderr)
-    if bad > _NAMED_BAD_LINES:
-        print(f"WARNING: {path}: {bad} invalid JSON lines in all; skipped", file=sys.stderr)
-    if bad and invalid is not None:
-        invalid["invalid JSON line"] += bad
-    return out
-
-
-def read_csv(path: Path, columns: Sequence[str]) -> List[Dict[str, str]]:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # case reports are long fields
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing columns {missing} (has {reader.fieldnames})")
-        return list(reader)
-
-
-def write_records(path: Path, records: List[Dict[str, Any]]) -> Path:
-    """One JSON list, one record per line (readable, grep-able), written atomically."""
-    from medcap._io import atomic_write
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("[\n")
-            for k, r in enumerate(records):
-                f.write(("," if k else "") + json.dumps(r, ensure_ascii=False) + "\n")
-            f.write("]\n")
-
-    atomic_write(path, write)
-    print(f"wrote {path} ({len(records)} records)", file=sys.stderr)
     return path
 
 
@@ -264,8 +62,7 @@ def _get(items: List[Any], image_key: str, text_key: str):
             yield None, None
 
 
-# ---------------------------------------------------------------------------- datasets
-
+# ---- The caption sources
 
 def pmcoa_records(conv: Converter, pmcoa_dir: Path) -> List[Dict[str, Any]]:
     path = _need(pmcoa_dir / "train.jsonl", "PMC-OA index")
@@ -306,6 +103,26 @@ def _optional(conv: Converter, name: str, fn) -> Optional[List[Dict[str, Any]]]:
     except MissingInput as e:
         conv.warn(f"{name} left out: {e}")
         return None
+
+
+def _pmcvqa(conv: Converter, root: Path) -> List[Dict[str, Any]]:
+    path = _need(root / "train_text.json", "PMC-VQA-text index")
+    items = read_json_list(path)
+    pairs = _pairs("PMC-VQA-text", path, items, "Figure_path", "text")
+    return conv.records("PMC-VQA-text", pairs, root / "images", len(items))
+
+
+def _rocov2(conv: Converter, root: Path) -> List[Dict[str, Any]]:
+    rows = read_csv(_need(root / "train_captions.csv", "ROCOv2 captions"), ["ID", "Caption"])
+    pairs = ((f"{r['ID']}.jpg", r["Caption"]) for r in rows)
+    return conv.records("ROCOv2", pairs, root / "train", len(rows))
+
+
+def _med60k(conv: Converter, root: Path) -> List[Dict[str, Any]]:
+    path = _need(root / "train_text_med60k.json", "LLaVA-Med-60K-IM-text index")
+    items = read_json_list(path)
+    pairs = _pairs("LLaVA-Med-60K-IM-text", path, items, "image", "text")
+    return conv.records("LLaVA-Med-60K-IM-text", pairs, root / "images_med60k" / "images", len(items))
 
 
 def _pubmedvision(conv: Converter, root: Path) -> List[Dict[str, Any]]:
@@ -377,33 +194,15 @@ def convert_textplus(data_dir, save_dir, conv: Converter) -> Dict[str, int]:
     root = data_dir / "PMC-VQA-text"
     if not root.is_dir():
         raise MissingInput(f"textplus: folder not found: {root} (PMC-VQA-text and the other sources live there)")
-
-    def pmcvqa():
-        path = _need(root / "train_text.json", "PMC-VQA-text index")
-        items = read_json_list(path)
-        pairs = _pairs("PMC-VQA-text", path, items, "Figure_path", "text")
-        return conv.records("PMC-VQA-text", pairs, root / "images", len(items))
-
-    def rocov2():
-        rows = read_csv(_need(root / "train_captions.csv", "ROCOv2 captions"), ["ID", "Caption"])
-        pairs = ((f"{r['ID']}.jpg", r["Caption"]) for r in rows)
-        return conv.records("ROCOv2", pairs, root / "train", len(rows))
-
-    def med60k():
-        path = _need(root / "train_text_med60k.json", "LLaVA-Med-60K-IM-text index")
-        items = read_json_list(path)
-        pairs = _pairs("LLaVA-Med-60K-IM-text", path, items, "image", "text")
-        return conv.records("LLaVA-Med-60K-IM-text", pairs, root / "images_med60k" / "images", len(items))
-
     records: List[Dict[str, Any]] = []
     found = 0
     for name, fn in (
-        ("PMC-VQA-text", pmcvqa),
-        ("ROCOv2", rocov2),
-        ("LLaVA-Med-60K-IM-text", med60k),
-        ("PubMedVision", lambda: _pubmedvision(conv, root)),
+        ("PMC-VQA-text", _pmcvqa),
+        ("ROCOv2", _rocov2),
+        ("LLaVA-Med-60K-IM-text", _med60k),
+        ("PubMedVision", _pubmedvision),
     ):
-        got = _optional(conv, name, fn)
+        got = _optional(conv, name, lambda: fn(conv, root))
         found += got is not None
         records.extend(got or [])
     if not found:
@@ -434,19 +233,7 @@ def convert_textplus(data_dir, save_dir, conv: Converter) -> Dict[str, int]:
     return out
 
 
-def convert_slake(data_dir, save_dir, conv: Converter, q_lang: str = "en") -> Dict[str, int]:
-    """SLAKE's train/validate questions (``_convert_vqa``)."""
-    from medcap.data._convert_vqa import convert_slake as convert
-
-    return convert(data_dir, save_dir, conv, q_lang=q_lang)
-
-
-def convert_pathvqa(data_dir, save_dir, conv: Converter) -> Dict[str, int]:
-    """PathVQA's train/validation parquet files (``_convert_vqa``)."""
-    from medcap.data._convert_vqa import convert_pathvqa as convert
-
-    return convert(data_dir, save_dir, conv)
-
+# ---- The command
 
 CONVERTERS = {"pmcoa": convert_pmcoa, "vqarad": convert_vqarad, "textplus": convert_textplus,
               "slake": convert_slake, "pathvqa": convert_pathvqa}

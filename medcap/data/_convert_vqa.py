@@ -1,19 +1,17 @@
 """SLAKE's and PathVQA's training splits -> sharegpt question/answer records, for
 fine-tuning per benchmark (as LLaVA-Med did). Part of ``tools/convert_to_sharegpt.py``.
 
-Each record: a human turn of 50 ``①``, a newline and the question; a gpt turn with
-the answer; ``image`` relative to ``meta``'s ``dir=``. Skipped and counted per
-split, like the other sources: records with no image name, an empty question or
-answer, a missing image, or (parquet) image bytes that are absent or not an image;
-SLAKE questions in another language than ``--q-lang`` are counted too.
+In order: ``vqa_parquet_columns`` (a Hugging Face VQA parquet file, also read by the
+evaluation's benchmark readers) and ``qa_record`` (a human turn of 50 ``①``, a newline
+and the question; a gpt turn with the answer); then ``convert_slake``
+(``Slake1.0/{train,validate}.json`` + ``imgs/`` -> ``slake_{split}.json``; either split may
+be absent, not both) and ``convert_pathvqa`` (``path-vqa/data/{train,validation}-*.parquet``
+-> ``pathvqa_{split}.json``; the images live inside the parquet files, so each distinct
+one is written once to ``{save_dir}/pathvqa_images/``, named by a digest of its bytes).
 
-* ``slake``: ``Slake1.0/train.json`` and ``Slake1.0/validate.json`` (either may be
-  absent, not both), images in ``Slake1.0/imgs/`` -> ``slake_train.json``,
-  ``slake_validate.json``;
-* ``pathvqa``: ``path-vqa/data/{train,validation}-*.parquet`` -> ``pathvqa_train.json``,
-  ``pathvqa_validation.json``. The images live inside the parquet files; each
-  distinct one is written once to ``{save_dir}/pathvqa_images/`` (named by a digest
-  of its bytes), since a sharegpt record names an image file.
+Skipped and counted per split, like the other sources: no image name, an empty question
+or answer, a missing image, image bytes absent or not an image, and SLAKE questions in
+another language than ``--q-lang``.
 """
 
 from __future__ import annotations
@@ -25,13 +23,23 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from medcap.data._convert import NUM_PLACEHOLDERS, Converter, MissingInput, clean_text, read_json_list, require_fields, write_records
+from medcap._io import progress
+from medcap.data._converter import (
+    NUM_PLACEHOLDERS,
+    Converter,
+    MissingInput,
+    clean_text,
+    read_json_list,
+    require_fields,
+    write_records,
+)
 from medcap.data._records import PLACEHOLDER_CHAR
 
 SLAKE_SPLITS = ("train", "validate")
 PATHVQA_SPLITS = ("train", "validation")
 
 
+# ---- Records
 
 def vqa_parquet_columns(path, source: str = ""):
     """A Hugging Face VQA parquet file (PathVQA, VQA-RAD): its ``question`` and ``answer``
@@ -44,6 +52,7 @@ def vqa_parquet_columns(path, source: str = ""):
         where = f"{source}: " if source else ""
         raise ValueError(f"{where}{path} has no column {missing[0]!r} (its columns: {table.column_names})")
     return table.column("question").to_pylist(), table.column("answer").to_pylist(), table.column("image")
+
 
 def qa_record(question: str, answer: str, image: str, image_dir: Path) -> Dict[str, Any]:
     return {
@@ -58,6 +67,12 @@ def _report(source: str, n: int, skipped: Counter) -> None:
     if skipped:
         print(f"{source}: {n} records, skipped " + ", ".join(f"{c} {k}" for k, c in skipped.items()), file=sys.stderr)
 
+
+def _text(v: Any) -> Optional[str]:
+    return None if v is None else str(v)
+
+
+# ---- SLAKE
 
 def convert_slake(data_dir, save_dir, conv: Converter, q_lang: str = "en") -> Dict[str, int]:
     root = Path(data_dir) / "Slake1.0"
@@ -75,19 +90,21 @@ def convert_slake(data_dir, save_dir, conv: Converter, q_lang: str = "en") -> Di
         require_fields(source, path, items, ("img_name", "question", "answer"))
         skipped = conv.skipped.setdefault(source, Counter())
         recs = []
-        for r in items:
-            r = r if isinstance(r, dict) else {}
-            image, question, answer = r.get("img_name"), clean_text(r.get("question")), clean_text(_text(r.get("answer")))
-            if q_lang != "all" and r.get("q_lang") != q_lang:
-                skipped[f"other language than {q_lang}"] += 1
-            elif not isinstance(image, str) or not image:
-                skipped["no image name"] += 1
-            elif question is None or answer is None:
-                skipped["empty text"] += 1
-            elif not (images / image).is_file():
-                skipped["missing image"] += 1
-            else:
-                recs.append(qa_record(question, answer, image, images))
+        with progress(len(items), source, "rec", enabled=conv.progress) as bar:
+            for r in items:
+                r = r if isinstance(r, dict) else {}
+                image, question, answer = r.get("img_name"), clean_text(r.get("question")), clean_text(_text(r.get("answer")))
+                if q_lang != "all" and r.get("q_lang") != q_lang:
+                    skipped[f"other language than {q_lang}"] += 1
+                elif not isinstance(image, str) or not image:
+                    skipped["no image name"] += 1
+                elif question is None or answer is None:
+                    skipped["empty text"] += 1
+                elif not (images / image).is_file():
+                    skipped["missing image"] += 1
+                else:
+                    recs.append(qa_record(question, answer, image, images))
+                bar.update(1)
         _report(source, len(recs), skipped)
         write_records(Path(save_dir) / f"slake_{split}.json", recs)
         out[f"slake_{split}.json"] = len(recs)
@@ -96,9 +113,7 @@ def convert_slake(data_dir, save_dir, conv: Converter, q_lang: str = "en") -> Di
     return out
 
 
-def _text(v: Any) -> Optional[str]:
-    return None if v is None else str(v)
-
+# ---- PathVQA
 
 def _image_suffix(data: bytes) -> Optional[str]:
     """The file suffix of readable image bytes; None when Pillow cannot open them."""
@@ -126,29 +141,39 @@ def convert_pathvqa(data_dir, save_dir, conv: Converter) -> Dict[str, int]:
         skipped = conv.skipped.setdefault(source, Counter())
         written: Dict[str, str] = {}  # digest -> file name
         recs: List[Dict[str, Any]] = []
-        for f in files:
-            questions, answers, column = vqa_parquet_columns(f, source)
-            for row in range(len(questions)):
-                question, answer = clean_text(_text(questions[row])), clean_text(_text(answers[row]))
-                cell = column[row].as_py()
-                blob = cell.get("bytes") if isinstance(cell, dict) else None
-                if question is None or answer is None:
-                    skipped["empty text"] += 1
-                    continue
-                if not blob:
-                    skipped["missing image"] += 1
-                    continue
-                name = _store(blob, image_dir, written)
-                if name is None:
-                    skipped["corrupt image"] += 1
-                    continue
-                recs.append(qa_record(question, answer, name, image_dir))
+        with progress(None, source, "rec", enabled=conv.progress) as bar:
+            for f in files:
+                recs.extend(_parquet_records(f, source, image_dir, skipped, written, bar))
         _report(source, len(recs), skipped)
         write_records(Path(save_dir) / f"pathvqa_{split}.json", recs)
         out[f"pathvqa_{split}.json"] = len(recs)
     if not out:
         raise MissingInput(f"PathVQA: no train-*.parquet or validation-*.parquet in {data}")
     return out
+
+
+def _parquet_records(path: Path, source: str, image_dir: Path, skipped: Counter, written: Dict[str, str],
+                     bar) -> List[Dict[str, Any]]:
+    """The records of one PathVQA parquet file, each image stored once (``written``: digest -> name)."""
+    questions, answers, column = vqa_parquet_columns(path, source)
+    recs: List[Dict[str, Any]] = []
+    for row in range(len(questions)):
+        bar.update(1)
+        question, answer = clean_text(_text(questions[row])), clean_text(_text(answers[row]))
+        cell = column[row].as_py()
+        blob = cell.get("bytes") if isinstance(cell, dict) else None
+        if question is None or answer is None:
+            skipped["empty text"] += 1
+            continue
+        if not blob:
+            skipped["missing image"] += 1
+            continue
+        name = _store(blob, image_dir, written)
+        if name is None:
+            skipped["corrupt image"] += 1
+            continue
+        recs.append(qa_record(question, answer, name, image_dir))
+    return recs
 
 
 def _store(blob: bytes, image_dir: Path, written: Dict[str, str]) -> Optional[str]:

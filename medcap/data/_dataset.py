@@ -1,24 +1,17 @@
-"""The training dataset and its collate: records -> tokens, labels and an image -> padded batches.
+"""The training dataset and its collate: sharegpt records -> tokens, labels and an image
+-> padded batches.
 
-The image-aware sharegpt chat dataset (``dataset._component_`` in training configs).
-
-Construction reads the JSON index and nothing else: no image is opened and no
-text is tokenized until ``__getitem__``, which runs in DataLoader workers.
-Each item is::
+In order: ``ImageChatDataset`` (construction reads the JSON index and nothing else; a
+record is parsed, tokenized, truncated and its image loaded in ``__getitem__``, which
+runs in DataLoader workers); its builders ``image_chat_dataset`` and ``chat_dataset``
+(torchtune's ``chat_dataset`` arguments: a torchtune config changes only its
+``_component_``); then ``collate_image_chat`` (right padding, images stacked in batch
+order). Each item is::
 
     {"tokens": List[int], "labels": List[int],        # labels unshifted
      "image": FloatTensor[3, S, S] | None,             # None: text-only sample
      "index": int,                                     # the record actually used
      "skipped": List[Tuple[int, str]]}                 # bad records passed over to get here
-
-Bad records (see ``medcap.data._records`` and ``_image``) never kill a run:
-under ``bad_samples="skip"`` item ``i`` is the first good record among
-``i, i+1, ...`` (wrapping), so ``len`` and any sampler stay valid and the
-choice is deterministic; the records passed over travel back in
-``item["skipped"]`` for a :class:`SkipLog` in the training process. Under
-``"raise"`` a bad record raises :class:`BadSample` naming its index and reason.
-
-Batching image-chat samples: right padding, images stacked in batch order.
 """
 
 from __future__ import annotations
@@ -31,23 +24,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch.utils.data import Dataset
 
+from medcap.data._bad_samples import BadSample, SkipLog, check_policy
 from medcap.data._image import DEFAULT_MAX_IMAGE_PIXELS, ImageTransform, load_image
-from medcap.data._records import (
-    CROSS_ENTROPY_IGNORE_IDX,
-    BadSample,
-    ParsedRecord,
-    RecordIndex,
-    SkipLog,
-    Tokenized,
-    check_policy,
-    make_labels,
-    parse_record,
-    read_index,
-    tokenize_conversation,
-    truncate_tokenized,
-)
+from medcap.data._records import ParsedRecord, RecordIndex, parse_record, read_index
+from medcap.data._tokens import CROSS_ENTROPY_IGNORE_IDX, Tokenized, make_labels, tokenize_conversation, truncate_tokenized
 
-# ---- The dataset -----------------------------------------------------------------
+
+# ---- The dataset
 
 _SPLIT_RE = re.compile(r"^\s*(\w+)\s*(?:\[\s*([-\d.]*%?)\s*:\s*([-\d.]*%?)\s*\])?\s*$")
 
@@ -116,14 +99,10 @@ class ImageChatDataset(Dataset):
         self._known_bad: Dict[int, str] = {}
         self.skip_log = SkipLog(total=len(self))
 
-    # ------------------------------------------------------------------ plumbing
+    # ---- plumbing
 
     def __len__(self) -> int:
         return len(self._rows)
-
-    @property
-    def tokenizer(self):
-        return self._tokenizer
 
     def record(self, index: int) -> Any:
         """The raw record (parsed JSON) behind dataset index ``index``. Raises BadSample."""
@@ -167,7 +146,7 @@ class ImageChatDataset(Dataset):
         except Exception as e:  # a transform failure is a property of this file, not of the run
             raise BadSample(f"corrupt image: {parsed.image_path}: transform failed: {type(e).__name__}: {e}") from e
 
-    # ------------------------------------------------------------------ samples
+    # ---- samples
 
     def build(self, index: int) -> Dict[str, Any]:
         """Sample ``index`` or BadSample: text first (cheap), then the image."""
@@ -199,6 +178,14 @@ class ImageChatDataset(Dataset):
         }
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
+        """Sample ``index``; a bad record never kills a run.
+
+        Under ``bad_samples="skip"`` it is the first good record among ``index, index+1,
+        ...`` (wrapping), so ``len`` and any sampler stay valid and the choice is
+        deterministic; the records passed over travel back in ``item["skipped"]`` for a
+        :class:`SkipLog` in the training process. Under ``"raise"`` a bad record raises
+        :class:`BadSample` naming its index and reason.
+        """
         n = len(self)
         if index < 0:
             index += n
@@ -273,16 +260,7 @@ def image_chat_dataset(
         max_image_pixels: decompression-bomb guard.
         packed: not supported (an image sample cannot be packed); True is an error.
     """
-    if conversation_style != "sharegpt":
-        raise ValueError(
-            f"conversation_style {conversation_style!r} is not supported: medcap reads sharegpt records "
-            "({'conversations': [{'from', 'value'}], 'image', 'meta'})"
-        )
-    if packed:
-        raise ValueError(
-            "packed=True is not supported: packing would merge image samples whose placeholders the model "
-            "fills per sample. Set dataset.packed=False."
-        )
+    _refuse_unsupported(conversation_style, packed)
     return ImageChatDataset(
         tokenizer,
         source=source,
@@ -298,6 +276,19 @@ def image_chat_dataset(
         split=split,
         max_image_pixels=max_image_pixels,
     )
+
+
+def _refuse_unsupported(conversation_style: str, packed: bool) -> None:
+    if conversation_style != "sharegpt":
+        raise ValueError(
+            f"conversation_style {conversation_style!r} is not supported: medcap reads sharegpt records "
+            "({'conversations': [{'from', 'value'}], 'image', 'meta'})"
+        )
+    if packed:
+        raise ValueError(
+            "packed=True is not supported: packing would merge image samples whose placeholders the model "
+            "fills per sample. Set dataset.packed=False."
+        )
 
 
 def chat_dataset(
@@ -355,7 +346,7 @@ def chat_dataset(
     )
 
 
-# ---- Collate ---------------------------------------------------------------------
+# ---- Collate
 
 def collate_image_chat(
     batch: Sequence[Mapping[str, Any]],

@@ -1,27 +1,15 @@
 """Images as they come in practice, turned into what BiomedCLIP expects.
 
-``load_image`` accepts anything Pillow reads plus DICOM and always returns an
-8-bit RGB ``PIL.Image``; every failure becomes a :class:`BadSample` whose
-reason says what is wrong with which file. Choices made here (documented once,
-relied on by tests):
+In order: to 8-bit RGB from any Pillow mode (``to_rgb``: transparency composited on
+black, 16/32-bit grey stretched); DICOM (``load_dicom``: the first frame only, through
+its modality LUT and window, with a clear reason when a decoder is missing);
+``load_image`` (any Pillow format or DICOM, EXIF orientation applied, a
+decompression-bomb guard); the geometry (``resize_center_crop``, ``pad_to_square``);
+the transform (``ImageTransform``, ``image_transform``).
 
-* transparency (RGBA, LA, P with a transparent colour) is composited on
-  **black**, the background of radiology images and of the reference's
-  padding, and what dropping alpha gives for the usual (0,0,0,0) pixels;
-* 16-bit / 32-bit grayscale (``I;16``, ``I``, ``F``) is stretched min-max to
-  0..255, so that 12-bit data in a 16-bit container is not rendered black;
-* DICOM goes through its modality LUT (rescale slope/intercept), then its own
-  window centre/width when present, else a 0.5-99.5 percentile window;
-  MONOCHROME1 is inverted; PALETTE COLOR goes through its colour table (in
-  colour); the **first** frame of a multi-frame file is used, and only that
-  frame is read and decoded (a 400-frame series costs one frame of memory);
-  a deflated file, which must be inflated whole, is refused when its declared
-  frames x rows x columns x samples x bytes exceed 4 bytes x ``max_pixels``;
-  a compressed file whose decoder is not installed is "unsupported transfer
-  syntax <name> (<UID>): install <package>", not "corrupt image";
-* EXIF orientation is applied;
-* an image with more than ``max_pixels`` pixels is refused before decoding
-  (decompression-bomb guard).
+Every failure is a :class:`BadSample` whose reason says what is wrong with which
+file. The conventions are documented once, on the function that applies them, and
+relied on by tests.
 """
 
 from __future__ import annotations
@@ -35,7 +23,7 @@ from typing import Callable, Optional, Tuple, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from medcap.data._records import BadSample
+from medcap.data._bad_samples import BadSample
 
 # Pillow's own hard limit (2 x Image.MAX_IMAGE_PIXELS at its default): images it
 # would merely warn about are accepted, the ones it refuses are refused here too.
@@ -46,24 +34,14 @@ BACKGROUND = (0, 0, 0)
 PathLike = Union[str, os.PathLike]
 
 
-def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    # DICOM Part 10 files carry 'DICM' after a 128-byte preamble, whatever their name.
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
 def _bomb_message(path: Path, w: int, h: int, max_pixels: int) -> str:
     return (
         f"image too large: {path} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
         "(decompression-bomb guard; raise max_image_pixels if the file is trusted)"
     )
 
+
+# ---- To RGB
 
 def _stretch_to_uint8(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
     arr = arr.astype(np.float64)
@@ -90,7 +68,14 @@ def _composite(img: Image.Image, background: Tuple[int, int, int]) -> Image.Imag
 
 
 def to_rgb(img: Image.Image, background: Tuple[int, int, int] = BACKGROUND) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB, with the conventions in the module docstring."""
+    """Any Pillow mode -> 8-bit RGB.
+
+    Transparency (RGBA, LA, P with a transparent colour) is composited on **black**,
+    the background of radiology images and of the reference's padding, and what
+    dropping alpha gives for the usual (0,0,0,0) pixels; 16-bit / 32-bit grayscale
+    (``I;16``, ``I``, ``F``) is stretched min-max to 0..255, so that 12-bit data in a
+    16-bit container is not rendered black.
+    """
     mode = img.mode
     if mode == "RGB":
         return img
@@ -105,6 +90,8 @@ def to_rgb(img: Image.Image, background: Tuple[int, int, int] = BACKGROUND) -> I
     except (ValueError, OSError) as e:
         raise BadSample(f"unsupported image mode: {mode} cannot be converted to RGB ({e})") from e
 
+
+# ---- DICOM
 
 def _window(arr: np.ndarray, center: float, width: float) -> np.ndarray:
     """DICOM linear VOI window (PS3.3 C.11.2.1.2.1) to 0..255."""
@@ -133,6 +120,18 @@ _DICOM_DEFER_BYTES = 4096
 # Readers that decode whole files are preferred in this order in install hints:
 # wheels on PyPI first.
 _PLUGIN_PREFERENCE = ("pylibjpeg", "pyjpegls", "gdcm")
+
+
+def _is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    # DICOM Part 10 files carry 'DICM' after a 128-byte preamble, whatever their name.
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def _dicom_header(path: Path):
@@ -258,8 +257,17 @@ def _grey_to_rgb(arr: np.ndarray, ds) -> Image.Image:
 
 
 def load_dicom(path: PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """A DICOM file -> 8-bit RGB ``PIL.Image`` of its first frame (modality LUT, window,
-    MONOCHROME1 inverted, PALETTE COLOR through its colour table)."""
+    """A DICOM file -> 8-bit RGB ``PIL.Image`` of its first frame.
+
+    The modality LUT (rescale slope/intercept), then the file's own window centre/width
+    when present, else a 0.5-99.5 percentile window; MONOCHROME1 inverted; PALETTE
+    COLOR through its colour table (in colour). Only the first frame is read and decoded
+    (a 400-frame series costs one frame of memory); a deflated file, which must be
+    inflated whole, is refused when its declared frames x rows x columns x samples x
+    bytes exceed 4 bytes x ``max_pixels``; a compressed file whose decoder is not
+    installed is "unsupported transfer syntax <name> (<UID>): install <package>", not
+    "corrupt image".
+    """
     path = Path(path)
     ds = _dicom_header(path)
     rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
@@ -288,6 +296,8 @@ def load_dicom(path: PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Im
         raise BadSample(f"corrupt image: DICOM file {path}: {type(e).__name__}: {e}") from e
 
 
+# ---- Any image file
+
 def load_image(
     path: PathLike,
     *,
@@ -297,7 +307,9 @@ def load_image(
     """Open an image file (any Pillow format, or DICOM) as an 8-bit RGB ``PIL.Image``.
 
     Raises :class:`BadSample` with a reason for a missing, empty, unreadable,
-    truncated or too large file. See the module docstring for the conversions.
+    truncated or too large file: an image with more than ``max_pixels`` pixels is
+    refused before decoding (decompression-bomb guard). EXIF orientation is applied;
+    the conversions are ``to_rgb``'s and ``load_dicom``'s.
     """
     path = Path(path)
     if not path.is_file():
@@ -333,6 +345,8 @@ def load_image(
         # Truncated JPEGs/PNGs surface here ("image file is truncated", "broken data stream").
         raise BadSample(f"corrupt image: {path}: {type(e).__name__}: {e}") from e
 
+
+# ---- Geometry and the transform
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     """BiomedCLIP's eval geometry: shorter side to ``size`` (bicubic), centre crop ``size`` x ``size``.

@@ -1,36 +1,41 @@
-"""Offline image preprocessing (``tools/preprocess_images.py``).
+"""Offline image preprocessing: ``tools/preprocess_images.py`` and what it does to each image.
 
-For every ``.jpg``/``.jpeg``/``.png`` under the input folder: to RGB (the same
-conversions as training, see ``_image``), pad extreme aspect ratios (longer
-side more than ``pad_ratio`` x the shorter) with black to a centred square,
-BiomedCLIP's resize-and-centre-crop to ``size``, saved under the result
-folder at the same relative path and name. Training then takes the 224x224
-shortcut and workers skip the resize entirely.
+In order: ``find_images`` (every ``.jpg``/``.jpeg``/``.png`` under the input folder,
+recursively, never inside the result folder); ``preprocess_image`` (pad an extreme
+aspect ratio, longer side over ``pad_ratio`` x the shorter, with black to a centred
+square, then BiomedCLIP's resize-and-centre-crop to ``size``); ``preprocess_file`` (to
+RGB as in training, the transform, written atomically at the same relative path);
+``preprocess_images`` (every file, in parallel, reported through ``medcap._io.progress``);
+``preprocess_main``, the command. Training then takes the 224x224 shortcut.
 
-Differences from the reference, on purpose: the search is always recursive
-(the reference looked at sub-folders only when the top level held no image,
-silently dropping sub-folders otherwise), never descends into the result
-folder, matches extensions case-insensitively and includes ``.jpeg``; JPEGs
-are written at quality 95 (Pillow's default 75 visibly degrades small
-structures); outputs are written atomically, so a killed run leaves no half
+Differences from the reference, on purpose: the search is always recursive (the
+reference looked at sub-folders only when the top level held no image), extensions
+match case-insensitively and include ``.jpeg``; JPEGs are written at quality 95
+(Pillow's default 75 visibly degrades small structures); a killed run leaves no half
 file that a re-run would mistake for done.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+from medcap._cmdline import accept_snake_case
 from medcap._io import atomic_write
+from medcap._io import progress as progress_bar
+from medcap.data._bad_samples import BadSample
 from medcap.data._image import DEFAULT_MAX_IMAGE_PIXELS, load_image, pad_to_square, resize_center_crop
-from medcap.data._records import BadSample
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
 
+
+# ---- Files and images
 
 def find_images(input_dir, exclude: Optional[Path] = None) -> List[Path]:
     """Every image file under ``input_dir`` (recursive, sorted), outside ``exclude``."""
@@ -88,8 +93,6 @@ def preprocess_images(
 ) -> Dict[str, object]:
     """Process every image under ``input_dir`` into ``result_dir``; returns a report
     ``{"total", "done", "exists", "failed": [{"path", "reason"}]}``."""
-    from tqdm import tqdm
-
     src_root, dst_root = Path(input_dir), Path(result_dir)
     if not src_root.is_dir():
         raise FileNotFoundError(f"input folder not found: {str(src_root)!r}")
@@ -106,12 +109,42 @@ def preprocess_images(
         with ProcessPoolExecutor(max_workers=workers) as pool:
             yield from pool.map(_job, jobs, chunksize=max(1, min(64, len(jobs) // (workers * 8) or 1)))
 
-    with tqdm(total=len(jobs), desc="preprocess images", unit="img", disable=not progress, file=sys.stderr) as bar:
+    with progress_bar(len(jobs), "preprocess images", "img", enabled=progress) as bar:
         for path, (status, reason) in results():
             if status == "failed":
                 failed.append({"path": path, "reason": reason})
-                bar.write(f"skipped unreadable {path}: {reason}")
+                print(f"skipped unreadable {path}: {reason}", file=sys.stderr)
             else:
                 counts[status] += 1
             bar.update(1)
     return {"total": len(jobs), "done": counts["done"], "exists": counts["exists"], "failed": failed}
+
+
+# ---- The command
+
+def preprocess_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``tools/preprocess_images.py``; exit 0 when it ran (even with unreadable files), 1 when the input is missing."""
+    p = argparse.ArgumentParser(description="Pad extreme aspect ratios, resize and centre-crop every image to 224, "
+                                "in parallel.")
+    p.add_argument("--input-dir", required=True)
+    p.add_argument("--result-dir", required=True)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--pad-ratio", type=float, default=1.8, help="pad to square when long/short side exceeds this")
+    p.add_argument("--no-progress", action="store_true")
+    args = accept_snake_case(p).parse_args(argv)
+    try:
+        rep = preprocess_images(
+            args.input_dir, args.result_dir, workers=args.workers, size=args.size,
+            pad_ratio=args.pad_ratio, progress=not args.no_progress,
+        )
+    except FileNotFoundError as e:
+        print(f"preprocess_images: error: {e}", file=sys.stderr)
+        return 1
+    if rep["failed"]:
+        out = Path(args.result_dir) / "preprocess_failures.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rep["failed"], indent=1, ensure_ascii=False))
+        print(f"{len(rep['failed'])} unreadable files skipped; listed in {out}", file=sys.stderr)
+    print(json.dumps({k: (len(v) if k == "failed" else v) for k, v in rep.items()}))
+    return 0

@@ -1,9 +1,12 @@
 """``medcap validate-data``: check every record of a dataset before a long run.
 
-Every record goes through exactly the code a training run uses (parse,
-tokenize, truncate, load and transform the image), in parallel DataLoader
-workers, so "good" here means "a training run will use it" and each bad row
-comes with the reason a run would log.
+Every record goes through exactly the code a training run uses (parse, tokenize,
+truncate, load and transform the image), in parallel DataLoader workers, so "good"
+here means "a training run will use it" and each bad row comes with the reason a run
+would log. In order: ``_Checks`` (``dataset.check`` as a map-style dataset, for the
+workers), ``byte_level_tokenizer`` (the stand-in without ``--tokenizer``),
+``validate_data`` and its steps (check every record, with progress through
+``medcap._io.progress``; the report), ``format_report``, then the command line.
 
 Exit status: 0 when the check ran, whatever it found (bad rows are the report,
 not a failure of the command; ``--fail-on-bad`` turns them into exit status 3);
@@ -21,8 +24,9 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
+from medcap._io import progress as progress_bar
+from medcap.data._bad_samples import reason_kind
 from medcap.data._image import DEFAULT_MAX_IMAGE_PIXELS
-from medcap.data._records import reason_kind
 
 # numpy, torch and the dataset are imported where used, so `--help` answers at once.
 if TYPE_CHECKING:
@@ -33,6 +37,8 @@ BYTE_FALLBACK_NOTE = (
     "about 3-4x what the Llama 3 tokenizer gives for English text; pass --tokenizer for real lengths"
 )
 
+
+# ---- The check
 
 class _Checks:
     """``dataset.check`` as a map-style dataset (``__len__`` and ``__getitem__`` are all a
@@ -94,13 +100,9 @@ def validate_data(
 ) -> Dict[str, Any]:
     """Check every record of ``path``; returns the report (see ``validate_main --json``).
 
-    ``tokenizer=None`` uses a byte-level stand-in (clearly labelled in the
-    report's ``tokenizer`` field): every check still runs, lengths are upper bounds.
+    ``tokenizer=None`` uses a byte-level stand-in (clearly labelled in the report's
+    ``tokenizer`` field): every check still runs, lengths are upper bounds.
     """
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
     from medcap.data._dataset import ImageChatDataset
 
     tokenizer_note = "given"
@@ -118,6 +120,17 @@ def validate_data(
         bad_samples="raise",
         max_image_pixels=max_image_pixels,
     )
+    results = _check_every_record(ds, workers, f"validate {Path(str(path)).name}", progress)
+    report = _report(path, ds, results)
+    report.update(num_image_tokens=num_image_tokens, image_size=image_size, tokenizer=tokenizer_note)
+    return report
+
+
+def _check_every_record(ds: ImageChatDataset, workers: Optional[int], desc: str, show: bool) -> List[Dict[str, Any]]:
+    """``ds.check(i)`` for every record, in DataLoader workers, reported through ``medcap._io.progress``."""
+    import torch
+    from torch.utils.data import DataLoader
+
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
     n = len(ds)
@@ -134,19 +147,23 @@ def validate_data(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with tqdm(total=n, desc=f"validate {Path(str(path)).name}", unit="rec", disable=not progress, file=sys.stderr) as bar:
+        with progress_bar(n, desc, "rec", enabled=show) as bar:
             for chunk in loader:
                 results.extend(chunk)
                 bar.update(len(chunk))
     finally:
         torch.set_num_threads(threads)
+    return results
 
+
+def _report(path, ds: ImageChatDataset, results: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The counts of a check, its bad rows (with where they sit) and the length statistics."""
     good = [r for r in results if r["ok"]]
     bad = [{"index": r["index"], "reason": r["reason"], "where": ds.origin(r["index"])} for r in results if not r["ok"]]
     lengths = [r["length"] for r in good]
     return {
         "path": str(path),
-        "total": n,
+        "total": len(ds),
         "good": len(good),
         "bad": bad,
         "bad_by_kind": dict(Counter(reason_kind(b["reason"]) for b in bad).most_common()),
@@ -155,11 +172,10 @@ def validate_data(
         "max_seq_len": ds.max_seq_len,
         "truncated": sum(1 for r in good if r["truncated"]),
         "lengths": _stats(lengths),
-        "num_image_tokens": num_image_tokens,
-        "image_size": image_size,
-        "tokenizer": tokenizer_note,
     }
 
+
+# ---- The command line
 
 def format_report(rep: Dict[str, Any], max_bad: int = 20) -> str:
     lines = [

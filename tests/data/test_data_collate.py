@@ -79,11 +79,3 @@ def test_dataloader_with_workers_uses_every_good_sample_and_reports_every_bad(to
     kinds = sorted(r.split(":")[0] for r in log.reasons.values())
     assert kinds == ["corrupt image", "corrupt image", "image not found", "malformed record", "marker without image"]
     assert f"{len(bad)} of {len(records)} skipped" in log.summary()
-
-
-def test_ignore_index_matches_torchtune():
-    from torchtune.data import CROSS_ENTROPY_IGNORE_IDX as TT
-
-    from medcap.data._records import CROSS_ENTROPY_IGNORE_IDX
-
-    assert CROSS_ENTROPY_IGNORE_IDX == TT

@@ -15,7 +15,7 @@ def _arr(img):
     return np.asarray(img).astype(np.int32)
 
 
-# ------------------------------------------------------------------ modes
+# ---- modes
 
 
 def test_rgb_and_gray_roundtrip(tmp_path, dh):
@@ -90,7 +90,7 @@ def test_exif_orientation_is_applied(tmp_path, dh):
     np.testing.assert_array_equal(_arr(out), np.rot90(raw, k=-1))
 
 
-# ------------------------------------------------------------------ DICOM
+# ---- DICOM
 
 
 def test_dicom_modality_lut_and_window_match_pydicom(tmp_path, dh):
@@ -127,7 +127,7 @@ def test_dicom_detected_by_magic_without_suffix(tmp_path, dh):
     np.testing.assert_array_equal(_arr(load_image(q)), _arr(load_image(p)))
 
 
-# ------------------------------------------------------------------ broken files
+# ---- broken files
 
 
 @pytest.mark.parametrize(
@@ -175,7 +175,7 @@ def test_decompression_bomb_guard(tmp_path, dh, monkeypatch):
         load_image(dh.make_dicom(tmp_path / "big.dcm", np.zeros((100, 100), np.uint16)), max_pixels=5000)
 
 
-# ------------------------------------------------------------------ transform
+# ---- transform
 
 
 @pytest.mark.parametrize("w, h", [(50, 30), (30, 71), (33, 33)])

@@ -106,3 +106,20 @@ def test_command_line(tok, mixed):
     assert rep["total"] == 8 and rep["good"] == 4
     assert sorted(b["index"] for b in rep["bad"]) == sorted(bad)
     assert "validate mixed.jsonl" in res.stderr  # the progress bar
+
+
+@pytest.mark.integration
+def test_a_run_into_a_log_file_writes_plain_lines_and_no_carriage_return(tok, mixed, tmp_path):
+    """Not a terminal: the progress is one plain line (through medcap._io.progress), not a redrawn bar."""
+    path, good, bad = mixed
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = tmp_path / "validate.log"
+    with open(log, "w", encoding="utf-8") as out:
+        res = subprocess.run([sys.executable, "-m", "medcap.data", str(path), "--workers", "0", "--num-image-tokens",
+                              "5", "--tokenizer", str(tok.paths["path"]), "--special-tokens",
+                              str(tok.paths["special_tokens_path"])],
+                             stdout=out, stderr=subprocess.STDOUT, env=env, timeout=120)  # fmt: skip
+    text = log.read_text(encoding="utf-8")
+    assert res.returncode == 0, text
+    assert "\r" not in text
+    assert "validate mixed.jsonl: 8/8 rec (100%)" in text

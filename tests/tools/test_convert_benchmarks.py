@@ -4,6 +4,7 @@ question/answer records, with the same bad-record reporting as the other sources
 from __future__ import annotations
 
 import json
+import re
 
 from PIL import Image
 
@@ -57,3 +58,18 @@ def test_pathvqa_train_images_written_once_outside_the_data(tmp_path, capsys):
 def test_missing_training_splits_are_an_error(tmp_path, capsys):
     assert convert_main(["--dataset", "pathvqa", "--data-dir", str(tmp_path), "--save-dir", str(tmp_path / "o")]) == 1
     assert "PathVQA" in capsys.readouterr().err
+
+
+def test_progress_off_a_terminal_is_plain_lines_without_carriage_return(tmp_path, capsys):
+    """capsys's stderr is no terminal: each split reports through medcap._io.progress as plain lines."""
+    make_slake_layout(tmp_path)
+    (tmp_path / "Slake1.0" / "test.json").rename(tmp_path / "Slake1.0" / "train.json")
+    make_hf_parquet_layout(tmp_path, "path-vqa")
+    for p in (tmp_path / "path-vqa" / "data").glob("test-*.parquet"):
+        p.rename(p.with_name(p.name.replace("test-", "train-")))
+    for dataset in ("slake", "pathvqa"):
+        assert convert_main(["--dataset", dataset, "--data-dir", str(tmp_path), "--save-dir", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert re.search(r"^SLAKE train: (\d+)/\1 rec \(100%\) \| ", err, re.M), err
+    assert re.search(r"^PathVQA train: \d+ rec \| ", err, re.M), err

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from medcap.data import convert_main
-from medcap.data._convert import CAPTION_INSTRUCTIONS
+from medcap.data._converter import CAPTION_INSTRUCTIONS
 
 REPO = Path(__file__).resolve().parents[2]
 PH = "\u2460"
@@ -295,3 +295,19 @@ def test_datasets_readme_documents_every_field_read():
             "pdf_hash", "fig_uri", "s2_caption", "file_path", "patient"} <= fields  # fmt: skip
     doc = (REPO / "datasets" / "README.md").read_text(encoding="utf-8")
     assert not [f for f in sorted(fields) if f"`{f}`" not in doc]
+
+
+@pytest.mark.integration
+def test_a_run_into_a_log_file_writes_plain_lines_and_no_carriage_return(tmp_path):
+    """Not a terminal: each source's progress is one plain line (medcap._io.progress), not a redrawn bar."""
+    make_pmcoa(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = tmp_path / "convert.log"
+    with open(log, "w", encoding="utf-8") as out:
+        res = subprocess.run([sys.executable, str(REPO / "tools" / "convert_to_sharegpt.py"), "--dataset", "pmcoa",
+                              "--data-dir", str(tmp_path), "--save-dir", str(tmp_path / "out")],
+                             stdout=out, stderr=subprocess.STDOUT, env=env, timeout=120)  # fmt: skip
+    text = log.read_text(encoding="utf-8")
+    assert res.returncode == 0, text
+    assert "\r" not in text
+    assert "PMC-OA: 3/3 rec (100%)" in text

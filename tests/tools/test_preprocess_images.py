@@ -102,3 +102,22 @@ def test_script_in_parallel(tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_images.py"), "--input_dir",
                           str(tmp_path / "absent"), "--result_dir", str(dst)], capture_output=True, text=True, env=env)
     assert res.returncode == 1 and "input folder not found" in res.stderr
+
+
+@pytest.mark.integration
+def test_a_run_into_a_log_file_writes_plain_lines_and_no_carriage_return(tmp_path):
+    """Not a terminal: the progress is one plain line (medcap._io.progress), not a redrawn bar."""
+    src, dst = tmp_path / "in", tmp_path / "out"
+    for i in range(3):
+        _save(src / f"{i}.jpg", 30, 20, seed=i)
+    (src / "bad.png").write_bytes(b"")
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = tmp_path / "preprocess.log"
+    with open(log, "w", encoding="utf-8") as out:
+        res = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_images.py"), "--input-dir", str(src),
+                              "--result-dir", str(dst), "--workers", "1", "--size", "16"],
+                             stdout=out, stderr=subprocess.STDOUT, env=env, timeout=120)  # fmt: skip
+    text = log.read_text(encoding="utf-8")
+    assert res.returncode == 0, text
+    assert "\r" not in text
+    assert "preprocess images: 4/4 img (100%)" in text and "skipped unreadable" in text

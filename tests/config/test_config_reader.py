@@ -1,4 +1,4 @@
-"""medcap.config: typed configs read once, with errors that name the key."""
+"""medcap.config._reader: typed configs read once, with errors that name the key."""
 
 from __future__ import annotations
 

@@ -1,0 +1,147 @@
+"""``GenerateConfig``: the generate recipe's config, every key once with its default and meaning.
+
+In order: the suites a run may switch on (``SUITES``) and the keys taken as typed
+(``FREE_TEXT``); ``GenerateCheckpointerConfig`` (the ``checkpointer:`` section);
+``GenerateConfig``: its keys, then ``suites()`` and ``image_paths()`` (what the run
+does), then ``check()``: every component's arguments and every path the run will
+read, before anything is loaded.
+
+The YAML files (``custom_generation_config``, ``tiny/generate``, ``demo/generate``)
+carry the documented values; ``recipes/generate.py`` and ``medcap serve`` read this
+class, built by ``medcap.config.from_config``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Dict, List, Literal, Optional
+
+from medcap.config._reader import ConfigError, check_component, must_exist
+
+
+# ---- Suites and free-text keys
+
+VQA_TYPE = Literal["no_cond_desc", "no_cond_desc_no_image", "cond_desc", "cond_desc_no_image", "omit"]
+SUITES = ("test_metrics", "test_vqarad", "test_omnimedvqa", "test_slake", "test_pathvqa", "test_vqarad_hf", "test_pmcvqa",
+          "test_questions")
+FREE_TEXT = ("prompt", "image")  # taken exactly as typed on the command line (images=[...] is a YAML list)
+
+
+# ---- The config
+
+@dataclass
+class GenerateCheckpointerConfig:
+    """Where the frozen LLM's weights are read from (a Hugging Face folder)."""
+
+    checkpoint_dir: str
+    checkpoint_files: Optional[List[str]] = None  # null: every *.safetensors in the folder
+    model_type: Literal["LLAMA3"] = "LLAMA3"
+    # torchtune's checkpointer keys that the reference's configs carry: medcap reads the
+    # weights with torchtune's HF checkpointer itself and writes nothing here.
+    LEGACY: ClassVar[Dict[str, Optional[str]]] = {"_component_": None, "output_dir": None, "recipe_checkpoint": None}
+
+
+@dataclass
+class GenerateConfig:
+    model: Dict[str, Any]  # _component_ + arguments: medcap_llama3_1_8b, or medcap_tiny for tests and the demo
+    checkpointer: GenerateCheckpointerConfig
+    tokenizer: Dict[str, Any]  # medcap.models.llama3_tokenizer + path (+ special_tokens_path)
+    device: str = "cuda"  # falls back to the CPU, with a warning, when no GPU is present
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    seed: Optional[int] = 1234  # each sampled row draws from its own stream seeded by (seed, row)
+    max_new_tokens: int = field(default=300, metadata={"min": 1})  # captions / descriptions
+    temperature: float = field(default=0.6, metadata={"min": 0.0})  # 0: greedy
+    top_k: Optional[int] = field(default=300, metadata={"min": 1})  # null: the whole vocabulary
+    enable_kv_cache: bool = True  # False: the reference's slow path (batch 1, full recompute)
+    quantizer: Optional[Dict[str, Any]] = None  # accepted for compatibility; only null works
+    batch_size: int = field(default=8, metadata={"min": 1})  # rows decoding together (slots of continuous batching)
+    chunk_size: Optional[int] = field(default=None, metadata={"min": 1})  # rows handed to the engine at once, so
+    #   finished slots refill from the same call; null: 4 x batch_size. A killed run redoes at most one chunk.
+    compile: bool = False  # torch.compile the decode step (CUDA graphs on a GPU); greedy outputs are identical
+    vision: Literal["biomedclip"] = "biomedclip"
+    vision_checkpoint: Optional[str] = None  # null: an untrained vision side (files named "untrained")
+    output_dir: str = "./results"
+    dataset_source: Optional[str] = "./datasets/"  # test_metrics: a sharegpt file; VQA: the folder of the data sets
+    dataset_conversation_style: Literal["sharegpt"] = "sharegpt"
+    dataset_max_seq_len: int = field(default=500, metadata={"min": 1})  # the description budget's max_seq_len
+    test_metrics: bool = False
+    test_vqarad: bool = False
+    test_omnimedvqa: bool = False
+    # the field's benchmarks (read by medcap.eval; layouts in datasets/README.md)
+    test_slake: bool = False  # {dataset_source}/Slake1.0/test.json + imgs/
+    test_pathvqa: bool = False  # {dataset_source}/path-vqa/data/test-*.parquet (Hugging Face)
+    test_vqarad_hf: bool = False  # {dataset_source}/vqa-rad/data/test-*.parquet (Hugging Face)
+    test_pmcvqa: bool = False  # {dataset_source}/PMC-VQA/test_clean.csv (or test.csv) + images/
+    test_questions: bool = False  # dataset_source is your own questions' JSONL file
+    q_lang: Literal["en", "zh", "all"] = "en"  # SLAKE's question language
+    vqa_type: VQA_TYPE = "no_cond_desc"
+    vqa_scoring: Literal["letter", "loglik"] = "letter"
+    test_chunk_idx: Optional[int] = field(default=None, metadata={"min": 0})
+    test_chunk: int = field(default=50, metadata={"min": 1})
+    omnimedvqa_include_modality_key: bool = False
+    omnimedvqa_file_order: Literal["sorted", "listdir"] = "sorted"
+    overwrite: bool = False  # start results files made by another model / other settings afresh
+    debug: bool = False  # debug_samples items per suite into output_dir/debug
+    debug_samples: int = field(default=4, metadata={"min": 1})
+    progress: bool = True
+    image: Optional[str] = None  # single shot: image=a.png,b.png (paths with commas: images=[...])
+    images: Optional[List[str]] = None
+    prompt: Optional[str] = None  # single shot: a question (free text); null: caption
+
+    def suites(self) -> List[str]:
+        return [s for s in SUITES if getattr(self, s)]
+
+    def image_paths(self) -> List[str]:
+        """``image=a.png,b.png`` (split at commas) and ``images=[...]`` (taken whole)."""
+        found = [s.strip() for s in (self.image or "").split(",") if s.strip()]
+        return found + [str(p) for p in (self.images or [])]
+
+    def check(self) -> None:
+        """Everything that can be checked without loading a weight."""
+        check_component(self.model, "model")
+        check_component(self.tokenizer, "tokenizer")
+        if self.quantizer is not None:
+            raise ConfigError("quantizer is not supported by medcap's generation (the reference's default, null, is); "
+                              "set quantizer=null")
+        if not self.suites() and not self.image_paths():
+            raise ConfigError(
+                "nothing to do: switch on a suite (" + ", ".join(f"{s}=True" for s in SUITES) + ") "
+                "or give images for the single-shot mode (image=path1,path2 [prompt=\"question\"])"
+            )
+        model_vision = self.model.get("vision")
+        if model_vision not in (None, self.vision):
+            raise ConfigError(f"model.vision={model_vision!r} but vision={self.vision!r}")
+        must_exist(self.tokenizer.get("path"), "tokenizer.path")
+        if self.tokenizer.get("special_tokens_path"):
+            must_exist(self.tokenizer["special_tokens_path"], "tokenizer.special_tokens_path")
+        folder = must_exist(self.checkpointer.checkpoint_dir, "checkpointer.checkpoint_dir", "dir")
+        for name in self.checkpointer.checkpoint_files or []:
+            must_exist(folder / name, f"checkpointer.checkpoint_files ({name})")
+        if self.vision_checkpoint:
+            must_exist(self.vision_checkpoint, "vision_checkpoint")
+        for p in self.image_paths():
+            must_exist(p, "image")
+        if self.test_metrics:
+            must_exist(self.dataset_source, "dataset_source (test_metrics reads sharegpt records)", "path")
+        if self.test_vqarad:
+            must_exist(Path(str(self.dataset_source)) / "VQA_RAD" / "VQA_RAD Dataset Public.json",
+                       "dataset_source (test_vqarad)")
+        if self.test_omnimedvqa:
+            must_exist(Path(str(self.dataset_source)) / "OmniMedVQA" / "QA_information" / "Open-access",
+                       "dataset_source (test_omnimedvqa)", "dir")
+        self._check_benchmarks()
+
+    def _check_benchmarks(self) -> None:
+        root = Path(str(self.dataset_source))
+        if self.test_slake:
+            must_exist(root / "Slake1.0" / "test.json", "dataset_source (test_slake)")
+        for suite, folder in (("test_pathvqa", "path-vqa"), ("test_vqarad_hf", "vqa-rad")):
+            if getattr(self, suite) and not any((root / folder / "data").glob("test-*.parquet")):
+                raise ConfigError(f"dataset_source ({suite}): no test-*.parquet in {str(root / folder / 'data')!r}; "
+                                  f"download it with: huggingface-cli download flaviagiammarino/{folder} "
+                                  f"--repo-type dataset --local-dir {root / folder}")
+        if self.test_pmcvqa and not any((root / "PMC-VQA" / n).is_file() for n in ("test_clean.csv", "test.csv")):
+            must_exist(root / "PMC-VQA" / "test_clean.csv", "dataset_source (test_pmcvqa: test_clean.csv or test.csv)")
+        if self.test_questions:
+            must_exist(root, "dataset_source (test_questions reads a JSONL file of questions)", "file")
