@@ -50,7 +50,7 @@ class UserError(Exception):
 
 
 def _parser(chat: bool) -> argparse.ArgumentParser:
-    from medcap.cli import accept_snake_case
+    from medcap._cmdline import accept_snake_case
 
     if chat:
         p = argparse.ArgumentParser(
@@ -162,7 +162,8 @@ def resolve_model_config(args, overrides: Sequence[str], env: Optional[Dict[str,
     """The config describing the model to load, every path it names checked (nothing loaded)."""
     from omegaconf import OmegaConf
 
-    from medcap.cli import CLIError, resolve_config
+    from medcap._cmdline import CLIError
+    from medcap._registry import resolve_config
 
     env = dict(os.environ if env is None else env)
     try:
@@ -219,7 +220,7 @@ class Captioner:
 
         from medcap.data import image_transform
         from medcap.generation import GenerationEngine
-        from medcap.models._checkpoint import load_model
+        from medcap.models import load_model
 
         device = str(cfg.get("device") or "cuda")
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -335,8 +336,7 @@ def chat(cap: Captioner, image_path: str, lines, write=print) -> List[Dict[str, 
     """A conversation about one image: each line from ``lines`` is a user turn (the
     first carries the image), each reply is written as ``ASSISTANT: ...``. Ends at
     ``q``/``quit``/``exit``, at the end of ``lines``, or when the context is full."""
-    from medcap.generation import clean_text
-    from medcap.generation._engine import question_messages
+    from medcap.generation import clean_text, question_messages
 
     image = cap.image(image_path)
     messages: List[Dict[str, str]] = []

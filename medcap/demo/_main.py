@@ -328,7 +328,7 @@ class Demo:
         return env
 
     def _run_recipe(self, stage: str, extra: Sequence[str] = ()) -> None:
-        from medcap.cli import build_run_command
+        from medcap._launch import build_run_command
 
         cmd = build_run_command(self.recipe_args(stage) + list(extra))
         rc = _tee(cmd, self.log_dir / f"{stage}.log", self._env())

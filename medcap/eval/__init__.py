@@ -34,6 +34,8 @@ _EXPORTS = {
     "caption_metrics": "_scoring",
     "check_java": "_scoring",
     "rescore": "_rescore",
+    "rescore_main": "_rescore",
+    "report_main": "_report",
     "read_csv_rows": "_loop",
     "judge_main": "_judge",
 }

@@ -99,7 +99,8 @@ def _limits(args):
 
 def read_model_config(config: str, overrides: Sequence[str]):
     """The generate recipe's checked ``GenerateConfig`` (no suite needed: nothing is run)."""
-    from medcap.cli import CLIError, resolve_config
+    from medcap._cmdline import CLIError
+    from medcap._registry import resolve_config
     from medcap.config import FREE_TEXT, ConfigError, GenerateConfig, from_config, must_exist, parse_args, plain
 
     try:
@@ -125,7 +126,7 @@ def load_engine(conf, batch_size: Optional[int]):
     from torchtune import config as tt_config
 
     from medcap.generation import GenerationEngine
-    from medcap.models._checkpoint import load_model, resolve_dtype
+    from medcap.models import load_model
 
     device = conf.device
     if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -133,7 +134,7 @@ def load_engine(conf, batch_size: Optional[int]):
         device = "cpu"
     tokenizer = tt_config.instantiate(DictConfig(conf.tokenizer))
     model = load_model(conf.model, dataclasses.asdict(conf.checkpointer), device=torch.device(device),
-                       dtype=resolve_dtype(conf.dtype), tokenizer=tokenizer, vision_checkpoint=conf.vision_checkpoint)
+                       dtype=conf.dtype, tokenizer=tokenizer, vision_checkpoint=conf.vision_checkpoint)
     return GenerationEngine(model, tokenizer, batch_size=batch_size or conf.batch_size,
                             temperature=float(conf.temperature or 0.0), top_k=conf.top_k,
                             seed=conf.seed if conf.seed is not None else 0)
