@@ -56,7 +56,6 @@ from _common import (
     emit,
     gpu_limits,
     wants_limits,
-    interleaved,
     log,
     machine_info,
     median,

@@ -14,7 +14,7 @@ from medcap import lazy_attrs
 _EXPORTS = {
     "medcap.data._convert": ["convert_main"],
     "medcap.data._dataset": ["chat_dataset", "collate_image_chat", "image_chat_dataset"],
-    "medcap.data._image": ["image_transform", "load_image"],
+    "medcap.data._image": ["image_transform", "load_image", "resize_center_crop"],
     "medcap.data._preprocess": ["preprocess_images"],
     "medcap.data._records": [
         "CROSS_ENTROPY_IGNORE_IDX",
@@ -38,7 +38,7 @@ __getattr__, __dir__ = lazy_attrs(__name__, _WHERE)
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from medcap.data._convert import convert_main  # noqa: F401
     from medcap.data._dataset import chat_dataset, collate_image_chat, image_chat_dataset  # noqa: F401
-    from medcap.data._image import image_transform, load_image  # noqa: F401
+    from medcap.data._image import image_transform, load_image, resize_center_crop  # noqa: F401
     from medcap.data._preprocess import preprocess_images  # noqa: F401
     from medcap.data._records import (  # noqa: F401
         CROSS_ENTROPY_IGNORE_IDX,

@@ -242,7 +242,7 @@ def pretrain(
 
 def hf_config(sizes: LMSizes):
     """The ``LlamaConfig`` that equals torchtune's ``llama3_1`` at these sizes."""
-    from medcap.models._model import hf_llama3_1_config
+    from medcap.models import hf_llama3_1_config
 
     return hf_llama3_1_config(sizes.vocab_size, **{k: v for k, v in asdict(sizes).items() if k != "vocab_size"})
 

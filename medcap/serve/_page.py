@@ -53,8 +53,7 @@ def ask(state, image_path: str, messages: List[Dict[str, str]]) -> Tuple[str, An
 def build_page(state):
     import gradio as gr
 
-    from medcap.generation import clean_text
-    from medcap.generation._engine import question_messages
+    from medcap.generation import clean_text, question_messages
 
     def caption(path: Optional[str]):
         if not path:
