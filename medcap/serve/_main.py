@@ -1,12 +1,16 @@
 """``medcap serve``: the command line, the model (the generate recipe's config), uvicorn.
 
+    _parser, check_bind, _limits     the flags; a non-loopback address needs an API key
+    read_model_config, load_engine   the model, as ``medcap run generate`` loads it
+    build_state                      the flags and the model -> ``_app.ServeState``
+    serve_main, run_uvicorn          the command: checked, loaded, then served
+
 The model is described as for ``medcap run generate``: a generation config and
 ``key=value`` overrides (``model``, ``tokenizer``, ``checkpointer``,
 ``vision_checkpoint``, ``device``, ``dtype``, ``batch_size``, ``max_new_tokens``,
 ``temperature``, ``top_k``, ``seed``), or ``--demo DIR`` for the model ``medcap demo``
 trained in DIR (``demo/generate`` with ``demo_dir=DIR``).
 """
-
 from __future__ import annotations
 
 import argparse
@@ -27,6 +31,9 @@ DEMO_CONFIG = "demo/generate"
 
 class UserError(Exception):
     pass
+
+
+# ---- the command line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,6 +104,9 @@ def _limits(args):
                   max_tokens=args.max_tokens, queue_size=args.queue_size, request_timeout_s=args.request_timeout)
 
 
+# ---- the model
+
+
 def read_model_config(config: str, overrides: Sequence[str]):
     """The generate recipe's checked ``GenerateConfig`` (no suite needed: nothing is run)."""
     from medcap._cmdline import CLIError
@@ -149,6 +159,9 @@ def demo_examples(demo_dir: str, n: int = 4) -> List[str]:
         return []
     found = [str(world / r["image"]) for r in records if isinstance(r, dict) and r.get("image")]
     return [p for p in found if os.path.isfile(p)][:n]
+
+
+# ---- the server
 
 
 def build_state(args):

@@ -11,6 +11,9 @@ Requests wait in this worker's own queue (bounded: ``submit`` raises
 :class:`QueueFull`) and enter a batcher only when it has a free slot, so a request
 cancelled while waiting (its client went away) costs nothing. A cancelled running
 request is ended at the next step: its budget is cut to the tokens it has.
+
+    QueueFull, Job   a refused request; one request's prompt, budget, tokens and state
+    BatchWorker      the thread: ``submit``, ``wake``, ``load``; its loop admits, steps, ends
 """
 
 from __future__ import annotations
