@@ -27,7 +27,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
-# ----------------------------------------------------------------------------- arguments, devices
+# ---- arguments, devices
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -110,7 +110,7 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-# ----------------------------------------------------------------------------- timing
+# ---- timing
 
 
 def sync(device: torch.device) -> None:
@@ -122,7 +122,7 @@ def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 
 
-# ----------------------------------------------------------------------------- peak memory
+# ---- peak memory
 
 
 _M_TRIM_THRESHOLD = -1
@@ -205,7 +205,7 @@ def mib(n: Optional[float]) -> Optional[float]:
     return None if n is None else round(n / 2**20, 1)
 
 
-# ----------------------------------------------------------------------------- model sizes and analytic counts
+# ---- model sizes and analytic counts
 
 
 @dataclass(frozen=True)
@@ -321,7 +321,7 @@ def frozen_llm_step_flops(
     }
 
 
-# ----------------------------------------------------------------------------- GPU limits
+# ---- GPU limits
 
 
 # Public spec sheets: memory bandwidth (GB/s) and dense bf16 tensor-core peak (TFLOP/s).
@@ -369,7 +369,7 @@ def gpu_limits(args, device: torch.device) -> Dict[str, Any]:
     }
 
 
-# ----------------------------------------------------------------------------- models
+# ---- models
 
 
 def build_model(dims: LlamaDims, *, num_image_tokens: int, device: torch.device, dtype: torch.dtype,
@@ -447,7 +447,7 @@ def to_hf_llama(model, dims: LlamaDims, device: torch.device, dtype: torch.dtype
     return hf.eval()
 
 
-# ----------------------------------------------------------------------------- tokenizers
+# ---- tokenizers
 
 
 def bench_tokenizer(out_dir: Path, model_vocab_size: int, max_seq_len: Optional[int] = None):
@@ -482,7 +482,7 @@ def bench_tokenizer(out_dir: Path, model_vocab_size: int, max_seq_len: Optional[
     return tok
 
 
-# ----------------------------------------------------------------------------- realistic stop lengths
+# ---- realistic stop lengths
 
 
 # Where a trained model would stop, per kind of generation (the key's prefix, as the

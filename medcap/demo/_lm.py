@@ -63,7 +63,7 @@ class LMSizes:
         return asdict(self)
 
 
-# ---------------------------------------------------------------------------- corpus
+# ---- corpus
 
 
 def note(f: Finding) -> str:
@@ -166,7 +166,7 @@ def _batch(pairs, pad_id: int):
     return tokens, labels
 
 
-# ---------------------------------------------------------------------------- model, training
+# ---- model, training
 
 
 def build_decoder(sizes: LMSizes):
@@ -237,7 +237,7 @@ def pretrain(
     return decoder, losses
 
 
-# ---------------------------------------------------------------------------- HF format
+# ---- HF format
 
 
 def hf_config(sizes: LMSizes):

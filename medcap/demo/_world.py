@@ -128,7 +128,7 @@ def options_for(attribute: str, f: Finding, rng: np.random.Generator, shuffle: b
     return [str(x) for x in pool]
 
 
-# ---------------------------------------------------------------------------- images
+# ---- images
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
@@ -290,7 +290,7 @@ def render(f: Finding, rng: np.random.Generator, size: int = 64) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-# ---------------------------------------------------------------------------- splits
+# ---- splits
 
 
 def sample_finding(rng: np.random.Generator, modalities: Sequence[str]) -> Finding:

@@ -12,6 +12,7 @@ Every failure a client can cause is an :class:`APIError` answered as 4xx JSON; t
 thread never sees an unchecked request (``_request`` checks it). Image decoding runs in
 the thread pool, not on the event loop, so one large image does not stall other clients.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -11,6 +11,7 @@ The model is described as for ``medcap run generate``: a generation config and
 ``temperature``, ``top_k``, ``seed``), or ``--demo DIR`` for the model ``medcap demo``
 trained in DIR (``demo/generate`` with ``demo_dir=DIR``).
 """
+
 from __future__ import annotations
 
 import argparse

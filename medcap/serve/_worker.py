@@ -81,7 +81,7 @@ class BatchWorker:
         # steps and rows decoded: rows / steps is the mean batch the clients made
         self.counts = dict(served=0, failed=0, cancelled=0, steps=0, rows=0, step_ms=0)
 
-    # ------------------------------------------------------------------ any thread
+    # ---- any thread
     def start(self) -> "BatchWorker":
         self._thread.start()
         return self
@@ -108,7 +108,7 @@ class BatchWorker:
         return {"waiting": len(self._pending), "running": sum(len(v) for v in self._running.values()),
                 "slots": self.engine.batch_size, **self.counts}
 
-    # ------------------------------------------------------------------ the worker thread
+    # ---- the worker thread
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while True:
