@@ -9,7 +9,7 @@ from medcap.demo._settings import DemoSettings, parse_settings
 
 def test_settings_and_stage_overrides():
     s, over = parse_settings(["lm_steps=7", "lm_lr=0.01", "train_max_steps_per_epoch=null",
-                               "train.optimizer.lr=3e-3"], DemoSettings())
+                              "train.optimizer.lr=3e-3"], DemoSettings())
     assert s.lm_steps == 7 and s.lm_lr == 0.01 and s.train_max_steps_per_epoch is None
     assert over == {"train": ["optimizer.lr=3e-3"]}
     with pytest.raises(SystemExit, match="unknown setting"):
