@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: devices, interleaved timing with medians,
+"""Helpers shared by the benchmarks: devices, timing with medians,
 peak memory, analytic FLOP and byte counts, GPU limits, JSON output, HF conversion.
 
 Each benchmark prints exactly one JSON object as its last stdout line; progress
@@ -15,10 +15,9 @@ import os
 import platform
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -28,7 +27,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
-# ----------------------------------------------------------------------------- arguments, devices
+# ---- arguments, devices
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -111,7 +110,7 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-# ----------------------------------------------------------------------------- timing
+# ---- timing
 
 
 def sync(device: torch.device) -> None:
@@ -123,40 +122,7 @@ def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 
 
-def interleaved(
-    fns: Dict[str, Callable[[], Any]],
-    *,
-    reps: int,
-    warmup: int = 1,
-    device: torch.device,
-) -> Dict[str, Dict[str, Any]]:
-    """Time each function ``reps`` times, alternating between them so that the
-    machine's load drifts over all of them alike; the order rotates each round.
-
-    Returns ``{name: {"times_s": [...], "median_s": m, "result": last return value}}``.
-    Warm-up calls (not timed) run first, once per function per ``warmup``.
-    """
-    names = list(fns)
-    out: Dict[str, Dict[str, Any]] = {n: {"times_s": [], "result": None} for n in names}
-    for _ in range(warmup):
-        for n in names:
-            out[n]["result"] = fns[n]()
-    for r in range(reps):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for n in order:
-            gc.collect()
-            sync(device)
-            t0 = time.perf_counter()
-            res = fns[n]()
-            sync(device)
-            out[n]["times_s"].append(time.perf_counter() - t0)
-            out[n]["result"] = res
-    for n in names:
-        out[n]["median_s"] = median(out[n]["times_s"])
-    return out
-
-
-# ----------------------------------------------------------------------------- peak memory
+# ---- peak memory
 
 
 _M_TRIM_THRESHOLD = -1
@@ -239,7 +205,7 @@ def mib(n: Optional[float]) -> Optional[float]:
     return None if n is None else round(n / 2**20, 1)
 
 
-# ----------------------------------------------------------------------------- model sizes and analytic counts
+# ---- model sizes and analytic counts
 
 
 @dataclass(frozen=True)
@@ -355,7 +321,7 @@ def frozen_llm_step_flops(
     }
 
 
-# ----------------------------------------------------------------------------- GPU limits
+# ---- GPU limits
 
 
 # Public spec sheets: memory bandwidth (GB/s) and dense bf16 tensor-core peak (TFLOP/s).
@@ -403,7 +369,7 @@ def gpu_limits(args, device: torch.device) -> Dict[str, Any]:
     }
 
 
-# ----------------------------------------------------------------------------- models
+# ---- models
 
 
 def build_model(dims: LlamaDims, *, num_image_tokens: int, device: torch.device, dtype: torch.dtype,
@@ -414,7 +380,7 @@ def build_model(dims: LlamaDims, *, num_image_tokens: int, device: torch.device,
     on the host). ``real_vision`` gives BiomedCLIP's tower and the 4096-wide projector."""
     from torchtune.models.llama3_1 import llama3_1
 
-    from medcap.models._model import biomedclip_tower, medcap_fusion, tiny_tower
+    from medcap.models import biomedclip_tower, medcap_fusion, tiny_tower
 
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()
@@ -456,7 +422,7 @@ def to_hf_llama(model, dims: LlamaDims, device: torch.device, dtype: torch.dtype
     from torchtune.models.convert_weights import tune_to_hf
     from transformers import LlamaForCausalLM
 
-    from medcap.models._model import hf_llama3_1_config
+    from medcap.models import hf_llama3_1_config
 
     cfg = hf_llama3_1_config(
         dims.vocab_size,
@@ -481,7 +447,7 @@ def to_hf_llama(model, dims: LlamaDims, device: torch.device, dtype: torch.dtype
     return hf.eval()
 
 
-# ----------------------------------------------------------------------------- tokenizers
+# ---- tokenizers
 
 
 def bench_tokenizer(out_dir: Path, model_vocab_size: int, max_seq_len: Optional[int] = None):
@@ -490,9 +456,9 @@ def bench_tokenizer(out_dir: Path, model_vocab_size: int, max_seq_len: Optional[
     in Llama-3.1-8B (128,256). The merges are all byte pairs, then byte triples, in
     order: every id is reachable and decodes to bytes, so generated ids always decode."""
     from medcap.models import llama3_tokenizer, write_tiktoken_tokenizer
-    from medcap.models._tokenizer import model_vocab_size as mvs
+    from medcap.models import model_vocab_size as ids_with_specials  # the function; the argument shadows its name
 
-    specials = mvs(0)
+    specials = ids_with_specials(0)
     want = model_vocab_size - specials - 256
     if want < 0:
         raise ValueError(f"model_vocab_size {model_vocab_size} is below the {256 + specials} ids a byte tokenizer needs")
@@ -516,7 +482,7 @@ def bench_tokenizer(out_dir: Path, model_vocab_size: int, max_seq_len: Optional[
     return tok
 
 
-# ----------------------------------------------------------------------------- realistic stop lengths
+# ---- realistic stop lengths
 
 
 # Where a trained model would stop, per kind of generation (the key's prefix, as the

@@ -56,7 +56,6 @@ from _common import (
     emit,
     gpu_limits,
     wants_limits,
-    interleaved,
     log,
     machine_info,
     median,
@@ -91,7 +90,7 @@ QUESTIONS = [
 ]
 
 
-# ----------------------------------------------------------------------------- the variants
+# ---- the variants
 
 
 @torch.inference_mode()
@@ -146,7 +145,7 @@ def hf_generate(model, hf, prompts: List[List[int]], images: torch.Tensor, new_t
     return out[:, -new_tokens:].tolist()
 
 
-# ----------------------------------------------------------------------------- realistic lengths
+# ---- realistic lengths
 
 
 KINDS = ("desc", "answer", "score")  # one call per kind, as the evaluation makes them
@@ -242,7 +241,7 @@ def compare_continuous_static(model, tokenizer, work, batch: int, reps: int, dev
     }
 
 
-# ----------------------------------------------------------------------------- main
+# ---- main
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:

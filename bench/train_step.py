@@ -114,7 +114,7 @@ def make_dataset(out: Path, tokenizer, n: int, *, median_len: float, sigma: floa
     return path
 
 
-# ----------------------------------------------------------------------------- the two ways
+# ---- the two ways
 
 
 def random_batches(n: int, batch: int, seed: int) -> List[List[int]]:
@@ -164,7 +164,7 @@ def ours_per_sample(model, loss_fn, b: Dict) -> torch.Tensor:
     return loss_fn(model, hidden, b["labels"], per_sample=True).per_sample_mean
 
 
-# ----------------------------------------------------------------------------- main
+# ---- main
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:

@@ -4,18 +4,12 @@
         [--question "Is there a fracture?"] [--llm LLAMA_DIR] [--out results.jsonl|.csv]
     medcap chat scan.png --checkpoint RUN/checkpoint/meta_model_last.safetensors
 
-The model is described by a generation config (``--config``, default
-``custom_generation_config``, the 8B model): its ``model``, ``tokenizer``,
-``checkpointer``, ``device``, ``dtype`` and ``max_new_tokens`` are used, and
-``key=value`` arguments override them (``demo_dir=...``). The LLM folder is,
-in order: ``--llm``; the folder the vision checkpoint's metadata records
-(``llm_dir``, when it still exists); ``$MEDCAP_LLM``; the config's
-``checkpointer.checkpoint_dir`` when ``--config`` was given. A folder found
-any way but the last is read as a Hugging Face Llama folder: every
-``*.safetensors`` in it, the tokenizer at ``original/tokenizer.model``.
-
-Generation is greedy unless ``--temperature`` is given. Nothing heavy (torch)
-is imported before the command line has been read and every path checked.
+In order: the command line (image files, folders, globs; ``key=value`` config overrides);
+which model (``resolve_model_config``: a generation config and the LLM folder, every path
+checked); ``Captioner`` (the model, loaded once); ``caption`` (images in batches -> rows);
+``chat`` (turns about one image); the entry points (one-line errors). Generation is greedy
+unless ``--temperature`` is given. Nothing heavy (torch) is imported before the command
+line has been read and every path checked.
 """
 
 from __future__ import annotations
@@ -46,11 +40,11 @@ class UserError(Exception):
     """A problem with the command line or its files: one line, no traceback."""
 
 
-# ----------------------------------------------------------------------------- command line
+# ---- command line
 
 
 def _parser(chat: bool) -> argparse.ArgumentParser:
-    from medcap.cli import accept_snake_case
+    from medcap._cmdline import accept_snake_case
 
     if chat:
         p = argparse.ArgumentParser(
@@ -120,7 +114,16 @@ def expand_images(specs: Sequence[str]) -> List[str]:
     return out
 
 
-# ----------------------------------------------------------------------------- which model
+# ---- which model
+#
+# The model is described by a generation config (``--config``, default
+# ``custom_generation_config``, the 8B model): its ``model``, ``tokenizer``,
+# ``checkpointer``, ``device``, ``dtype`` and ``max_new_tokens`` are used, and ``key=value``
+# arguments override them (``demo_dir=...``). The LLM folder is, in order: ``--llm``; the
+# folder the vision checkpoint's metadata records (``llm_dir``, when it still exists);
+# ``$MEDCAP_LLM``; the config's ``checkpointer.checkpoint_dir`` when ``--config`` was given.
+# A folder found any way but the last is read as a Hugging Face Llama folder: every
+# ``*.safetensors`` in it, the tokenizer at ``original/tokenizer.model``.
 
 
 def checkpoint_llm_dir(path: str) -> Optional[str]:
@@ -162,7 +165,8 @@ def resolve_model_config(args, overrides: Sequence[str], env: Optional[Dict[str,
     """The config describing the model to load, every path it names checked (nothing loaded)."""
     from omegaconf import OmegaConf
 
-    from medcap.cli import CLIError, resolve_config
+    from medcap._cmdline import CLIError
+    from medcap._registry import resolve_config
 
     env = dict(os.environ if env is None else env)
     try:
@@ -207,7 +211,7 @@ def resolve_model_config(args, overrides: Sequence[str], env: Optional[Dict[str,
     return cfg
 
 
-# ----------------------------------------------------------------------------- the model
+# ---- the model
 
 
 class Captioner:
@@ -219,7 +223,7 @@ class Captioner:
 
         from medcap.data import image_transform
         from medcap.generation import GenerationEngine
-        from medcap.models._checkpoint import load_model
+        from medcap.models import load_model
 
         device = str(cfg.get("device") or "cuda")
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -255,7 +259,7 @@ def _loaded(cfg, args, **kw) -> Captioner:
     return Captioner(cfg, temperature=args.temperature, top_k=args.top_k, seed=args.seed, **kw)
 
 
-# ----------------------------------------------------------------------------- caption
+# ---- caption
 
 
 def _write_rows(path: str, rows: List[Dict[str, Any]]) -> None:
@@ -328,15 +332,14 @@ def _caption_main(argv: List[str]) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- chat
+# ---- chat
 
 
 def chat(cap: Captioner, image_path: str, lines, write=print) -> List[Dict[str, str]]:
     """A conversation about one image: each line from ``lines`` is a user turn (the
     first carries the image), each reply is written as ``ASSISTANT: ...``. Ends at
     ``q``/``quit``/``exit``, at the end of ``lines``, or when the context is full."""
-    from medcap.generation import clean_text
-    from medcap.generation._engine import question_messages
+    from medcap.generation import clean_text, question_messages
 
     image = cap.image(image_path)
     messages: List[Dict[str, str]] = []
@@ -386,7 +389,7 @@ def _chat_main(argv: List[str]) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- entry points
+# ---- entry points
 
 
 def _run(prog: str, main, argv: List[str]) -> int:

@@ -1,7 +1,13 @@
-"""Conventions every medcap command and tool shares: ``--snake_case`` spellings of
-``--kebab-case`` flags still accepted, and a quiet exit when the reader of stdout
-goes away (``medcap ls | head``). A module of its own, below every package, so
-that the packages' command-line entry points need not import ``medcap.cli``.
+"""Conventions every medcap command and tool shares, below every package so that the
+packages' command-line entry points (``medcap serve``, ``medcap caption``, the demo, the
+tools) need not import ``medcap.cli``.
+
+    CLIError             a problem with the command line, reported as one clear line
+    accept_snake_case    ``--snake_case`` spellings of ``--kebab-case`` flags still accepted
+    quiet_broken_pipe    a quiet exit when the reader of stdout goes away (``medcap ls | head``)
+
+The command itself (``medcap``) is ``medcap.cli``; the registry of recipes and configs is
+``medcap._registry``. The layering is drawn in ``docs/internals.md``.
 """
 
 from __future__ import annotations
@@ -10,6 +16,13 @@ import argparse
 import os
 import sys
 from typing import Callable, Dict, List, Optional
+
+
+class CLIError(Exception):
+    """A problem with the command line, reported as one clear message."""
+
+
+# ---- flag spellings
 
 
 def accept_snake_case(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -41,6 +54,9 @@ def _kebab_args(args: List[str], aliases: Dict[str, str]) -> List[str]:
         flag, eq, value = arg.partition("=")
         out.append(aliases[flag] + eq + value if flag in aliases else arg)
     return out
+
+
+# ---- a closed pipe
 
 
 def quiet_broken_pipe(fn: Callable[[], Optional[int]]) -> int:

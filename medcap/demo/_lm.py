@@ -63,7 +63,7 @@ class LMSizes:
         return asdict(self)
 
 
-# ---------------------------------------------------------------------------- corpus
+# ---- corpus
 
 
 def note(f: Finding) -> str:
@@ -166,7 +166,7 @@ def _batch(pairs, pad_id: int):
     return tokens, labels
 
 
-# ---------------------------------------------------------------------------- model, training
+# ---- model, training
 
 
 def build_decoder(sizes: LMSizes):
@@ -237,12 +237,12 @@ def pretrain(
     return decoder, losses
 
 
-# ---------------------------------------------------------------------------- HF format
+# ---- HF format
 
 
 def hf_config(sizes: LMSizes):
     """The ``LlamaConfig`` that equals torchtune's ``llama3_1`` at these sizes."""
-    from medcap.models._model import hf_llama3_1_config
+    from medcap.models import hf_llama3_1_config
 
     return hf_llama3_1_config(sizes.vocab_size, **{k: v for k, v in asdict(sizes).items() if k != "vocab_size"})
 

@@ -1,4 +1,12 @@
-"""The demo's results: ``summary.json`` from the files the recipes wrote, and ``report.png``."""
+"""The demo's results, read back from the files the recipes wrote.
+
+    read_metrics_csv, read_eval, caption_exact_match, chance_cider, chance_accuracy,
+    read_train_log      the figures: scores, chance levels, the training loss
+    collect_summary     ``summary.json``: the figures, the targets, seconds and every
+                        stage's command
+    draw_report         ``report.png``: loss curves, accuracy per modality, captioned examples
+    print_summary       the table at the end of a run, and the commands that rerun each stage
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,11 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from medcap.demo._settings import TARGETS
 from medcap.demo._world import MODALITIES
+
+
+# ---- the figures
 
 
 def read_metrics_csv(path: Path) -> Dict[str, float]:
@@ -120,6 +132,9 @@ def read_train_log(log_dir: Path) -> List[Tuple[int, float]]:
     return points
 
 
+# ---- summary.json
+
+
 def collect_summary(demo, stages: Sequence[str], targets: Dict[str, float]) -> Dict[str, Any]:
     """``summary.json``: metrics of the trained model and the control, targets, seconds, commands.
     ``stages`` and ``targets`` are the demo's (passed in: the runner imports this module)."""
@@ -167,6 +182,9 @@ def collect_summary(demo, stages: Sequence[str], targets: Dict[str, float]) -> D
     }
 
 
+# ---- report.png
+
+
 def _caption_rows(folder: Path, n: int) -> List[Dict[str, str]]:
     raw = _one(folder, "metrics-raw-*.csv")
     if raw is None:
@@ -186,15 +204,27 @@ def draw_report(demo, summary: Dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     examples = _caption_rows(demo.out / "eval" / "trained", 4)
     control_rows = {r["image"]: r["generated"] for r in _caption_rows(demo.out / "eval" / "control", 10**9)}
     fig = plt.figure(figsize=(15, 9.5))
     grid = fig.add_gridspec(2, 4, height_ratios=[1, 1.05], hspace=0.45, wspace=0.3)
+    _lm_loss(fig.add_subplot(grid[0, 0]), demo.llm / "pretrain.json")
+    _vision_loss(fig.add_subplot(grid[0, 1]), demo.train_dir / "logs")
+    _accuracy_bars(fig.add_subplot(grid[0, 2:]), summary)
+    _examples(fig, grid, examples, control_rows)
+    tc, cc = summary["trained"].get("CIDEr"), summary["control"].get("CIDEr")
+    fig.suptitle(
+        f"medcap demo: held-out images. CIDEr trained {tc if tc is None else round(tc, 3)} vs control "
+        f"{cc if cc is None else round(cc, 3)}; total {summary['seconds'].get('total', 0):.0f} s", fontsize=12,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
-    ax = fig.add_subplot(grid[0, 0])
-    lm_log = demo.llm / "pretrain.json"
+
+def _lm_loss(ax, lm_log: Path) -> None:
     if lm_log.exists():
         losses = json.loads(lm_log.read_text())["losses"]
         ax.plot(range(1, len(losses) + 1), losses, color="#55A868")
@@ -203,8 +233,9 @@ def draw_report(demo, summary: Dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
 
-    ax = fig.add_subplot(grid[0, 1])
-    pts = read_train_log(demo.train_dir / "logs")
+
+def _vision_loss(ax, log_dir: Path) -> None:
+    pts = read_train_log(log_dir)
     if pts:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], color="#4C72B0")
         ax.set_yscale("log")
@@ -212,7 +243,8 @@ def draw_report(demo, summary: Dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("caption loss")
 
-    ax = fig.add_subplot(grid[0, 2:])
+
+def _accuracy_bars(ax, summary: Dict[str, Any]) -> None:
     t, c = summary["trained"].get("per_modality", {}), summary["control"].get("per_modality", {})
     names = [m.key for m in MODALITIES if m.key in t or m.key in c]
     x = range(len(names))
@@ -231,6 +263,11 @@ def draw_report(demo, summary: Dict[str, Any], path: Path) -> Path:
     )
     ax.legend(fontsize=8, loc="lower right")
 
+
+def _examples(fig, grid, examples: List[Dict[str, str]], control_rows: Dict[str, str]) -> None:
+    """The held-out images in the bottom row, each with its reference and both captions."""
+    from PIL import Image
+
     for k, row in enumerate(examples):
         ax = fig.add_subplot(grid[1, k])
         try:
@@ -243,15 +280,6 @@ def draw_report(demo, summary: Dict[str, Any], path: Path) -> Path:
             _wrap(f"reference: {row['output']}") + "\n" + _wrap(f"trained: {row['generated']}") + "\n"
             + _wrap(f"control: {ctrl}"), fontsize=7.5, loc="left",
         )
-    tc, cc = summary["trained"].get("CIDEr"), summary["control"].get("CIDEr")
-    fig.suptitle(
-        f"medcap demo: held-out images. CIDEr trained {tc if tc is None else round(tc, 3)} vs control "
-        f"{cc if cc is None else round(cc, 3)}; total {summary['seconds'].get('total', 0):.0f} s", fontsize=12,
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
 
 
 def _wrap(text: str, width: int = 46) -> str:
@@ -266,4 +294,35 @@ def _wrap(text: str, width: int = 46) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["collect_summary", "draw_report", "read_eval", "read_metrics_csv", "read_train_log", "chance_accuracy"]
+# ---- the table printed at the end
+
+
+def _f(v: Any) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def print_summary(summary: Dict[str, Any]) -> None:
+    t, c = summary.get("trained", {}), summary.get("control", {})
+    lines = [
+        "",
+        "medcap demo results (held-out images)",
+        f"  {'':28s}{'trained':>10s}{'control':>10s}{'target':>10s}",
+        f"  {'CIDEr':28s}{_f(t.get('CIDEr')):>10s}{_f(c.get('CIDEr')):>10s}{'>= ' + str(TARGETS['CIDEr']):>10s}",
+        f"  {'OmniMedVQA macro accuracy':28s}{_f(t.get('macro_accuracy')):>10s}"
+        f"{_f(c.get('macro_accuracy')):>10s}{'>= ' + str(TARGETS['macro_accuracy']):>10s}",
+        f"  {'caption exact match':28s}{_f(t.get('caption_exact_match')):>10s}{_f(c.get('caption_exact_match')):>10s}",
+        f"  chance: accuracy {_f(summary.get('chance_accuracy'))}, CIDEr {_f(summary.get('chance_CIDEr'))} "
+        f"(captions of other test images); targets met: {summary.get('targets_met')}",
+        f"  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary.get("seconds", {}).items()),
+        "",
+        "rerun any stage with its command (append key=value to change it):",
+    ]
+    for stage, cmd in summary.get("commands", {}).items():
+        lines.append(f"  {stage}:\n    {cmd}")
+    print("\n".join(lines), flush=True)
+
+
+__all__ = [
+    "chance_accuracy", "collect_summary", "draw_report", "print_summary", "read_eval", "read_metrics_csv",
+    "read_train_log",
+]

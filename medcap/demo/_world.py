@@ -128,7 +128,7 @@ def options_for(attribute: str, f: Finding, rng: np.random.Generator, shuffle: b
     return [str(x) for x in pool]
 
 
-# ---------------------------------------------------------------------------- images
+# ---- images
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
@@ -147,66 +147,107 @@ def _background(key: str, rng: np.random.Generator, s: int) -> Tuple[np.ndarray,
     yy, xx = np.mgrid[0:s, 0:s] / (s - 1)  # [s, s] each, in [0, 1]
     noise = _smooth_noise(rng, s, 6)
     fine = rng.random((s, s))
-    full = np.ones((s, s), bool)
-    if key.startswith("CT"):
-        # a grey body ellipse with a bright rim (bone) on black
-        r = ((xx - 0.5) / 0.48) ** 2 + ((yy - 0.5) / 0.44) ** 2
-        g = np.where(r < 1, 0.45 + 0.1 * noise, 0.02)
-        g = np.where((r > 0.82) & (r < 1), 0.85, g)
-        return np.repeat(g[..., None], 3, -1), r < 0.8
-    if key == "X-Ray":
-        # vertical gradient with horizontal rib bands
-        ribs = 0.12 * (np.sin(yy * 2 * math.pi * 5 + rng.random() * 6) > 0.6)
-        g = 0.25 + 0.25 * np.abs(xx - 0.5) * 2 + ribs + 0.06 * noise
-        return np.repeat(g[..., None], 3, -1), full
-    if key.startswith("MR"):
-        # a soft, evenly grey head with a darker ring of fluid
-        r = ((xx - 0.5) / 0.46) ** 2 + ((yy - 0.5) / 0.48) ** 2
-        g = np.where(r < 1, 0.5 + 0.15 * noise, 0.0)
-        g = np.where((r > 0.75) & (r < 0.9), 0.25, g)
-        return np.repeat(g[..., None], 3, -1), r < 0.72
-    if key == "ultrasound":
-        # a speckled fan on black
-        ang = np.arctan2(xx - 0.5, yy + 0.3)
-        rad = np.hypot(xx - 0.5, yy + 0.3)
-        fan = (np.abs(ang) < 0.8) & (rad < 1.2)
-        g = np.where(fan, 0.3 + 0.25 * fine * noise + 0.1 * noise, 0.0)
-        return np.repeat(g[..., None], 3, -1), fan
-    if key == "Dermoscopy":
-        # skin tone with a vignette
-        base = np.array([0.85, 0.62, 0.5])
-        vign = 1 - 0.5 * (((xx - 0.5) ** 2 + (yy - 0.5) ** 2) * 2)
-        img = base[None, None] * (vign * (0.9 + 0.1 * noise))[..., None]
-        return img, full
-    if key == "Fundus Photography":
-        # an orange disc with dark red vessels on black
-        r = np.hypot(xx - 0.5, yy - 0.5)
-        disc = r < 0.49
-        img = np.zeros((s, s, 3))
-        img[disc] = [0.8, 0.35, 0.1]
-        phase = rng.random() * 6
-        vessels = (np.abs(np.sin((xx * 3 + yy * 2) * 4 + phase)) < 0.12) & disc
-        img[vessels] = [0.5, 0.1, 0.05]
-        img *= (0.9 + 0.1 * noise)[..., None]
-        return img, r < 0.46
-    if key.startswith("OCT"):
-        # horizontal retinal layers, wavy
-        wave = 0.06 * np.sin(xx * 2 * math.pi + rng.random() * 6)
-        layers = np.sin((yy + wave) * 2 * math.pi * 4)
-        g = 0.35 + 0.2 * layers + 0.08 * noise
-        img = np.stack([g * 0.8, g * 0.9, g], -1)
-        return img, full
-    if key == "Microscopy Images":
-        # pink tissue with purple nuclei
-        img = np.empty((s, s, 3))
-        img[:] = [0.9, 0.7, 0.82]
-        img *= (0.92 + 0.08 * noise)[..., None]
-        for _ in range(14):
-            cy, cx = rng.random(2) * s
-            m = (yy * (s - 1) - cy) ** 2 + (xx * (s - 1) - cx) ** 2 < (s / 32) ** 2
-            img[m] = [0.55, 0.4, 0.7]
-        return img, full
-    raise KeyError(key)
+    return _PAINTERS[key](_Canvas(yy, xx, noise, fine, rng))
+
+
+@dataclass(frozen=True)
+class _Canvas:
+    """What every modality's painter starts from: the pixel grid and its noise."""
+
+    yy: np.ndarray  # [s, s], rows in [0, 1]
+    xx: np.ndarray  # [s, s], columns in [0, 1]
+    noise: np.ndarray  # [s, s] low-frequency noise in [0, 1]
+    fine: np.ndarray  # [s, s] per-pixel noise in [0, 1]
+    rng: np.random.Generator
+
+    @property
+    def size(self) -> int:
+        return self.yy.shape[0]
+
+    def grey(self, g: np.ndarray) -> np.ndarray:
+        return np.repeat(g[..., None], 3, -1)  # [s, s, 3]
+
+    def everywhere(self) -> np.ndarray:
+        return np.ones(self.yy.shape, bool)
+
+
+def _ct(c: _Canvas):
+    """A grey body ellipse with a bright rim (bone) on black."""
+    r = ((c.xx - 0.5) / 0.48) ** 2 + ((c.yy - 0.5) / 0.44) ** 2
+    g = np.where(r < 1, 0.45 + 0.1 * c.noise, 0.02)
+    g = np.where((r > 0.82) & (r < 1), 0.85, g)
+    return c.grey(g), r < 0.8
+
+
+def _x_ray(c: _Canvas):
+    """A vertical gradient with horizontal rib bands."""
+    ribs = 0.12 * (np.sin(c.yy * 2 * math.pi * 5 + c.rng.random() * 6) > 0.6)
+    g = 0.25 + 0.25 * np.abs(c.xx - 0.5) * 2 + ribs + 0.06 * c.noise
+    return c.grey(g), c.everywhere()
+
+
+def _mr(c: _Canvas):
+    """A soft, evenly grey head with a darker ring of fluid."""
+    r = ((c.xx - 0.5) / 0.46) ** 2 + ((c.yy - 0.5) / 0.48) ** 2
+    g = np.where(r < 1, 0.5 + 0.15 * c.noise, 0.0)
+    g = np.where((r > 0.75) & (r < 0.9), 0.25, g)
+    return c.grey(g), r < 0.72
+
+
+def _ultrasound(c: _Canvas):
+    """A speckled fan on black."""
+    ang = np.arctan2(c.xx - 0.5, c.yy + 0.3)
+    rad = np.hypot(c.xx - 0.5, c.yy + 0.3)
+    fan = (np.abs(ang) < 0.8) & (rad < 1.2)
+    g = np.where(fan, 0.3 + 0.25 * c.fine * c.noise + 0.1 * c.noise, 0.0)
+    return c.grey(g), fan
+
+
+def _dermoscopy(c: _Canvas):
+    """Skin tone with a vignette."""
+    base = np.array([0.85, 0.62, 0.5])
+    vign = 1 - 0.5 * (((c.xx - 0.5) ** 2 + (c.yy - 0.5) ** 2) * 2)
+    return base[None, None] * (vign * (0.9 + 0.1 * c.noise))[..., None], c.everywhere()
+
+
+def _fundus(c: _Canvas):
+    """An orange disc with dark red vessels on black."""
+    r = np.hypot(c.xx - 0.5, c.yy - 0.5)
+    disc = r < 0.49
+    img = np.zeros((c.size, c.size, 3))
+    img[disc] = [0.8, 0.35, 0.1]
+    phase = c.rng.random() * 6
+    vessels = (np.abs(np.sin((c.xx * 3 + c.yy * 2) * 4 + phase)) < 0.12) & disc
+    img[vessels] = [0.5, 0.1, 0.05]
+    img *= (0.9 + 0.1 * c.noise)[..., None]
+    return img, r < 0.46
+
+
+def _oct(c: _Canvas):
+    """Horizontal retinal layers, wavy."""
+    wave = 0.06 * np.sin(c.xx * 2 * math.pi + c.rng.random() * 6)
+    layers = np.sin((c.yy + wave) * 2 * math.pi * 4)
+    g = 0.35 + 0.2 * layers + 0.08 * c.noise
+    return np.stack([g * 0.8, g * 0.9, g], -1), c.everywhere()
+
+
+def _microscopy(c: _Canvas):
+    """Pink tissue with purple nuclei."""
+    s = c.size
+    img = np.empty((s, s, 3))
+    img[:] = [0.9, 0.7, 0.82]
+    img *= (0.92 + 0.08 * c.noise)[..., None]
+    for _ in range(14):
+        cy, cx = c.rng.random(2) * s
+        m = (c.yy * (s - 1) - cy) ** 2 + (c.xx * (s - 1) - cx) ** 2 < (s / 32) ** 2
+        img[m] = [0.55, 0.4, 0.7]
+    return img, c.everywhere()
+
+
+# modality key -> its painter, in the order of MODALITIES
+_PAINTERS: Dict[str, Callable[[_Canvas], Tuple[np.ndarray, np.ndarray]]] = dict(
+    zip(MODALITY_KEYS, (_ct, _x_ray, _mr, _ultrasound, _dermoscopy, _fundus, _oct, _microscopy))
+)
 
 
 def _lesion_mask(kind: str, cy: float, cx: float, radius: float, s: int, rng: np.random.Generator) -> np.ndarray:
@@ -249,7 +290,7 @@ def render(f: Finding, rng: np.random.Generator, size: int = 64) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-# ---------------------------------------------------------------------------- splits
+# ---- splits
 
 
 def sample_finding(rng: np.random.Generator, modalities: Sequence[str]) -> Finding:

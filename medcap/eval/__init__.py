@@ -53,6 +53,8 @@ _EXPORTS = {
     "caption_metrics": "_captions",
     "check_java": "_captions",
     "rescore": "_rescore",
+    "rescore_main": "_rescore",
+    "report_main": "_report",
     "judge_main": "_judge",
 }
 

@@ -16,10 +16,14 @@ from medcap.models._model import (
     ImageTokenMismatchError,
     MedcapModel,
     assert_only_vision_trainable,
+    biomedclip_tower,
+    hf_llama3_1_config,
+    medcap_fusion,
     medcap_llama3_1_8b,
     medcap_tiny,
+    tiny_tower,
 )
-from medcap.models._tokenizer import llama3_tokenizer, write_tiktoken_tokenizer
+from medcap.models._tokenizer import llama3_tokenizer, model_vocab_size, write_tiktoken_tokenizer
 
 __all__ = [
     "BIOMEDCLIP_MEAN",
@@ -27,13 +31,18 @@ __all__ = [
     "ImageTokenMismatchError",
     "MedcapModel",
     "assert_only_vision_trainable",
+    "biomedclip_tower",
+    "hf_llama3_1_config",
     "llama3_tokenizer",
     "load_llama_weights",
     "load_model",
     "load_vision_checkpoint",
     "load_vision_weights",
+    "medcap_fusion",
     "medcap_llama3_1_8b",
     "medcap_tiny",
+    "model_vocab_size",
     "save_vision_checkpoint",
+    "tiny_tower",
     "write_tiktoken_tokenizer",
 ]

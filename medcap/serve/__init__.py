@@ -5,9 +5,10 @@
 
 One process loads the model once; every request (API or page) goes through one
 batching worker (``_worker``), so concurrent requests share the engine's batch.
-Request checking lives in ``_request`` (JSON, images, limits), the routes in
-``_app``, the Gradio page in ``_page``, the command line and model setup in ``_main``.
-Nothing heavy is imported before the command line has been read.
+Request checking lives in ``_request`` (OpenAI's request as pydantic models, the
+image, the limits), the routes in ``_app``, the Gradio page in ``_page``, the command
+line and model setup in ``_main``. Nothing heavy is imported before the command line
+has been read.
 """
 
 from __future__ import annotations

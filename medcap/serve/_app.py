@@ -5,9 +5,12 @@
     GET  /health                (no key needed: for load balancers)
     /                           the web page (``_page``), when mounted
 
-Every failure a client can cause is an :class:`APIError` answered as 4xx JSON; the
-worker thread never sees an unchecked request. Image decoding runs in the thread
-pool, not on the event loop, so one large image does not stall other clients.
+In order: ``ServeState`` (the loaded model; ``prepare`` turns a checked request into a
+worker ``Job``), the life of a queued job (``queue_job``, ``follow_job``, ``TextStream``),
+the door (the API key, ``BodyLimit``), ``create_app`` and its routes, the event stream.
+Every failure a client can cause is an :class:`APIError` answered as 4xx JSON; the worker
+thread never sees an unchecked request (``_request`` checks it). Image decoding runs in
+the thread pool, not on the event loop, so one large image does not stall other clients.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from medcap.serve._worker import BatchWorker, Job, QueueFull
 log = logging.getLogger("medcap.serve")
 RETRY_AFTER_S = "2"
 _POLL_S = 0.25  # how often a waiting request checks its client and its deadline
+
+
+# ---- the loaded model, and a request made ready for it
 
 
 @dataclass
@@ -61,7 +67,7 @@ class ServeState:
 
     def prepare(self, req: ChatRequest) -> Prepared:
         """Image decoded and preprocessed, prompt built, budget checked (blocking: run in a thread)."""
-        from medcap.data._image import resize_center_crop
+        from medcap.data import resize_center_crop
 
         image = seen = None
         if req.image is not None:
@@ -92,9 +98,12 @@ class ServeState:
         return Prepared(Job(prompt, image, budget, setting, seed=req.seed), seen)
 
     def text(self, tokens: List[int]) -> str:
-        from medcap.generation._engine import decode_text
+        from medcap.generation import decode_text
 
         return decode_text(self.tokenizer, tokens)
+
+
+# ---- a job in the worker's queue
 
 
 def queue_job(state: ServeState, job: Job) -> asyncio.Event:
@@ -151,6 +160,9 @@ class TextStream:
             return ""
         new, self.sent = text[len(self.sent):], text
         return new
+
+
+# ---- the door: the API key, the body's size
 
 
 def _auth(state: ServeState, request) -> None:
@@ -224,13 +236,27 @@ class _TooLarge(Exception):
     pass
 
 
+# ---- the app and its routes
+
+
 def create_app(state: ServeState, *, page: bool = True):
     """The FastAPI app (the worker is started and stopped with it)."""
-    from contextlib import asynccontextmanager
-
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
+
+    app = FastAPI(title="medcap", lifespan=_lifespan(state), docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(Exception, _unexpected)
+    app.include_router(_routes(state))
+    app.add_middleware(BodyLimit, limit=state.limits.max_body_bytes)
+    if page:
+        from medcap.serve._page import mount_page
+
+        app = mount_page(app, state)
+    return app
+
+
+def _lifespan(state: ServeState):
+    from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -240,36 +266,44 @@ def create_app(state: ServeState, *, page: bool = True):
         finally:
             state.worker.stop()
 
-    app = FastAPI(title="medcap", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    return lifespan
 
-    @app.exception_handler(APIError)
-    async def api_error(_request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
-    @app.exception_handler(Exception)
-    async def unexpected(_request, e: Exception):
-        log.exception("unexpected error")
-        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}").body(), status_code=500)
+async def _api_error(_request, e: APIError):
+    from fastapi.responses import JSONResponse
 
-    @app.get("/health")
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def _unexpected(_request, e: Exception):
+    from fastapi.responses import JSONResponse
+
+    log.exception("unexpected error")
+    return JSONResponse(APIError(500, f"internal error: {type(e).__name__}").body(), status_code=500)
+
+
+def _routes(state: ServeState):
+    """``/health``, ``/v1/models`` and ``/v1/chat/completions`` over ``state``."""
+    from fastapi import APIRouter
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+
+    router = APIRouter()
+
+    @router.get("/health")
     async def health():
         return {"status": "ok", "model": state.model_name, **state.worker.load()}
 
-    @app.get("/v1/models")
+    @router.get("/v1/models")
     async def models(request: Request):
         _auth(state, request)
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
                                             "owned_by": "medcap"}]}
 
-    @app.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         _auth(state, request)
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}") from None
-        req = parse_chat_request(body, state.limits, state.model_name)
+        req = parse_chat_request(await request.body(), state.limits, state.model_name)
         prepared = await run_in_threadpool(state.prepare, req)
         job = prepared.job
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -282,18 +316,19 @@ def create_app(state: ServeState, *, page: bool = True):
             pass
         if not job.done:  # the client left
             return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
-        usage = {"prompt_tokens": len(job.prompt), "completion_tokens": len(job.tokens),
-                 "total_tokens": len(job.prompt) + len(job.tokens)}
         return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": state.text(job.tokens)},
-                             "finish_reason": job.finish_reason}], "usage": usage}
+                             "finish_reason": job.finish_reason}], "usage": _usage(job)}
 
-    app.add_middleware(BodyLimit, limit=state.limits.max_body_bytes)
-    if page:
-        from medcap.serve._page import mount_page
+    return router
 
-        app = mount_page(app, state)
-    return app
+
+def _usage(job: Job) -> Dict[str, int]:
+    return {"prompt_tokens": len(job.prompt), "completion_tokens": len(job.tokens),
+            "total_tokens": len(job.prompt) + len(job.tokens)}
+
+
+# ---- the event stream
 
 
 async def _stream(state: ServeState, job: Job, changed: asyncio.Event, req: ChatRequest, cid: str, created: int):
@@ -318,9 +353,7 @@ async def _stream(state: ServeState, job: Job, changed: asyncio.Event, req: Chat
         return
     yield chunk({}, job.finish_reason)
     if req.include_usage:
-        usage = {"prompt_tokens": len(job.prompt), "completion_tokens": len(job.tokens),
-                 "total_tokens": len(job.prompt) + len(job.tokens)}
         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                "choices": [], "usage": usage}
+                "choices": [], "usage": _usage(job)}
         yield f"data: {json.dumps(body)}\n\n"
     yield "data: [DONE]\n\n"

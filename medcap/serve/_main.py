@@ -1,5 +1,10 @@
 """``medcap serve``: the command line, the model (the generate recipe's config), uvicorn.
 
+    _parser, check_bind, _limits     the flags; a non-loopback address needs an API key
+    read_model_config, load_engine   the model, as ``medcap run generate`` loads it
+    build_state                      the flags and the model -> ``_app.ServeState``
+    serve_main, run_uvicorn          the command: checked, loaded, then served
+
 The model is described as for ``medcap run generate``: a generation config and
 ``key=value`` overrides (``model``, ``tokenizer``, ``checkpointer``,
 ``vision_checkpoint``, ``device``, ``dtype``, ``batch_size``, ``max_new_tokens``,
@@ -27,6 +32,9 @@ DEMO_CONFIG = "demo/generate"
 
 class UserError(Exception):
     pass
+
+
+# ---- the command line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,9 +105,13 @@ def _limits(args):
                   max_tokens=args.max_tokens, queue_size=args.queue_size, request_timeout_s=args.request_timeout)
 
 
+# ---- the model
+
+
 def read_model_config(config: str, overrides: Sequence[str]):
     """The generate recipe's checked ``GenerateConfig`` (no suite needed: nothing is run)."""
-    from medcap.cli import CLIError, resolve_config
+    from medcap._cmdline import CLIError
+    from medcap._registry import resolve_config
     from medcap.config import FREE_TEXT, ConfigError, GenerateConfig, from_config, must_exist, parse_args, plain
 
     try:
@@ -125,7 +137,7 @@ def load_engine(conf, batch_size: Optional[int]):
     from torchtune import config as tt_config
 
     from medcap.generation import GenerationEngine
-    from medcap.models._checkpoint import load_model, resolve_dtype
+    from medcap.models import load_model
 
     device = conf.device
     if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -133,7 +145,7 @@ def load_engine(conf, batch_size: Optional[int]):
         device = "cpu"
     tokenizer = tt_config.instantiate(DictConfig(conf.tokenizer))
     model = load_model(conf.model, dataclasses.asdict(conf.checkpointer), device=torch.device(device),
-                       dtype=resolve_dtype(conf.dtype), tokenizer=tokenizer, vision_checkpoint=conf.vision_checkpoint)
+                       dtype=conf.dtype, tokenizer=tokenizer, vision_checkpoint=conf.vision_checkpoint)
     return GenerationEngine(model, tokenizer, batch_size=batch_size or conf.batch_size,
                             temperature=float(conf.temperature or 0.0), top_k=conf.top_k,
                             seed=conf.seed if conf.seed is not None else 0)
@@ -148,6 +160,9 @@ def demo_examples(demo_dir: str, n: int = 4) -> List[str]:
         return []
     found = [str(world / r["image"]) for r in records if isinstance(r, dict) and r.get("image")]
     return [p for p in found if os.path.isfile(p)][:n]
+
+
+# ---- the server
 
 
 def build_state(args):

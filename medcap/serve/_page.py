@@ -5,6 +5,10 @@ questions in a chat that keeps the conversation, and see the image as the model
 sees it (after resize and centre crop). The page calls the same code as the API
 (``ServeState.prepare`` and the batching worker), with the file's bytes as they
 were uploaded, so its answer for an image equals the API's for the same bytes.
+
+    ask          one conversation about an uploaded file -> (answer, image as seen)
+    build_page   the Gradio page: upload, caption, chat, the image as the model sees it
+    mount_page   the page at ``/`` of the API's app (behind the API key, when one is set)
 """
 
 from __future__ import annotations
@@ -53,8 +57,7 @@ def ask(state, image_path: str, messages: List[Dict[str, str]]) -> Tuple[str, An
 def build_page(state):
     import gradio as gr
 
-    from medcap.generation import clean_text
-    from medcap.generation._engine import question_messages
+    from medcap.generation import clean_text, question_messages
 
     def caption(path: Optional[str]):
         if not path:

@@ -1,19 +1,42 @@
 """A chat-completion request body -> what the worker needs, or an :class:`APIError`.
 
-Everything a client sends is checked here before it reaches the model: the JSON
-shape, the one image (a base64 ``data:`` URL only: the server fetches nothing and
-never opens a path a client names), its size in pixels, the prompt length and the
-token budget. Each refusal is a 4xx with a message that says what is wrong.
+    ChatCompletionRequest   OpenAI's request, as pydantic models: its field names, types and
+                            limits (unknown fields are ignored, as OpenAI's clients send many)
+    parse_chat_request      the body's JSON checked against them, then against this server:
+                            the model it serves, its token limit, one image in a user turn
+    decode_data_url         the one image: a base64 ``data:`` URL only (the server fetches
+                            nothing and never opens a path a client names)
+    load_image_bytes        its bytes through medcap's image loader (size in pixels checked)
+
+Each refusal is a 4xx in OpenAI's error format whose message says where and what is
+wrong. The route reads the body and validates it here instead of declaring the model as
+its parameter: FastAPI would then refuse JSON sent under another content type (``curl
+-d``), answer a malformed body before the API key is checked, and turn a body cut off at
+``--max-body-bytes`` into a 400.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
+
+from pydantic import (
+    BaseModel,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # data URL media type -> (file suffix the image loader sees, magic-byte check)
 IMAGE_TYPES = {
@@ -22,7 +45,9 @@ IMAGE_TYPES = {
     "image/jpg": (".jpg", lambda b: b.startswith(b"\xff\xd8\xff")),
     "application/dicom": (".dcm", lambda b: b[128:132] == b"DICM"),
 }
-ROLES = ("system", "user", "assistant")
+
+
+# ---- errors and limits
 
 
 class APIError(Exception):
@@ -50,6 +75,92 @@ class Limits:
     request_timeout_s: float = 300.0
 
 
+def _need(cond: bool, message: str, param: Optional[str] = None) -> None:
+    if not cond:
+        raise APIError(400, message, param=param)
+
+
+# ---- OpenAI's request, as pydantic models
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ImageURL(BaseModel):
+    url: StrictStr  # checked by decode_data_url
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _bare_url(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value  # ``"image_url": "data:..."`` is read too
+
+
+def _part_kind(part: Any) -> Optional[str]:
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return {"text": "text part", "image_url": "image part"}.get(kind)
+
+
+def _content_kind(content: Any) -> Optional[str]:
+    return "string" if isinstance(content, str) else "parts" if isinstance(content, list) else None
+
+
+# The unions' tags name no field, so that an error's location can leave them out (_where).
+_TAGS = {"text part", "image part", "string", "parts"}
+Part = Annotated[
+    Union[Annotated[TextPart, Tag("text part")], Annotated[ImagePart, Tag("image part")]],
+    Discriminator(_part_kind, custom_error_type="part_type",
+                  custom_error_message="Input should be a part of type 'text' or 'image_url'"),
+]
+Content = Annotated[
+    Union[Annotated[StrictStr, Tag("string")], Annotated[List[Part], Tag("parts")]],
+    Discriminator(_content_kind, custom_error_type="content_type",
+                  custom_error_message="Input should be a string or a list of parts"),
+]
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: Content
+
+
+class StreamOptions(BaseModel):
+    include_usage: Optional[StrictBool] = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions``; ``max_completion_tokens`` is the newer name of
+    ``max_tokens`` and wins when both are given. ``top_k`` is medcap's own."""
+
+    model: Optional[StrictStr] = None
+    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
+    max_tokens: Optional[StrictInt] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2, strict=True)
+    top_k: Optional[StrictInt] = Field(None, ge=1)
+    seed: Optional[StrictInt] = None
+    n: Optional[Literal[1]] = 1  # one answer per request
+    stream: Optional[StrictBool] = False
+    stream_options: Optional[StreamOptions] = None
+    messages: List[Message] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _newer_name_wins(cls, body: Any) -> Any:
+        """Given ``max_completion_tokens``, ``max_tokens`` (its deprecated name) is not read."""
+        if isinstance(body, dict) and body.get("max_completion_tokens") is not None:
+            body = {k: v for k, v in body.items() if k != "max_tokens"}
+        return body
+
+
+# ---- the request checked: OpenAI's limits, then this server's
+
+
 @dataclass
 class ChatRequest:
     """A checked request: the conversation in medcap's message format, its image bytes."""
@@ -64,104 +175,94 @@ class ChatRequest:
     include_usage: bool
 
 
-def _need(cond: bool, message: str, param: Optional[str] = None) -> None:
-    if not cond:
-        raise APIError(400, message, param=param)
-
-
-def _int_field(body: Dict[str, Any], name: str) -> Optional[int]:
-    v = body.get(name)
-    if v is None:
-        return None
-    _need(isinstance(v, int) and not isinstance(v, bool), f"{name} must be an integer, got {v!r}", name)
-    return v
-
-
-def parse_chat_request(body: Any, limits: Limits, model_name: str) -> ChatRequest:
-    """Check the JSON body of ``POST /v1/chat/completions``."""
-    _need(isinstance(body, dict), "the request body must be a JSON object")
-    model = body.get("model")
-    if model is not None and model != model_name:
-        raise APIError(404, f"model {model!r} is not served here; this server serves {model_name!r}",
+def parse_chat_request(raw: bytes, limits: Limits, model_name: str) -> ChatRequest:
+    """Check the body of ``POST /v1/chat/completions``."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    try:
+        req = ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        raise _refusal(e) from None
+    if req.model is not None and req.model != model_name:
+        raise APIError(404, f"model {req.model!r} is not served here; this server serves {model_name!r}",
                        param="model", code="model_not_found")
-    max_tokens = _int_field(body, "max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = _int_field(body, "max_tokens")
-    if max_tokens is not None:
-        _need(1 <= max_tokens <= limits.max_tokens,
-              f"max_tokens must be between 1 and {limits.max_tokens} (this server's limit), got {max_tokens}",
-              "max_tokens")
-    temperature = body.get("temperature")
-    if temperature is not None:
-        _need(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and 0 <= temperature <= 2,
-              f"temperature must be a number between 0 and 2, got {temperature!r}", "temperature")
-        temperature = float(temperature)
-    top_k = _int_field(body, "top_k")
-    _need(top_k is None or top_k >= 1, f"top_k must be >= 1, got {top_k}", "top_k")
-    seed = _int_field(body, "seed")
-    n = body.get("n", 1)
-    _need(n in (1, None), f"n must be 1 (one answer per request), got {n!r}", "n")
-    stream = body.get("stream", False)
-    _need(isinstance(stream, bool) or stream is None, f"stream must be true or false, got {stream!r}", "stream")
-    opts = body.get("stream_options") or {}
-    _need(isinstance(opts, dict), "stream_options must be an object", "stream_options")
-    messages, image = _messages(body.get("messages"))
-    return ChatRequest(messages, image, max_tokens, temperature, top_k, seed, bool(stream),
-                       bool(opts.get("include_usage")))
+    max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
+    _need(max_tokens is None or max_tokens <= limits.max_tokens,
+          f"max_tokens must be between 1 and {limits.max_tokens} (this server's limit), got {max_tokens}", "max_tokens")
+    messages, image = _conversation(req.messages)
+    temperature = None if req.temperature is None else float(req.temperature)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return ChatRequest(messages, image, max_tokens, temperature, req.top_k, req.seed, bool(req.stream), include_usage)
 
 
-def _messages(raw: Any) -> Tuple[List[Dict[str, str]], Optional[Tuple[bytes, str]]]:
+def _refusal(error: ValidationError) -> APIError:
+    """pydantic's first complaint as one line: where, what is wrong, what was sent."""
+    first = error.errors(include_url=False)[0]
+    where = _where(first["loc"])
+    if not where:
+        return APIError(400, "the request body must be a JSON object")
+    message = f"{where}: {first['msg']}"
+    sent = first.get("input")
+    if first["type"] != "missing" and (sent is None or isinstance(sent, (str, int, float))):
+        shown = repr(sent)
+        message += f", got {shown if len(shown) <= 60 else shown[:57] + '...'}"
+    return APIError(400, message, param=where)
+
+
+def _where(loc: Tuple[Union[str, int], ...]) -> str:
+    """``('messages', 0, 'content', 'parts', 1, 'image part', 'image_url')`` -> ``messages[0].content[1].image_url``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part not in _TAGS:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _conversation(messages: List[Message]) -> Tuple[List[Dict[str, str]], Optional[Tuple[bytes, str]]]:
     """OpenAI messages -> medcap messages (the image marker where the image was) + the image."""
-    from medcap.generation import clean_text
-    from medcap.generation._engine import question_messages
+    from medcap.generation import clean_text, question_messages
 
-    _need(isinstance(raw, list) and raw, "messages must be a non-empty list", "messages")
     out: List[Dict[str, str]] = []
     image = None
-    for i, m in enumerate(raw):
+    for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        _need(isinstance(m, dict), f"{where} must be an object", where)
-        role = m.get("role")
-        _need(role in ROLES, f"{where}.role must be one of {list(ROLES)}, got {role!r}", where)
-        text, img = _content(m.get("content"), where)
-        if img is not None:
-            _need(image is None, "a request may carry one image (the model sees one image per conversation); "
-                  f"{where} holds another", where)
-            _need(role == "user", f"{where}: images go in a user message", where)
-            image = img
-            out.extend(question_messages(text or None))  # the image, a blank line, the question
-        else:
-            out.append({"role": role, "content": clean_text(text)})
+        text, img = _content(m.content, where)
+        if img is None:
+            out.append({"role": m.role, "content": clean_text(text)})
+            continue
+        _need(image is None, "a request may carry one image (the model sees one image per conversation); "
+              f"{where} holds another", where)
+        _need(m.role == "user", f"{where}: images go in a user message", where)
+        image = img
+        out.extend(question_messages(text or None))  # the image, a blank line, the question
     _need(out[-1]["role"] == "user", "the last message must be the user's", "messages")
     return out, image
 
 
-def _content(content: Any, where: str) -> Tuple[str, Optional[Tuple[bytes, str]]]:
+def _content(content: Union[str, List[Union[TextPart, ImagePart]]], where: str) -> Tuple[str, Optional[Tuple[bytes, str]]]:
     if isinstance(content, str):
         return content, None
-    _need(isinstance(content, list), f"{where}.content must be a string or a list of parts", where)
     texts: List[str] = []
     image = None
     for j, part in enumerate(content):
+        if isinstance(part, TextPart):
+            texts.append(part.text)
+            continue
         at = f"{where}.content[{j}]"
-        _need(isinstance(part, dict), f"{at} must be an object", at)
-        kind = part.get("type")
-        if kind == "text":
-            _need(isinstance(part.get("text"), str), f"{at}.text must be a string", at)
-            texts.append(part["text"])
-        elif kind == "image_url":
-            _need(image is None, f"{where} holds two images; a request may carry one", at)
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            image = decode_data_url(url, at)
-        else:
-            raise APIError(400, f"{at}.type must be 'text' or 'image_url', got {kind!r}", param=at)
+        _need(image is None, f"{where} holds two images; a request may carry one", at)
+        image = decode_data_url(part.image_url.url, at)
     return "\n".join(texts), image
 
 
-def decode_data_url(url: Any, where: str = "image_url") -> Tuple[bytes, str]:
+# ---- the image
+
+
+def decode_data_url(url: str, where: str = "image_url") -> Tuple[bytes, str]:
     """``data:<type>;base64,<data>`` -> (bytes, file suffix); anything else is refused."""
-    _need(isinstance(url, str), f"{where}.image_url.url must be a string", where)
     if not url.startswith("data:"):
         scheme = url.split(":", 1)[0][:20] if ":" in url else "a path"
         raise APIError(400, f"{where}: only base64 data URLs (data:image/png;base64,...) are accepted; this "
@@ -184,8 +285,7 @@ def load_image_bytes(data: bytes, suffix: str, max_pixels: int):
     """Image bytes -> 8-bit RGB PIL image through the same loader as image files
     (so an image served here is preprocessed exactly as ``medcap caption`` does it).
     The bytes go to a private temporary file the server names itself."""
-    from medcap.data import load_image
-    from medcap.data._records import BadSample
+    from medcap.data import BadSample, load_image
 
     fd, path = tempfile.mkstemp(prefix="medcap-serve-", suffix=suffix)
     try:

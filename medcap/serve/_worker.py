@@ -11,6 +11,9 @@ Requests wait in this worker's own queue (bounded: ``submit`` raises
 :class:`QueueFull`) and enter a batcher only when it has a free slot, so a request
 cancelled while waiting (its client went away) costs nothing. A cancelled running
 request is ended at the next step: its budget is cut to the tokens it has.
+
+    QueueFull, Job   a refused request; one request's prompt, budget, tokens and state
+    BatchWorker      the thread: ``submit``, ``wake``, ``load``; its loop admits, steps, ends
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ class BatchWorker:
         # steps and rows decoded: rows / steps is the mean batch the clients made
         self.counts = dict(served=0, failed=0, cancelled=0, steps=0, rows=0, step_ms=0)
 
-    # ------------------------------------------------------------------ any thread
+    # ---- any thread
     def start(self) -> "BatchWorker":
         self._thread.start()
         return self
@@ -105,7 +108,7 @@ class BatchWorker:
         return {"waiting": len(self._pending), "running": sum(len(v) for v in self._running.values()),
                 "slots": self.engine.batch_size, **self.counts}
 
-    # ------------------------------------------------------------------ the worker thread
+    # ---- the worker thread
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while True:

@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from medcap.demo import main
-from medcap.demo._main import STAGES
+from medcap.demo._settings import STAGES
 
 pytestmark = [pytest.mark.integration]
 

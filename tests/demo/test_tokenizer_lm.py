@@ -11,10 +11,9 @@ import torch
 
 from medcap.demo._bpe import bpe_encode, pretokenize, train_bpe, vocab_ranks
 from medcap.demo._lm import LMSizes, build_decoder, conversation, corpus_texts, save_hf
-from medcap.demo._main import DemoSettings
+from medcap.demo._settings import DemoSettings
 from medcap.demo._world import MODALITY_KEYS
-from medcap.models import llama3_tokenizer, write_tiktoken_tokenizer
-from medcap.models._tokenizer import model_vocab_size
+from medcap.models import llama3_tokenizer, model_vocab_size, write_tiktoken_tokenizer
 
 
 def test_bpe_counts_merges_by_hand():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medcap.demo._main import DemoSettings
+from medcap.demo._settings import DemoSettings
 from medcap.demo._world import (
     DATASET_NAME,
     KINDS,
