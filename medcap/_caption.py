@@ -219,7 +219,7 @@ class Captioner:
 
         from medcap.data import image_transform
         from medcap.generation import GenerationEngine
-        from medcap.models._checkpoint import load_model
+        from medcap.models import load_model
 
         device = str(cfg.get("device") or "cuda")
         if device.startswith("cuda") and not torch.cuda.is_available():

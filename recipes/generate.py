@@ -51,7 +51,7 @@ from medcap.eval._benchmarks import BENCHMARKS, run_benchmark
 from medcap.eval._loop import Ranks, file_identity, folder_identity
 from medcap.generation import GenerationEngine, prompt_text
 from medcap.models import MedcapModel, load_model
-from medcap.models._checkpoint import resolve_dtype
+from medcap.models import resolve_dtype
 
 log = logging.getLogger("medcap.generate")
 

@@ -125,7 +125,7 @@ def load_engine(conf, batch_size: Optional[int]):
     from torchtune import config as tt_config
 
     from medcap.generation import GenerationEngine
-    from medcap.models._checkpoint import load_model, resolve_dtype
+    from medcap.models import load_model, resolve_dtype
 
     device = conf.device
     if str(device).startswith("cuda") and not torch.cuda.is_available():

@@ -72,9 +72,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from medcap._io import exclusive_lock, remove_stale_tmp
+from medcap._io import atomic_write, exclusive_lock, remove_stale_tmp
 from medcap.config import ConfigError
-from medcap.models._checkpoint import atomic_write
+
 
 # ---- The process world -----------------------------------------------------------
 
@@ -402,9 +402,9 @@ def _fetch_pretrained(source: str) -> str:
     """A local path to BiomedCLIP's weights: an ``hf-hub:`` name is fetched now, so that
     a failed download stops the run before the 8B model is built."""
     if source.startswith("hf-hub:"):
-        from medcap.models._model import _resolve_open_clip_file
+        from medcap.models import open_clip_weights_file
 
-        return str(_resolve_open_clip_file(source))
+        return str(open_clip_weights_file(source))
     path = Path(source)
     if path.is_dir():
         path = path / "open_clip_pytorch_model.bin"

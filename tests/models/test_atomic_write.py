@@ -9,14 +9,14 @@ import textwrap
 
 import pytest
 
-import medcap.models._checkpoint
-import medcap.training
+import medcap.models._vision_checkpoint
+import medcap.training._state
 from medcap._io import atomic_write, remove_stale_tmp
 
 
 def test_one_atomic_write_everywhere():
-    assert medcap.models._checkpoint.atomic_write is atomic_write  # vision checkpoints
-    assert medcap.training.atomic_write is atomic_write  # the recipe's state
+    assert medcap.models._vision_checkpoint.atomic_write is atomic_write  # vision checkpoints
+    assert medcap.training._state.atomic_write is atomic_write  # the recipe's state
 
 
 def test_kill_9_mid_write_leaves_a_temp_file_that_the_next_run_removes(tmp_path):

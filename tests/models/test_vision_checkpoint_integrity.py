@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import medcap._io as fs
-import medcap.models._checkpoint as vision_ckpt
+import medcap.models._vision_checkpoint as vision_ckpt
 from medcap.models import load_vision_checkpoint, load_vision_weights, save_vision_checkpoint
-from medcap.models._checkpoint import sidecar_path
+from medcap.models._vision_checkpoint import sidecar_path
 
 T = 4
 
