@@ -73,8 +73,7 @@ def _ints(text: str) -> List[int]:
 @torch.inference_mode()
 def decode_rate(model, tokenizer, batch: int, new_tokens: int, compile_step, device) -> Dict:
     """Decode tokens/s of a full continuous batch (prefill and first step not timed)."""
-    from medcap.generation import build_prompt
-    from medcap.generation._engine import ContinuousBatcher
+    from medcap.generation import ContinuousBatcher, build_prompt
 
     n_img = model.num_image_tokens
     size = model.vision.visual.image_size

@@ -336,7 +336,7 @@ def chat(cap: Captioner, image_path: str, lines, write=print) -> List[Dict[str, 
     first carries the image), each reply is written as ``ASSISTANT: ...``. Ends at
     ``q``/``quit``/``exit``, at the end of ``lines``, or when the context is full."""
     from medcap.generation import clean_text
-    from medcap.generation._engine import question_messages
+    from medcap.generation import question_messages
 
     image = cap.image(image_path)
     messages: List[Dict[str, str]] = []

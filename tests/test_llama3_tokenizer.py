@@ -17,7 +17,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 from PIL import Image
 
 PH = "\u2460"  # '①'
@@ -154,7 +153,7 @@ def test_converted_caption_holds_no_placeholder_token(llama3_tokenizer, tmp_path
 
 
 def test_reply_is_cut_at_the_first_special_token(llama3_tokenizer):
-    from medcap.generation._engine import decode_text
+    from medcap.generation._prompt import decode_text
 
     new_tokens = REPLY + [EOT] + [128006, 9906, 1917, EOT_TEXT]  # whatever follows <|eot_id|> is dropped
     assert decode_text(llama3_tokenizer, new_tokens) == "Yes, there is a fracture."

@@ -92,7 +92,7 @@ class ServeState:
         return Prepared(Job(prompt, image, budget, setting, seed=req.seed), seen)
 
     def text(self, tokens: List[int]) -> str:
-        from medcap.generation._engine import decode_text
+        from medcap.generation import decode_text
 
         return decode_text(self.tokenizer, tokens)
 

@@ -54,7 +54,7 @@ def build_page(state):
     import gradio as gr
 
     from medcap.generation import clean_text
-    from medcap.generation._engine import question_messages
+    from medcap.generation import question_messages
 
     def caption(path: Optional[str]):
         if not path:

@@ -113,7 +113,7 @@ def parse_chat_request(body: Any, limits: Limits, model_name: str) -> ChatReques
 def _messages(raw: Any) -> Tuple[List[Dict[str, str]], Optional[Tuple[bytes, str]]]:
     """OpenAI messages -> medcap messages (the image marker where the image was) + the image."""
     from medcap.generation import clean_text
-    from medcap.generation._engine import question_messages
+    from medcap.generation import question_messages
 
     _need(isinstance(raw, list) and raw, "messages must be a non-empty list", "messages")
     out: List[Dict[str, str]] = []
