@@ -3,21 +3,16 @@ at once with the next waiting prompt (its image included) while the others decod
 
 In order:
 
-* ``SlotKVCache``: a fixed-shape cache ``[slots, kv_heads, cache_len, head_dim]`` whose
-  rows are independent slots, each writing a token at the column equal to its
-  position, so no row is padded on the left and rows of any length share one step;
-  attention masks ``column <= position`` (older leftovers are never seen);
-* ``Request``: one row's work and result;
-* ``ContinuousBatcher``: ``submit`` (any thread), then ``step`` (admit waiting rows
+* ``SlotKVCache``: a fixed-shape cache ``[slots, kv_heads, cache_len, head_dim]``; each
+  slot writes a token at the column equal to its position, so no row is left padded and
+  rows of any length share one step (attention masks ``column <= position``);
+* ``Request``: one row's work and result (``tokens`` grows, ``done`` when it stops);
+* ``ContinuousBatcher``: ``submit`` (from any thread), then ``step`` (admit waiting rows
   into free slots, sample every slot, one decode pass) or ``run_until_done``;
-* ``prefill_slots`` (newcomers alone, right padded, eager) and ``decode_step`` (fixed
-  shapes ``token [B, 1]``, ``pos [B, 1]`` whichever slots are busy, so
-  ``torch.compile`` captures it once, CUDA graphs on a GPU).
+* ``prefill_slots`` (newcomers alone, right padded, eager) and ``decode_step`` (the same
+  shapes whichever slots are busy, so ``torch.compile`` captures it once).
 
-    batcher = ContinuousBatcher(model, tokenizer.stop_tokens, slots=16, cache_len=1024)
-    req = batcher.submit(prompt, image, max_new_tokens=200, generator=None)
-    batcher.run_until_done()      # or call batcher.step() from a serving loop
-    req.tokens                    # the new tokens, stop token left out
+``GenerationEngine.open`` gives one to a server; the evaluation goes through the engine.
 """
 
 from __future__ import annotations

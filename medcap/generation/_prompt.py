@@ -2,20 +2,18 @@
 
 In order:
 
-* ``clean_text``, ``question_messages``, ``build_prompt``: a question or messages ->
-  the token list the training data tokenizer makes (``medcap.data.tokenize_conversation``:
-  the chat template with real special tokens, the image marker expanded to
-  ``num_image_tokens`` placeholder ids), ending with an open assistant header, so
-  training and inference see the same layout, token for token;
+* ``clean_text``, ``question_messages``, ``build_prompt``: a question or messages -> the
+  token list the training data tokenizer makes (``medcap.data.tokenize_conversation``),
+  ending with an open assistant header: training and inference see the same tokens;
 * ``decode_text``: generated tokens -> text, cut at the first special token;
 * ``prompt_text`` and ``parse_prompt_text``: a prompt as text (special tokens spelled
-  out, the image as a run of ``①``, the reference's ``instruction`` column) and back
-  into messages, which rebuild the same tokens; ``question_from_instruction`` and
+  out, the image as a run of ``①``: the reference's ``instruction`` column) and back into
+  messages that rebuild the same tokens; ``question_from_instruction`` and
   ``prompt_tokens_from_text`` recover the question and the prompt from a results file.
 
-A message is ``{"role": "system" | "user" | "assistant", "content": str}``; in a user
-turn ``<image>``, ``<|image|>`` or a run of ``①`` marks the image. Why not the
-reference's decode-then-encode prompts: ``docs/internals.md``.
+A message is ``{"role": ..., "content": str}``; in a user turn ``<image>``, ``<|image|>``
+or a run of ``①`` marks the image. Why not the reference's decode-then-encode prompts:
+``docs/internals.md``.
 """
 
 from __future__ import annotations

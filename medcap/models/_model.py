@@ -294,9 +294,6 @@ class MedcapModel(EarlyFusionModel):
         drops that argument and sizes them for the model's full context)."""
         self.decoder.setup_caches(batch_size, dtype, decoder_max_seq_len=decoder_max_seq_len)
 
-    def trainable_parameters(self) -> Dict[str, nn.Parameter]:
-        return {n: p for n, p in self.named_parameters() if p.requires_grad}
-
 
 def assert_only_vision_trainable(model: MedcapModel) -> None:
     """Fail loudly if anything outside the vision encoder would train."""

@@ -84,7 +84,8 @@ class InBackwardOptimizer:
         }
         self._by_param = {p: self.optimizers[n] for n, p in named_params}
         self.lead = self.optimizers[self.names[0]]
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._hook)
 
     def _hook(self, param: nn.Parameter) -> None:
         opt = self._by_param[param]
@@ -126,11 +127,6 @@ class InBackwardOptimizer:
     def has_state_for(self, param: nn.Parameter) -> bool:
         opt = self._by_param.get(param)
         return opt is not None and param in opt.state and bool(opt.state[param])
-
-    def remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
 
 def _check_kind(state: Dict[str, Any], kind: str) -> None:

@@ -109,7 +109,7 @@ def test_files_get_the_users_umask(saved, umask, mode):
         assert stat.S_IMODE(p.stat().st_mode) == mode, p
 
 
-# ------------------------------------------------------------------ full disk
+# ---- full disk
 
 SAFETENSORS_ENOSPC = (
     'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
