@@ -229,7 +229,7 @@ class FullFinetuneRecipe:
             self._skip_log.update(b.get("skipped"))
         # Normalise by the label tokens of the whole step on all ranks: the gradient is then
         # that of the mean loss over the global batch, however it is split.
-        n_labels, n_tokens, n_skips = env.sum_scalars(local_labels, local_tokens, local_skips)
+        n_labels, n_tokens, n_skips = env.sum_scalars(local_labels, local_tokens, local_skips)  # distributed: summed
         norm = max(n_labels, 1.0)
 
         self._forward.train()
@@ -257,7 +257,7 @@ class FullFinetuneRecipe:
             self._lr_scheduler.step()
             self._optimizer.sync_lr()
 
-        (global_loss_sum,) = env.sum_scalars(loss_sum)
+        (global_loss_sum,) = env.sum_scalars(loss_sum)  # distributed: summed over ranks
         dt = time.perf_counter() - t0
         self.global_step += 1
         self.step_in_epoch += 1

@@ -90,11 +90,15 @@ def _image_of_each_prompt(image_id: int, prompts, images: Optional[torch.Tensor]
         else:
             img_of.append(None)
     if (images is None and n) or (images is not None and images.shape[0] != n):
-        raise ValueError(f"{n} prompt(s) hold image placeholders but {0 if images is None else images.shape[0]} image(s) given")
+        given = 0 if images is None else images.shape[0]
+        raise ValueError(f"{n} prompt(s) hold image placeholders but {given} image(s) given")
     return img_of
 
 
-def _pairs(tokenizer, prompts, options, img_of) -> Tuple[List[List[int]], List[Tuple[int, List[int]]], List[int], List[int]]:
+Pairs = Tuple[List[List[int]], List[Tuple[int, List[int]]], List[int], List[int]]
+
+
+def _pairs(tokenizer, prompts, options, img_of) -> Pairs:
     """One sequence per (prompt, option): its tokens, (where the option starts, its
     tokens), the prompt it belongs to, and the image of each pair that has one."""
     seqs, conts, owners, pair_images = [], [], [], []

@@ -272,7 +272,8 @@ def _drop_finished(model: nn.Module, rows: _Rows, nxt: torch.Tensor) -> torch.Te
     keep = (~rows.done).nonzero().flatten()  # [r_keep]
     keep_dev = keep.to(rows.kv_valid.device)
     _compact_caches(model, keep_dev)
-    rows.ids, rows.n_done, rows.budget, rows.done = rows.ids[keep], rows.n_done[keep], rows.budget[keep], rows.done[keep]
+    rows.ids, rows.n_done = rows.ids[keep], rows.n_done[keep]
+    rows.budget, rows.done = rows.budget[keep], rows.done[keep]
     rows.kv_valid, rows.next_pos = rows.kv_valid[keep_dev], rows.next_pos[keep_dev]
     if rows.gens is not None:
         rows.gens = [rows.gens[int(k)] for k in keep]
