@@ -136,8 +136,9 @@ class FullFinetuneRecipe:
             save_resolved(cfg.to_dict(), cfg.output_dir)  # the config as it runs, beside the outputs
         # metrics (DiskLogger, TensorBoardLogger, ...) are written by rank 0 alone
         self._metric_logger = tt_config.instantiate(_section(cfg.metric_logger)) if env.is_main else None
-        state = self._load_state() if self._run.resuming else None
+        state = load_recipe_state(self._run.state_path) if self._run.resuming else None
         if state is not None:
+            log.info("resuming from %s (global step %d)", self._run.state_path, state["global_step"])
             self.seed = int(state["seed"])  # the data order is the stopped run's
 
         self._tokenizer = tt_config.instantiate(_section(cfg.tokenizer))
@@ -206,11 +207,6 @@ class FullFinetuneRecipe:
         # starts; that generator's state at the epoch's start lets a resumed epoch draw the same.
         self._data_generator: Optional[torch.Generator] = self._dataloader.generator
         self._epoch_data_rng = self._data_generator.get_state()
-
-    def _load_state(self) -> Dict[str, Any]:
-        state = load_recipe_state(self._run.state_path)
-        log.info("resuming from %s (global step %d)", self._run.state_path, state["global_step"])
-        return state
 
     def steps_in_epoch(self) -> int:
         n = self._sampler.batches_per_epoch() // self.cfg.gradient_accumulation_steps

@@ -31,6 +31,7 @@ from medcap.config import ConfigError
 
 log = logging.getLogger("medcap.training")
 
+
 @dataclass
 class DistEnv:
     """World size, rank and device, with collectives that are no-ops on one process."""

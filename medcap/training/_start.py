@@ -32,13 +32,6 @@ log = logging.getLogger("medcap.training")
 
 # weights in either format, the safetensors files' JSON sidecars, the resumable state
 _RUN_FILE_PATTERNS = ("meta_model_*.safetensors", "meta_model_*.pt", "meta_model_*.json", RECIPE_STATE_FILE)
-_NO_VISION_SOURCE = (
-    "the vision tower would start from random weights. Give model.vision_pretrained "
-    "(BiomedCLIP's open_clip_pytorch_model.bin, a folder holding it, or "
-    "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224), or vision_checkpoint "
-    "(a medcap or reference vision checkpoint). To train a random tower on purpose, set "
-    "vision_random_init=True."
-)
 
 
 def checkpoint_lock_path(folder: Path) -> Path:
@@ -136,6 +129,15 @@ def _claim_for_new_run(folder: Path, *, overwrite: bool, auto: bool) -> None:
 
 
 # ---- Where the vision tower starts
+
+_NO_VISION_SOURCE = (
+    "the vision tower would start from random weights. Give model.vision_pretrained "
+    "(BiomedCLIP's open_clip_pytorch_model.bin, a folder holding it, or "
+    "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224), or vision_checkpoint "
+    "(a medcap or reference vision checkpoint). To train a random tower on purpose, set "
+    "vision_random_init=True."
+)
+
 
 def check_vision_start(cfg: Any, *, resuming: bool) -> str:
     """Where the vision tower's weights come from; refuses a random tower unless
