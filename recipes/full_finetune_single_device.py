@@ -47,7 +47,6 @@ import torch
 from torchtune import config as tt_config
 from torchtune import training as tt_training
 
-from medcap._io import progress
 from medcap.config import ConfigError, run_recipe, save_resolved
 from medcap.data import SkipLog
 from medcap.models import load_model, save_vision_checkpoint
@@ -65,6 +64,7 @@ from medcap.training import (
     load_recipe_state,
     open_run_folder,
     peak_memory_gib,
+    progress,
     restore_rng_state,
     save_recipe_state,
     setup_data,
@@ -128,7 +128,7 @@ class FullFinetuneRecipe:
             check_vision_start(cfg, resuming=outcome.resuming)
         return outcome
 
-    # ------------------------------------------------------------------ setup
+    # ---- setup
 
     def setup(self) -> None:
         cfg, env = self.cfg, self._env
@@ -136,11 +136,31 @@ class FullFinetuneRecipe:
             save_resolved(cfg.to_dict(), cfg.output_dir)  # the config as it runs, beside the outputs
         # metrics (DiskLogger, TensorBoardLogger, ...) are written by rank 0 alone
         self._metric_logger = tt_config.instantiate(_section(cfg.metric_logger)) if env.is_main else None
-        state = self._load_state() if self._run.resuming else None
+        state = load_recipe_state(self._run.state_path) if self._run.resuming else None
         if state is not None:
+            log.info("resuming from %s (global step %d)", self._run.state_path, state["global_step"])
             self.seed = int(state["seed"])  # the data order is the stopped run's
 
         self._tokenizer = tt_config.instantiate(_section(cfg.tokenizer))
+        self._setup_model(resuming=state is not None)
+        self._setup_data()
+        self._lr_scheduler = build_lr_scheduler(
+            _section(cfg.lr_scheduler), self._optimizer, num_training_steps=cfg.epochs * self.steps_in_epoch()
+        )
+        if state is not None:
+            self.load_state_dict(state)
+        self._last_save_time, self._last_save_step = time.monotonic(), self.global_step
+        self._last_written_step = -1  # global step of the current meta_model_last file
+        if env.is_main:
+            log.info(
+                "%d samples, %d steps per epoch (batch %d x %d process(es) x %d accumulation), checkpoints in %s",
+                len(self._dataset), self.steps_in_epoch(), cfg.batch_size, env.world_size,
+                cfg.gradient_accumulation_steps, cfg.checkpoint_dir,
+            )
+
+    def _setup_model(self, resuming: bool) -> None:
+        """The model (Llama weights + vision start, LLM frozen), the loss and the optimizer."""
+        cfg, env = self.cfg, self._env
         log.info("building the model (%s, %s on %s)", cfg.model["_component_"], cfg.dtype, env.device)
         self._model = model = load_model(
             cfg.model,
@@ -149,9 +169,9 @@ class FullFinetuneRecipe:
             dtype=cfg.dtype,
             tokenizer=self._tokenizer,
             # on resume the vision weights come from the recipe state
-            vision_checkpoint=None if state is not None else cfg.vision_checkpoint,
+            vision_checkpoint=None if resuming else cfg.vision_checkpoint,
             train_vision=True,
-            vision_weights_follow=state is not None,
+            vision_weights_follow=resuming,
         )
         self._dtype = next(model.vision.parameters()).dtype  # images go in as the tower computes
         if cfg.enable_activation_checkpointing:
@@ -168,7 +188,10 @@ class FullFinetuneRecipe:
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._optimizer = build_optimizer(_section(cfg.optimizer), model, optimizer_in_bwd=cfg.optimizer_in_bwd)
 
-        self._dataset = setup_dataset(_section(cfg.dataset), self._tokenizer, model)
+    def _setup_data(self) -> None:
+        """The dataset and its loader, in the seeded, resumable order of ``ResumableBatchSampler``."""
+        cfg, env = self.cfg, self._env
+        self._dataset = setup_dataset(_section(cfg.dataset), self._tokenizer, self._model)
         self._sampler, self._dataloader = setup_data(
             self._dataset,
             env=env,
@@ -185,30 +208,11 @@ class FullFinetuneRecipe:
         self._data_generator: Optional[torch.Generator] = self._dataloader.generator
         self._epoch_data_rng = self._data_generator.get_state()
 
-        self._lr_scheduler = build_lr_scheduler(
-            _section(cfg.lr_scheduler), self._optimizer, num_training_steps=cfg.epochs * self.steps_in_epoch()
-        )
-        if state is not None:
-            self.load_state_dict(state)
-        self._last_save_time, self._last_save_step = time.monotonic(), self.global_step
-        self._last_written_step = -1  # global step of the current meta_model_last file
-        if env.is_main:
-            log.info(
-                "%d samples, %d steps per epoch (batch %d x %d process(es) x %d accumulation), checkpoints in %s",
-                len(self._dataset), self.steps_in_epoch(), cfg.batch_size, env.world_size,
-                cfg.gradient_accumulation_steps, cfg.checkpoint_dir,
-            )
-
-    def _load_state(self) -> Dict[str, Any]:
-        state = load_recipe_state(self._run.state_path)
-        log.info("resuming from %s (global step %d)", self._run.state_path, state["global_step"])
-        return state
-
     def steps_in_epoch(self) -> int:
         n = self._sampler.batches_per_epoch() // self.cfg.gradient_accumulation_steps
         return min(n, self.cfg.max_steps_per_epoch or n)
 
-    # ------------------------------------------------------------------ one step
+    # ---- one step
 
     def train_step(self, micro_batches: List[Dict[str, Any]]) -> Dict[str, float]:
         """One optimizer step over ``gradient_accumulation_steps`` batches (per rank)."""
@@ -221,7 +225,7 @@ class FullFinetuneRecipe:
             self._skip_log.update(b.get("skipped"))
         # Normalise by the label tokens of the whole step on all ranks: the gradient is then
         # that of the mean loss over the global batch, however it is split.
-        n_labels, n_tokens, n_skips = env.sum_scalars(local_labels, local_tokens, local_skips)
+        n_labels, n_tokens, n_skips = env.sum_scalars(local_labels, local_tokens, local_skips)  # distributed: summed
         norm = max(n_labels, 1.0)
 
         self._forward.train()
@@ -249,7 +253,7 @@ class FullFinetuneRecipe:
             self._lr_scheduler.step()
             self._optimizer.sync_lr()
 
-        (global_loss_sum,) = env.sum_scalars(loss_sum)
+        (global_loss_sum,) = env.sum_scalars(loss_sum)  # distributed: summed over ranks
         dt = time.perf_counter() - t0
         self.global_step += 1
         self.step_in_epoch += 1
@@ -268,7 +272,7 @@ class FullFinetuneRecipe:
         self.last_loss = metrics["loss"]
         return metrics
 
-    # ------------------------------------------------------------------ the loop
+    # ---- the loop
 
     def train(self) -> Dict[str, Any]:
         """Train to the end, or to ``stop_after_steps``, or until SIGINT/SIGTERM (then the
@@ -350,7 +354,7 @@ class FullFinetuneRecipe:
             signal.Signals(self.interrupted_by).name, self.global_step, self.cfg.checkpoint_dir,
         )
 
-    # ------------------------------------------------------------------ checkpoints and resume
+    # ---- checkpoints and resume
 
     def save(self, name: str, *, epoch: Optional[int] = None) -> Optional[Path]:
         """``{name}{suffix}`` (the trainable weights) and ``recipe_state.pt``. Every rank
@@ -445,7 +449,7 @@ class FullFinetuneRecipe:
         log.info("resumed at epoch %d, step %d of the epoch (global step %d)",
                  self.epoch, self.step_in_epoch, self.global_step)
 
-    # ------------------------------------------------------------------ end of the run
+    # ---- end of the run
 
     def _merged_skip_log(self) -> SkipLog:
         """Every rank's bad-sample log in one (a collective)."""

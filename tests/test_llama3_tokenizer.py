@@ -17,7 +17,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 from PIL import Image
 
 PH = "\u2460"  # '①'
@@ -64,7 +63,7 @@ def dataset_item(tok, tmp_path, conversations, **kw):
     return image_chat_dataset(tok, source=str(src), num_image_tokens=N, image_size=16, bad_samples="raise", **kw)[0]
 
 
-# ------------------------------------------------------------------ the table itself
+# ---- the table itself
 
 
 def test_real_table_ids(llama3_tokenizer):
@@ -77,7 +76,7 @@ def test_real_table_ids(llama3_tokenizer):
     assert enc(tok, "Describe the image.") == DESCRIBE[1:] and enc(tok, "The scan shows a mass.") == CAPTION
 
 
-# ------------------------------------------------------------------ training tokens and labels
+# ---- training tokens and labels
 
 RECORD = [
     {"from": "human", "value": PH * 50 + "\n\nDescribe the image."},
@@ -123,7 +122,7 @@ def test_system_turn_and_image_only_user_turn(llama3_tokenizer, tmp_path):
     assert item["labels"] == [-100] * (1 + len(system) + len(user)) + ASSISTANT_TURN + [-100]
 
 
-# ------------------------------------------------------------------ the converters' ① -> (1)
+# ---- the converters' ① -> (1)
 
 
 def test_converted_caption_holds_no_placeholder_token(llama3_tokenizer, tmp_path, capsys):
@@ -150,11 +149,11 @@ def test_converted_caption_holds_no_placeholder_token(llama3_tokenizer, tmp_path
     assert item["tokens"] == [BOT] + user + header(ASSISTANT) + PANEL_1 + [EOT, EOT_TEXT]
 
 
-# ------------------------------------------------------------------ generation prompts and replies
+# ---- generation prompts and replies
 
 
 def test_reply_is_cut_at_the_first_special_token(llama3_tokenizer):
-    from medcap.generation._engine import decode_text
+    from medcap.generation._prompt import decode_text
 
     new_tokens = REPLY + [EOT] + [128006, 9906, 1917, EOT_TEXT]  # whatever follows <|eot_id|> is dropped
     assert decode_text(llama3_tokenizer, new_tokens) == "Yes, there is a fracture."

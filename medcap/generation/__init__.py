@@ -1,13 +1,18 @@
-"""Generation: prompts with real special tokens, and batched KV-cached decoding with
+"""Generation: prompts with the real special tokens, and batched KV-cached decoding with
 image prefill (``GenerationEngine`` for images on disk, ``generate`` for tensors).
-The engine batches continuously (a finished row's slot is refilled
-at once; ``engine.open(cache_len)`` takes requests at any time, for a server).
-The pieces (``prefill``, ``decode_one_token``, ``sample``, option scoring, the slow
-reference path) live in ``_generate``; prompts and the batcher in ``_engine``."""
 
-from medcap.generation._engine import (
-    ContinuousBatcher,
-    GenerationEngine,
+Where each lives: ``_prompt`` (prompts and their text form), ``_sampling`` (the next
+token, one random stream per row), ``_static`` (gpt-fast style ``prefill``,
+``decode_one_token``, the static batched ``generate`` and the slow reference path),
+``_continuous`` (the continuous batcher: a finished row's slot is refilled at once),
+``_score`` (options scored by log-likelihood), ``_engine`` (``GenerationEngine``, which
+the evaluation, ``medcap caption`` and the server call; ``engine.open(cache_len)``
+takes requests at any time, for a server).
+"""
+
+from medcap.generation._continuous import ContinuousBatcher
+from medcap.generation._engine import GenerationEngine
+from medcap.generation._prompt import (
     build_prompt,
     clean_text,
     decode_text,
@@ -16,7 +21,7 @@ from medcap.generation._engine import (
     question_from_instruction,
     question_messages,
 )
-from medcap.generation._generate import generate
+from medcap.generation._static import generate
 
 __all__ = [
     "ContinuousBatcher",

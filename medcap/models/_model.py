@@ -1,25 +1,18 @@
 """The model: BiomedCLIP's image tower and the projector, the frozen Llama decoder they
-feed, and the builders that configs name in ``_component_``.
+feed, and the builders that configs name in ``_component_``. In order:
 
-The vision side: BiomedCLIP's image tower and the projector into the LLM.
+* the vision side: ``ImageTower`` (open_clip's ``TimmModel`` layout, so the reference's
+  checkpoints load unchanged), the projector ``Linear, GELU, Linear`` into
+  ``num_image_tokens`` soft tokens, ``VisionEncoder`` (both), BiomedCLIP's weights;
+* the fused model: ``MedcapModel``, torchtune's ``EarlyFusionModel`` with a check that
+  placeholders and image vectors pair up, and the decoder runnable without the
+  vocabulary projection (``hidden_states`` / ``logits``, so the loss projects only label
+  positions);
+* the builders, torchtune style: ``medcap_fusion`` (fully parameterised),
+  ``medcap_llama3_1_8b`` (the real sizes), ``medcap_tiny``, and ``hf_llama3_1_config``
+  for writing small decoders in Hugging Face format.
 
-Both are plain ``nn.Module`` trees whose parameter names match what the
-reference saved, so that its checkpoints load unchanged:
-
-* the tower matches open_clip's ``TimmModel`` (``trunk.*`` = a timm ViT,
-  ``head.proj.weight`` = a bias-free linear head), class-token output;
-* the projector is ``nn.Sequential(Linear, GELU, Linear)`` (keys ``0.*``, ``2.*``).
-
-The fused model: a frozen torchtune Llama decoder with image soft tokens spliced in.
-
-Built on torchtune's ``EarlyFusionModel``, which embeds the text tokens and
-``masked_scatter``s encoder outputs at the image token's positions. We add
-what a silent splice cannot give: a check that the number of placeholders
-equals the number of image vectors, and a way to run the decoder without the
-vocabulary projection so the loss can compute logits only where labels are.
-
-Model builders, torchtune style: one fully parameterised component builder and
-builders with fixed sizes (the real model and tiny ones) for configs' ``_component_``.
+Why one file for the three: ``docs/internals.md``.
 """
 
 from __future__ import annotations
@@ -35,12 +28,11 @@ from torchtune.models.llama3_1 import llama3_1
 from torchtune.modules import TransformerDecoder
 from torchtune.modules.model_fusion import EarlyFusionModel
 
-# ---- The vision side: image tower and projector ----------------------------------
+# ---- The vision side: image tower and projector
 
 # BiomedCLIP's evaluation transform (the OpenAI CLIP statistics).
 BIOMEDCLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 BIOMEDCLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-BIOMEDCLIP_HUB_ID = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 
 
 class ImageTower(nn.Module):
@@ -139,7 +131,9 @@ class VisionEncoder(nn.Module):
         return out.view(images.shape[0], self.num_image_tokens, self.embed_dim)  # [n, T, D]
 
 
-def _resolve_open_clip_file(source: str) -> Path:
+def open_clip_weights_file(source: str) -> Path:
+    """A local path to an open_clip checkpoint (BiomedCLIP's): a file, a folder holding
+    ``open_clip_pytorch_model.bin``, or an ``hf-hub:`` name, fetched now."""
     if source.startswith("hf-hub:"):
         try:
             from huggingface_hub import hf_hub_download
@@ -167,7 +161,7 @@ def load_open_clip_visual(tower: nn.Module, source: str) -> None:
 
     The file is read with ``weights_only=True``: no code is unpickled.
     """
-    path = _resolve_open_clip_file(source)
+    path = open_clip_weights_file(source)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
@@ -182,7 +176,7 @@ def load_open_clip_visual(tower: nn.Module, source: str) -> None:
         )
 
 
-# ---- The fused model -------------------------------------------------------------
+# ---- The fused model
 
 class ImageTokenMismatchError(ValueError):
     """The prompt's image placeholders and the image vectors do not pair up."""
@@ -300,9 +294,6 @@ class MedcapModel(EarlyFusionModel):
         drops that argument and sizes them for the model's full context)."""
         self.decoder.setup_caches(batch_size, dtype, decoder_max_seq_len=decoder_max_seq_len)
 
-    def trainable_parameters(self) -> Dict[str, nn.Parameter]:
-        return {n: p for n, p in self.named_parameters() if p.requires_grad}
-
 
 def assert_only_vision_trainable(model: MedcapModel) -> None:
     """Fail loudly if anything outside the vision encoder would train."""
@@ -313,7 +304,7 @@ def assert_only_vision_trainable(model: MedcapModel) -> None:
         raise RuntimeError("no vision parameter requires grad: nothing would train")
 
 
-# ---- Builders --------------------------------------------------------------------
+# ---- Builders
 
 # One value owns the number of image tokens; configs pass it to both the
 # data transform and the model.

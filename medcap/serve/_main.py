@@ -137,7 +137,7 @@ def load_engine(conf, batch_size: Optional[int]):
     from torchtune import config as tt_config
 
     from medcap.generation import GenerationEngine
-    from medcap.models import load_model
+    from medcap.models import load_model, resolve_dtype
 
     device = conf.device
     if str(device).startswith("cuda") and not torch.cuda.is_available():

@@ -1,12 +1,17 @@
 """Building blocks of the fine-tuning recipe (``recipes/full_finetune_single_device.py``,
-which runs the loop and calls these): the typed config, the label-only loss, the
-resumable sampler and data setup, the optimizers (incl. the step in backward), the
-process world (FSDP2, gradient reduction), the checkpoint folder (lock, resume or
-refuse), the resumable state and the stop on SIGINT/SIGTERM. Nothing here calls
-back into a recipe.
+which runs the loop and calls these; nothing here calls back into a recipe):
 
-Names are resolved on first use (PEP 562), so that ``TrainConfig`` (and with it a
-config's key check) loads without torch.
+* ``_loss``: the label-only loss, and ``TrainForward`` (forward + loss, one module);
+* ``_optim``: the optimizers (incl. the step in backward) and the lr schedule;
+* ``_data``: the resumable batch plan, the dataset and the loader;
+* ``_dist``: the process world (one process or torchrun's ranks, FSDP2, collectives);
+* ``_start``: the checkpoint folder (lock, resume or refuse) and the vision tower's start;
+* ``_state``: the resumable state file and the random generators in it;
+* ``_signals``: the stop on SIGINT/SIGTERM at a step boundary.
+
+``TrainConfig`` (``medcap.config``) and ``progress`` (``medcap._io``) are exported here
+too, for the recipe. Names are resolved on first use (PEP 562), so that
+``TrainConfig`` (and with it a config's key check) loads without torch.
 """
 
 from __future__ import annotations
@@ -17,27 +22,19 @@ from medcap import lazy_attrs
 
 _EXPORTS = {
     "medcap.config": ["TrainConfig"],
+    "medcap._io": ["progress"],
     "medcap.training._data": ["ResumableBatchSampler", "setup_data", "setup_dataset"],
-    "medcap.training._optim": [
-        "LabelTokenCrossEntropy",
-        "TrainForward",
-        "build_lr_scheduler",
-        "build_optimizer",
-        "count_label_tokens",
-    ],
-    "medcap.training._run": [
+    "medcap.training._dist": ["init_distributed_env", "peak_memory_gib", "shard_frozen_decoder"],
+    "medcap.training._loss": ["LabelTokenCrossEntropy", "TrainForward", "count_label_tokens"],
+    "medcap.training._optim": ["build_lr_scheduler", "build_optimizer"],
+    "medcap.training._signals": ["StopSignals"],
+    "medcap.training._start": ["check_vision_start", "open_run_folder"],
+    "medcap.training._state": [
         "RECIPE_STATE_FILE",
-        "StopSignals",
-        "atomic_write",
         "capture_rng_state",
-        "check_vision_start",
-        "init_distributed_env",
         "load_recipe_state",
-        "open_run_folder",
-        "peak_memory_gib",
         "restore_rng_state",
         "save_recipe_state",
-        "shard_frozen_decoder",
     ],
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
@@ -46,26 +43,18 @@ __all__ = sorted(_WHERE)
 __getattr__, __dir__ = lazy_attrs(__name__, _WHERE)
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
+    from medcap._io import progress  # noqa: F401
     from medcap.config import TrainConfig  # noqa: F401
     from medcap.training._data import ResumableBatchSampler, setup_data, setup_dataset  # noqa: F401
-    from medcap.training._optim import (  # noqa: F401
-        LabelTokenCrossEntropy,
-        TrainForward,
-        build_lr_scheduler,
-        build_optimizer,
-        count_label_tokens,
-    )
-    from medcap.training._run import (  # noqa: F401
+    from medcap.training._dist import init_distributed_env, peak_memory_gib, shard_frozen_decoder  # noqa: F401
+    from medcap.training._loss import LabelTokenCrossEntropy, TrainForward, count_label_tokens  # noqa: F401
+    from medcap.training._optim import build_lr_scheduler, build_optimizer  # noqa: F401
+    from medcap.training._signals import StopSignals  # noqa: F401
+    from medcap.training._start import check_vision_start, open_run_folder  # noqa: F401
+    from medcap.training._state import (  # noqa: F401
         RECIPE_STATE_FILE,
-        StopSignals,
-        atomic_write,
         capture_rng_state,
-        check_vision_start,
-        init_distributed_env,
         load_recipe_state,
-        open_run_folder,
-        peak_memory_gib,
         restore_rng_state,
         save_recipe_state,
-        shard_frozen_decoder,
     )

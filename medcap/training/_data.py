@@ -1,21 +1,19 @@
-"""The data side of a run: which samples each rank trains on, and the loader.
+"""The data side of a run: which samples each rank trains on, step by step, and the loader.
 
-Which samples each rank trains on, step by step, in a way a resumed run can replay.
+In order:
 
-The plan of an epoch is a pure function of (seed, epoch, dataset size, global
-batch size): shuffle with a generator seeded ``seed + epoch``, pad to a multiple
-of the world size by repeating the first indices, and cut into global batches of
-``world_size * batch_size``. Rank ``r`` takes positions ``r, r + W, r + 2W, ...``
-of each global batch. That is exactly what ``DistributedSampler`` followed by a
-``DataLoader(batch_size=b)`` gives, so a single process with batch ``W * b`` sees
-the same samples per step as ``W`` ranks with batch ``b``.
+* ``ResumableBatchSampler``: an epoch's plan is a pure function of (seed, epoch, dataset
+  size, global batch size): shuffled with a generator seeded ``seed + epoch``, padded to
+  a multiple of the world size, cut into global batches of ``world_size * batch_size``,
+  rank ``r`` taking positions ``r, r + W, ...`` of each (``DistributedSampler`` +
+  ``DataLoader(batch_size=b)`` exactly). A resumed run starts the epoch at batch ``k``
+  without loading the first ``k``. ``group_by_length`` sorts mega-batches of
+  ``group_size`` global batches by length, then shuffles the batches' order;
+* ``setup_dataset``: the config's dataset, its image-token count and size the model's;
+* ``sample_lengths`` and ``setup_data``: the sampler and the ``DataLoader`` over it,
+  with a generator of its own (see the recipe's resume).
 
-Resuming skips the first ``k`` batches of the plan without loading them.
-
-With ``group_by_length`` the shuffled order is cut into mega-batches of
-``group_size`` global batches, each sorted by sample length and cut into global
-batches; then the order of all the epoch's batches is shuffled. Batches hold
-samples of similar length (less padding) while their order stays random.
+Why not torchdata's ``StatefulDataLoader``: ``docs/internals.md``.
 """
 
 from __future__ import annotations
@@ -33,7 +31,8 @@ from torchtune import config as tt_config
 from medcap._io import progress
 from medcap.data import CROSS_ENTROPY_IGNORE_IDX, BadSample, collate_image_chat
 from medcap.models import MedcapModel
-from medcap.training._run import DistEnv, ignore_sigint_in_worker
+from medcap.training._dist import DistEnv
+from medcap.training._signals import ignore_sigint_in_worker
 
 log = logging.getLogger("medcap.training")
 

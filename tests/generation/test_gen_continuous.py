@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from medcap.generation import GenerationEngine, build_prompt
-from medcap.generation._engine import ContinuousBatcher
-from medcap.generation._generate import generate, generate_reference, make_generators, row_seed
+from medcap.generation._continuous import ContinuousBatcher
+from medcap.generation._sampling import make_generators, row_seed
+from medcap.generation._static import generate, generate_reference
 
 QUESTIONS = [
     "What is it?",

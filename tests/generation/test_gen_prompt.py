@@ -14,7 +14,7 @@ from medcap.generation import (
     question_from_instruction,
 )
 from medcap.data import PLACEHOLDER_CHAR
-from medcap.generation._engine import decode_text, parse_prompt_text
+from medcap.generation._prompt import decode_text, parse_prompt_text
 from medcap.testing import make_caption_dataset
 
 

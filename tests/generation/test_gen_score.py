@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medcap.generation import GenerationEngine, build_prompt
-from medcap.generation._generate import option_tokens, score_options
+from medcap.generation._score import option_tokens, score_options
 
 
 def _manual(model, tok, prompt, image, option):

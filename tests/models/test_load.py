@@ -1,4 +1,4 @@
-"""medcap.models._checkpoint: one way to build a model with its weights, for training and generation."""
+"""medcap.models._load: one way to build a model with its weights, for training and generation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from medcap.models import medcap_tiny, save_vision_checkpoint
-from medcap.models._checkpoint import DTYPES, load_model, resolve_dtype
+from medcap.models._load import DTYPES, load_model, resolve_dtype
 
 
 def _cfg_model(tiny_llm, **extra):

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from torch import nn
 from torchtune.models.llama3_1 import llama3_1
 
-import medcap.models._checkpoint as vision_ckpt
+import medcap.models._vision_checkpoint as vision_ckpt
 from medcap.models import load_vision_checkpoint, load_vision_weights, save_vision_checkpoint
 from medcap.models._model import ImageTower, medcap_fusion
 

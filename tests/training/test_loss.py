@@ -1,4 +1,5 @@
-"""The label-only loss against an independent full-logits cross-entropy."""
+"""The label-only loss against an independent full-logits cross-entropy, and TrainForward
+(forward + loss in one module) on a rank whose batch holds no image."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medcap.training import LabelTokenCrossEntropy, count_label_tokens
+from medcap.training import LabelTokenCrossEntropy, TrainForward, count_label_tokens
 
 
 def _batch(model, seed=0, b=3, s=14):
@@ -97,3 +98,31 @@ def test_the_vocabulary_is_projected_only_at_label_positions(tiny_model):
 def test_bad_chunk_size():
     with pytest.raises(ValueError, match="chunk_size"):
         LabelTokenCrossEntropy(chunk_size=0)
+
+
+def _text_only_batch(model, b=2, s=10):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 200, (b, s), generator=g)
+    labels = tokens.clone()
+    labels[:, :4] = -100
+    return tokens, labels
+
+
+def test_keep_graph_lets_every_rank_run_backward_without_images(tiny_model):
+    """A rank whose batch has no image must still run backward through the (sharded)
+    decoder layers, or the other ranks would wait for its all-gathers forever."""
+    model = tiny_model()
+    model.requires_grad_(False)
+    model.vision.requires_grad_(True)
+    tokens, labels = _text_only_batch(model)
+    plain_total, _ = TrainForward(model, LabelTokenCrossEntropy())(tokens, labels)
+    assert not plain_total.requires_grad  # single device: nothing to learn, backward skipped
+    seen = []
+    hooks = [layer.register_full_backward_hook(lambda m, gi, go: seen.append(m)) for layer in model.decoder.layers]
+    total, count = TrainForward(model, LabelTokenCrossEntropy(), keep_graph=True)(tokens, labels)
+    assert total.requires_grad and int(count) == int((labels[:, 1:] != -100).sum())
+    total.backward()
+    for h in hooks:
+        h.remove()
+    assert len(seen) == len(model.decoder.layers)  # backward went through every layer
+    torch.testing.assert_close(total.detach(), plain_total)

@@ -1,4 +1,4 @@
-"""medcap._io: a bar on a terminal, plain timed lines anywhere else."""
+"""medcap._io._progress: a bar on a terminal, plain timed lines anywhere else, library noise held back."""
 
 from __future__ import annotations
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import medcap.generation._generate as gen_mod
+import medcap.generation._static as gen_mod
 from medcap.generation import build_prompt, generate
-from medcap.generation._generate import generate_reference, left_pad, make_generators, prefill, row_seed, sample
+from medcap.generation._sampling import make_generators, row_seed
+from medcap.generation._static import generate_reference, left_pad, prefill
 
 QUESTIONS = [
     "What is it?",
@@ -167,22 +168,3 @@ def test_zero_budget_rows_and_bad_inputs(gen_model, gen_tok, gen_images, greedy_
         generate(gen_model, gen_tok, prompts, batch_images, max_new_tokens=gen_model.decoder.max_seq_len)
     with pytest.raises(ValueError, match="seed"):
         generate(gen_model, gen_tok, prompts, batch_images, max_new_tokens=3, temperature=0.5)
-
-
-def test_sample_greedy_topk_and_determinism():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 50, generator=g)
-    assert torch.equal(sample(logits), logits.argmax(-1))
-    assert torch.equal(sample(logits, temperature=1.0, top_k=1), logits.argmax(-1))
-    top = torch.topk(logits, 5, dim=-1).indices
-    draws = []
-    gens = make_generators([1, 2, 3])
-    for _ in range(200):
-        d = sample(logits, temperature=1.0, top_k=5, generators=gens)
-        assert all(int(d[i]) in top[i].tolist() for i in range(3))
-        draws.append(d)
-    assert len({tuple(d.tolist()) for d in draws}) > 1
-    again = make_generators([1, 2, 3])
-    assert torch.equal(sample(logits, temperature=1.0, top_k=5, generators=again), draws[0])
-    with pytest.raises(ValueError, match="Generator"):
-        sample(logits, temperature=1.0, top_k=5)

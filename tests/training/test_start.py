@@ -1,12 +1,10 @@
-"""The checkpoint folder of a run (lock, resume or refuse, overwrite, stale temporary
-files), where the vision tower starts, and SIGINT/SIGTERM as a stop request."""
+"""The start of a run: its checkpoint folder (lock, resume or refuse, overwrite, stale
+temporary files) and where its vision tower starts."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
 import subprocess
 import sys
 
@@ -14,9 +12,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from medcap._io import LockedError
-from medcap.training import StopSignals, check_vision_start, open_run_folder
-from medcap.config import resume_mode
-from medcap.training._run import checkpoint_lock_path
+from medcap.training import check_vision_start, open_run_folder
+from medcap.training._start import checkpoint_lock_path
 
 
 def _open(folder, resume="no", overwrite=False, before_claim=None):
@@ -37,19 +34,6 @@ def _used_folder(tmp_path, with_state=True):
         (folder / "recipe_state.pt").write_bytes(b"s")
     (folder / "notes.txt").write_text("mine")
     return folder
-
-
-@pytest.mark.parametrize(
-    "value,mode",
-    [(False, "no"), (None, "no"), (True, "yes"), ("auto", "auto"), ("AUTO", "auto"), ("True", "yes")],
-)
-def test_resume_mode(value, mode):
-    assert resume_mode(value) == mode
-
-
-def test_resume_mode_rejects_other_values():
-    with pytest.raises(ValueError, match=r"resume_from_checkpoint='sometimes'.*True, False or auto"):
-        resume_mode("sometimes")
 
 
 def test_a_fresh_folder_starts_a_new_run_even_with_auto(tmp_path):
@@ -150,8 +134,7 @@ def test_the_folder_is_locked_while_another_process_trains(tmp_path):
     assert _open(folder).resuming is False  # the kernel released the dead holder's lock
 
 
-# ----------------------------------------------------------------- vision start
-
+# ---- Where the vision tower starts
 
 def _vision_cfg(**over):
     cfg = OmegaConf.create({"vision_checkpoint": None, "model": {"vision_pretrained": None}})
@@ -187,19 +170,3 @@ def test_a_missing_local_vision_file_is_named(tmp_path, key):
 def test_vision_random_init_must_be_a_bool():
     with pytest.raises(ValueError, match="vision_random_init must be True or False"):
         check_vision_start(_vision_cfg(vision_random_init="yes"), resuming=False)
-
-
-# ----------------------------------------------------------------- signals
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_the_first_signal_is_a_stop_request_and_the_second_acts_as_before(sig):
-    before = signal.getsignal(sig)
-    with StopSignals() as stop:
-        os.kill(os.getpid(), sig)
-        assert stop.received == sig  # handled, not raised
-        assert signal.getsignal(sig) is before  # a second one would act as usual
-    assert signal.getsignal(sig) is before
-    with StopSignals():
-        assert signal.getsignal(sig) is not before
-    assert signal.getsignal(sig) is before

@@ -12,10 +12,10 @@ import stat
 import pytest
 import torch
 
-import medcap._io as fs
-import medcap.models._checkpoint as vision_ckpt
+import medcap._io._files as fs
+import medcap.models._vision_checkpoint as vision_ckpt
 from medcap.models import load_vision_checkpoint, load_vision_weights, save_vision_checkpoint
-from medcap.models._checkpoint import sidecar_path
+from medcap.models._vision_checkpoint import sidecar_path
 
 T = 4
 
@@ -109,7 +109,7 @@ def test_files_get_the_users_umask(saved, umask, mode):
         assert stat.S_IMODE(p.stat().st_mode) == mode, p
 
 
-# ------------------------------------------------------------------ full disk
+# ---- full disk
 
 SAFETENSORS_ENOSPC = (
     'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
@@ -160,15 +160,6 @@ def test_torch_write_failure_with_room_left_is_not_called_a_full_disk(tmp_path, 
     monkeypatch.setattr(torch, "save", _raiser(RuntimeError(TORCH_ENOSPC)))
     with pytest.raises(RuntimeError, match="file write failed"):
         saved(".pt", seed=1)
-
-
-def test_other_errors_pass_through_unchanged(tmp_path):
-    with pytest.raises(PermissionError):
-        with fs.disk_errors(tmp_path):
-            raise PermissionError(errno.EACCES, "Permission denied")
-    with pytest.raises(ValueError, match="^plain$"):
-        with fs.disk_errors(tmp_path):
-            raise ValueError("plain")
 
 
 def test_sidecar_write_on_full_disk_is_reported_too(saved, tmp_path, monkeypatch):

@@ -1,7 +1,9 @@
-"""atomic_write's temporary files: what a killed writer leaves, and what a new run removes."""
+"""Files shared by runs: atomic_write (one everywhere, what a killed or failed writer leaves,
+what a new run removes) and disk_errors (only a full disk is reworded)."""
 
 from __future__ import annotations
 
+import errno
 import signal
 import subprocess
 import sys
@@ -9,14 +11,14 @@ import textwrap
 
 import pytest
 
-import medcap.models._checkpoint
-import medcap.training
-from medcap._io import atomic_write, remove_stale_tmp
+import medcap.models._vision_checkpoint
+import medcap.training._state
+from medcap._io import atomic_write, disk_errors, remove_stale_tmp
 
 
 def test_one_atomic_write_everywhere():
-    assert medcap.models._checkpoint.atomic_write is atomic_write  # vision checkpoints
-    assert medcap.training.atomic_write is atomic_write  # the recipe's state
+    assert medcap.models._vision_checkpoint.atomic_write is atomic_write  # vision checkpoints
+    assert medcap.training._state.atomic_write is atomic_write  # the recipe's state
 
 
 def test_kill_9_mid_write_leaves_a_temp_file_that_the_next_run_removes(tmp_path):
@@ -87,3 +89,26 @@ def test_a_failed_write_removes_its_temp_file_and_keeps_the_old_content(tmp_path
     with pytest.raises(KeyboardInterrupt):
         atomic_write(target, crash)
     assert target.read_text() == "old" and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "x.txt"
+    atomic_write(path, lambda tmp: open(tmp, "w").write("old"))
+
+    def crash(tmp):
+        open(tmp, "w").write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(path, crash)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]  # no temporary left behind
+
+
+def test_other_errors_pass_through_unchanged(tmp_path):
+    with pytest.raises(PermissionError):
+        with disk_errors(tmp_path):
+            raise PermissionError(errno.EACCES, "Permission denied")
+    with pytest.raises(ValueError, match="^plain$"):
+        with disk_errors(tmp_path):
+            raise ValueError("plain")

@@ -1,0 +1,25 @@
+"""What long jobs need from the operating system, imported by every layer above it:
+
+* ``_files``: one writer per file or folder (``exclusive_lock``, ``LockedError``), atomic
+  writes (``atomic_write``, ``atomic_write_bytes``, ``atomic_write_text``) and their
+  leftovers (``remove_stale_tmp``), full disks reported as such (``disk_errors``,
+  ``is_disk_full``);
+* ``_progress``: ``progress`` (a bar on a terminal, plain timed lines in a log), and
+  ``quiet_library_noise`` / ``quiet_stderr_fd`` (library noise held back).
+
+Import the names from here (``from medcap._io import atomic_write, progress``); this
+package imports nothing from the rest of medcap.
+"""
+
+# The names callers use, re-exported (a private package: no __all__, nothing exported).
+from medcap._io._files import (  # noqa: F401
+    LockedError,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_text,
+    disk_errors,
+    exclusive_lock,
+    is_disk_full,
+    remove_stale_tmp,
+)
+from medcap._io._progress import progress, quiet_library_noise, quiet_stderr_fd  # noqa: F401
