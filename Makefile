@@ -1,7 +1,7 @@
 # medcap: one-command setup, tests and demo.
 #   make test   - create .venv if needed, install medcap, check Java, run the test suite
 #   make demo   - same setup, then run the offline end-to-end demo
-#   make counts - exported names and the modules from a config to a checkpoint / results file
+#   make counts - exported names, file and function sizes, the files on the training and evaluation paths
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python

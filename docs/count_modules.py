@@ -1,27 +1,20 @@
-"""Print how big medcap's public surface is and how many modules a reader follows.
+"""Measure what a reader of medcap meets: the public surface, file and function sizes,
+and the files on the two paths through the library.
 
-    python docs/count_modules.py [--json]
+    python docs/count_modules.py [--json]        (also: make counts)
 
-* exported names: the ``__all__`` of ``medcap/__init__.py`` and of every
-  ``medcap/*/__init__.py``, added up (read from the source, nothing imported);
-* modules on a path, two ways. **Run**: the medcap modules loaded when the
-  recipe runs its tiny config to the end (a one-step training run that saves a
-  checkpoint; a VQA-RAD evaluation that writes its results file), package
-  ``__init__`` files left out (they only re-export). **Reachable**: the medcap
-  modules reached by following imports from a
-  recipe file and from the ``_component_`` names of its full-size config
-  (``recipes/full_finetune_single_device.py`` with
-  ``llama3_1/8B_full_single_device``: config to checkpoint; ``recipes/generate.py``
-  with ``custom_generation_config``: config to results file). Imports inside functions
-  count (they run when the recipe does); imports under ``if TYPE_CHECKING:`` do
-  not. ``from medcap.data import load_image`` leads to the module that defines
-  ``load_image`` (``medcap/data/_image.py``), not to every module the package's
-  ``__init__`` re-exports, because that is the file a reader opens; an
-  ``__init__`` counts only when the name is defined in it. Reachable is the
-  larger: it counts what any function of a reached module might import.
+* exported names: the ``__all__`` of ``medcap`` and of every public package or module
+  (``medcap/*/__init__.py``, ``medcap/cli.py``, ...), read from the source;
+* sizes: the largest library file and the longest library function (``def`` line to
+  last line, docstring included);
+* reading paths: the files a reader opens to follow one OmniMedVQA row from
+  ``medcap run generate`` to its scored CSV cell, and one training step, with their lines
+  (``READING``: traced by hand, checked to exist);
+* modules a tiny run loads (**run**) and those reachable by following imports from the
+  recipe and its config (**reachable**), package ``__init__`` files left out, with lines.
 
-docs/internals.md quotes these numbers; tests/test_architecture.py runs this
-script and holds them to their aims.
+No number here is an aim: the layout is judged by what a reader experiences
+(docs/internals.md); ``tests/test_architecture.py`` holds the guard rails.
 """
 
 from __future__ import annotations
@@ -166,6 +159,47 @@ def reached(start: Path, config: Optional[Path] = None) -> List[str]:
     return sorted(found)
 
 
+# The files a reader opens to follow one unit of work top to bottom (docs/internals.md
+# walks through them step by step).
+READING = {
+    "one OmniMedVQA row": ["recipes/generate.py", "medcap/eval/_omnimedvqa.py", "medcap/eval/_run.py",
+                           "medcap/eval/_results.py", "medcap/eval/_protocol.py", "medcap/generation/_engine.py",
+                           "medcap/eval/_choices.py"],
+    "one training step": ["recipes/full_finetune_single_device.py", "medcap/training/_loss.py",
+                          "medcap/models/_model.py", "medcap/training/_optim.py"],
+}
+
+
+def lines(path: Path) -> int:
+    return len(path.read_text(encoding="utf-8").splitlines())
+
+
+def library_files() -> List[Path]:
+    return sorted((REPO / "medcap").rglob("*.py"))
+
+
+def function_sizes() -> List[tuple]:
+    """``(lines, "file:function")`` of every function of the library, longest first."""
+    sizes = []
+    for path in library_files():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                sizes.append((node.end_lineno - node.lineno + 1, f"{path.relative_to(REPO)}:{node.name}"))
+    return sorted(sizes, reverse=True)
+
+
+def sizes() -> Dict[str, object]:
+    files = sorted(((lines(p), str(p.relative_to(REPO))) for p in library_files()), reverse=True)
+    longest = function_sizes()[0]
+    return {"largest_file": {"path": files[0][1], "lines": files[0][0]},
+            "longest_function": {"name": longest[1], "lines": longest[0]},
+            "library_lines": sum(n for n, _ in files), "library_files": len(files)}
+
+
+def reading_paths() -> Dict[str, Dict[str, int]]:
+    return {label: {f: lines(REPO / f) for f in files} for label, files in READING.items()}
+
+
 # A run of each recipe on the tiny assets (python -m medcap.testing DIR): {assets} is that folder.
 RUNS = {
     "config -> checkpoint": ("recipes/full_finetune_single_device.py", "tiny/full_finetune_single_device",
@@ -204,11 +238,18 @@ def loaded_by_runs() -> Dict[str, List[str]]:
     return loaded
 
 
+def public_modules() -> List[Path]:
+    """``medcap`` itself, its packages, and its public top-level modules (``cli``, ``testing``)."""
+    top = [p for p in (REPO / "medcap").glob("*.py") if not p.name.startswith("_")]
+    packages = [p for p in (REPO / "medcap").glob("*/__init__.py") if not p.parent.name.startswith("_")]
+    return sorted([REPO / "medcap" / "__init__.py", *packages, *top])
+
+
 def exported_names() -> Dict[str, int]:
-    """``{package: len(__all__)}`` for medcap and each of its packages, read from the
-    source (a literal list, or ``sorted(...)`` of a lazy ``_EXPORTS`` table): nothing imported."""
+    """``{module: len(__all__)}`` for every public module and package, read from the
+    source (a literal list, or the size of a lazy ``_EXPORTS``/``_PUBLIC`` table): nothing imported."""
     counts = {}
-    for init in sorted([REPO / "medcap" / "__init__.py", *(REPO / "medcap").glob("*/__init__.py")]):
+    for init in public_modules():
         name = module_name(init)
         tree = ast.parse(init.read_text(encoding="utf-8"))
         counts[name] = 0
@@ -216,9 +257,17 @@ def exported_names() -> Dict[str, int]:
             if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
                 try:
                     counts[name] = len(ast.literal_eval(node.value))
-                except ValueError:  # computed from the lazy table
-                    counts[name] = len(_lazy_exports(tree, name))
+                except ValueError:  # computed from a table
+                    counts[name] = len(_lazy_exports(tree, name)) or _table_size(tree)
     return counts
+
+
+def _table_size(tree: ast.AST) -> int:
+    """The size of a module's ``_PUBLIC`` table (``__all__ = sorted(_PUBLIC)``)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_PUBLIC" for t in node.targets):
+            return len(ast.literal_eval(node.value))
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -228,15 +277,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     exports = exported_names()
     runs = loaded_by_runs()
     reachable = {label: reached(REPO / recipe, REPO / config) for label, (recipe, config) in PATHS.items()}
+    size, reading = sizes(), reading_paths()
+    run_lines = {label: sum(lines(module_file(m)) for m in mods) + lines(REPO / RUNS[label][0])
+                 for label, mods in runs.items()}
     if args.json:
-        print(json.dumps({"exported_names": exports, "run": runs, "reachable": reachable}))
+        print(json.dumps({"exported_names": exports, "sizes": size, "reading": reading, "run": runs,
+                          "run_lines": run_lines, "reachable": reachable}))
         return 0
     print(f"exported names: {sum(exports.values())}")
     for package, n in exports.items():
         print(f"  {package:24s} {n}")
+    print(f"library: {size['library_files']} files, {size['library_lines']} lines; largest file "
+          f"{size['largest_file']['path']} ({size['largest_file']['lines']}); longest function "
+          f"{size['longest_function']['name']} ({size['longest_function']['lines']})")
+    for label, files in reading.items():
+        print(f"{label}: {len(files)} files, {sum(files.values())} lines")
+        for f, n in files.items():
+            print(f"  {f:44s} {n}")
     for label, (recipe, config, _) in RUNS.items():
-        print(f"{label}: {len(runs[label])} medcap modules run ({recipe}, {config}); "
-              f"{len(reachable[label])} reachable")
+        print(f"{label}: {len(runs[label])} medcap modules run ({recipe}, {config}; "
+              f"{run_lines[label]} lines with the recipe); {len(reachable[label])} reachable")
         for module in runs[label]:
             print(f"  {module}")
     return 0

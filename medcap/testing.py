@@ -11,17 +11,11 @@ configs (``recipes/configs/tiny/*.yaml``) run on, in seconds on a CPU:
 
     python -m medcap.testing /tmp/medcap-tiny [--samples 8] [--bad 0]
 
-writes ``llm/`` (the tokenizer under ``original/`` and the seeded tiny model) and
-``data/train.json`` (sharegpt records over synthetic images; ``--bad N`` appends N
-broken records, to exercise the bad-sample accounting). Then:
-``medcap run full_finetune_single_device --config tiny/full_finetune_single_device assets_dir=/tmp/medcap-tiny``.
+writes ``llm/`` (tokenizer and seeded tiny model) and ``data/train.json`` (``--bad N``
+appends N broken records), for ``--config tiny/... assets_dir=/tmp/medcap-tiny``.
 
-OmniMedVQA quirks reproduced by ``make_omnimedvqa_layout``: the dataset's own
-modality spellings (``OCT (Optical Coherence Tomography`` without its parenthesis,
-``MR (Mag-netic Resonance Imaging)``, lower-case ``ultrasound``), near-miss
-spellings that the reference does not keep, records naming the modality in
-``modality`` instead of ``modality_type``, questions with two or three options,
-and image paths that point at no file.
+``make_omnimedvqa_layout`` reproduces the data set's quirks (its own modality spellings,
+``modality`` instead of ``modality_type``, two- or three-option questions, missing images).
 """
 
 from __future__ import annotations
@@ -140,7 +134,7 @@ def make_caption_dataset(
     return path
 
 
-# ------------------------------------------------------------ the tiny configs' assets
+# ---- the tiny configs' assets
 
 
 def add_bad_records(train_json: Path, n_bad: int) -> None:
@@ -203,7 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-# ------------------------------------------------------------ evaluation set layouts
+# ---- evaluation set layouts
 
 
 def make_vqarad_layout(root: str | Path, *, n_images: int = 4, seed: int = 0, image_size: int = 40) -> Dict[str, Any]:
@@ -316,7 +310,7 @@ def _other_spellings(base: Path, image_size: int, seed: int, n: int) -> List[Dic
     return records
 
 
-# ------------------------------------------------------------ the field's benchmark layouts
+# ---- the field's benchmark layouts
 # SLAKE, PathVQA / VQA-RAD parquet, PMC-VQA, a questions file: each builder returns what
 # a reader must find, so tests check against it.
 

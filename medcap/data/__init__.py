@@ -22,8 +22,9 @@ from medcap import lazy_attrs
 _EXPORTS = {
     "medcap.data._bad_samples": ["BadSample", "SkipLog"],
     "medcap.data._convert": ["convert_main"],
+    "medcap.data._convert_vqa": ["vqa_parquet_columns"],
     "medcap.data._dataset": ["chat_dataset", "collate_image_chat", "image_chat_dataset"],
-    "medcap.data._image": ["image_transform", "load_image", "resize_center_crop"],
+    "medcap.data._image": ["decode_image_bytes", "image_transform", "load_image", "resize_center_crop"],
     "medcap.data._preprocess": ["preprocess_images", "preprocess_main"],
     "medcap.data._records": ["IMAGE_MARKER", "PLACEHOLDER_CHAR", "Turn", "parse_record", "read_index"],
     "medcap.data._tokens": ["CROSS_ENTROPY_IGNORE_IDX", "make_labels", "tokenize_conversation"],
@@ -37,8 +38,9 @@ __getattr__, __dir__ = lazy_attrs(__name__, _WHERE)
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from medcap.data._bad_samples import BadSample, SkipLog  # noqa: F401
     from medcap.data._convert import convert_main  # noqa: F401
+    from medcap.data._convert_vqa import vqa_parquet_columns  # noqa: F401
     from medcap.data._dataset import chat_dataset, collate_image_chat, image_chat_dataset  # noqa: F401
-    from medcap.data._image import image_transform, load_image, resize_center_crop  # noqa: F401
+    from medcap.data._image import decode_image_bytes, image_transform, load_image, resize_center_crop  # noqa: F401
     from medcap.data._preprocess import preprocess_images, preprocess_main  # noqa: F401
     from medcap.data._records import IMAGE_MARKER, PLACEHOLDER_CHAR, Turn, parse_record, read_index  # noqa: F401
     from medcap.data._tokens import CROSS_ENTROPY_IGNORE_IDX, make_labels, tokenize_conversation  # noqa: F401

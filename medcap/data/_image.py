@@ -15,6 +15,7 @@ relied on by tests.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import warnings
 from pathlib import Path
@@ -297,6 +298,25 @@ def load_dicom(path: PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Im
 
 
 # ---- Any image file
+
+def decode_image_bytes(data: bytes, name: str):
+    """Image bytes -> 8-bit RGB ``PIL.Image`` with ``load_image``'s conventions (EXIF
+    orientation, CMYK/alpha/16-bit conversions); ``BadSample`` when unreadable."""
+    if not data:
+        raise BadSample(f"image not found: {name} holds no image bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        if img.size[0] * img.size[1] > DEFAULT_MAX_IMAGE_PIXELS:
+            raise BadSample(f"image too large: {name} is {img.size[0]}x{img.size[1]}")
+        img.load()
+        return to_rgb(ImageOps.exif_transpose(img))
+    except BadSample:
+        raise
+    except Exception as e:  # Pillow raises many types for broken data
+        raise BadSample(f"corrupt image: {name}: {type(e).__name__}: {e}") from e
+
 
 def load_image(
     path: PathLike,

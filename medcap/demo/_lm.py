@@ -1,9 +1,7 @@
 """Text-only pretraining of the demo's tiny Llama-3.1-architecture LM.
 
-The real system freezes an instruction-tuned LLM that already knows how to
-talk about what is in its context. The demo's LM must learn that from text
-alone, and never sees an image. It learns three things, in the Llama 3 chat
-template the recipes use:
+The demo's LM must learn from text alone what an instruction-tuned LLM already knows
+(it never sees an image), in the Llama 3 chat template the recipes use:
 
 1. **describe** - a user turn holds a terse note of a finding ("CT small bright
    nodule upper left"); the assistant answers with the full caption. Later the
@@ -16,9 +14,7 @@ template the recipes use:
 3. **choose** - the reference's scoring chat: "Question / Our answer / A. B. C. D.
    / respond with only the letter" -> the letter of the option our answer names.
 
-The result is saved in Hugging Face format (``config.json`` +
-``model.safetensors``), so the demo's configs load it through the same
-``FullModelHFCheckpointer`` path as Llama-3.1-8B-Instruct.
+Saved in Hugging Face format, so the demo's configs load it as they load Llama-3.1-8B.
 """
 
 from __future__ import annotations

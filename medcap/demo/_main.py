@@ -1,7 +1,6 @@
 """``medcap demo``: the whole idea of medcap, end to end, offline, on a small world it makes itself.
 
-Stages (each skipped when it already finished with the same settings, so a
-stopped demo continues where it stopped; ``--force`` redoes everything):
+Stages (a finished one is skipped; ``--force`` redoes everything):
 
 =====================  =====================================================================
 world                  synthetic images, captions, OmniMedVQA-layout questions (train/test)
@@ -15,9 +14,7 @@ eval_control_vqa
 report                 ``summary.json`` and ``report.png``
 =====================  =====================================================================
 
-Every stage's command line is printed and stored in ``summary.json``; appending
-``key=value`` to it reruns that stage with the change.
-
+Every stage's command line is stored in ``summary.json`` (append ``key=value`` to rerun).
 Here: the command line (``build_parser``, ``settings_from_args``, ``main``). The settings
 are in ``_settings``, the stages and their bookkeeping in ``_stages``, what the stages
 make in ``_world``, ``_bpe``, ``_lm`` and ``_report``.

@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from medcap.data import BadSample
+from medcap.data import BadSample, decode_image_bytes
 from medcap.eval._benchmark_scores import answer_kind
 from medcap.eval._run import OPTION_LETTERS, EvalItem, read_question_list, text_of, unique_keys
 
@@ -117,33 +115,10 @@ class ParquetImages:
         return cell.get("bytes") or b""
 
 
-def decode_image_bytes(data: bytes, name: str):
-    """Image bytes -> 8-bit RGB ``PIL.Image`` with ``load_image``'s conventions (EXIF
-    orientation, CMYK/alpha/16-bit conversions); ``BadSample`` when unreadable."""
-    from PIL import Image, ImageOps
-
-    from medcap.data._image import DEFAULT_MAX_IMAGE_PIXELS, to_rgb
-
-    if not data:
-        raise BadSample(f"image not found: {name} holds no image bytes")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-        if img.size[0] * img.size[1] > DEFAULT_MAX_IMAGE_PIXELS:
-            raise BadSample(f"image too large: {name} is {img.size[0]}x{img.size[1]}")
-        img.load()
-        return to_rgb(ImageOps.exif_transpose(img))
-    except BadSample:
-        raise
-    except Exception as e:  # Pillow raises many types for broken data
-        raise BadSample(f"corrupt image: {name}: {type(e).__name__}: {e}") from e
-
-
 def read_hf_parquet(dataset_source: str | Path, folder: str, prefix: str) -> Tuple[List[EvalItem], Report, ParquetImages]:
     """``{folder}/data/test-*.parquet`` (columns image{bytes, path}, question, answer), files
     in name order; closed questions are those answered yes or no."""
-    from medcap.data._convert_vqa import vqa_parquet_columns
+    from medcap.data import vqa_parquet_columns
 
     data_dir = Path(dataset_source) / folder / "data"
     files = sorted(data_dir.glob("test-*.parquet"))

@@ -1,5 +1,4 @@
 """The reference's two-step VQA protocol (``vqa_type``): describe the image, then answer.
-
 =======================  ====================================================  =================
 vqa_type                 step 1: description (always from the image)           step 2's 1st turn
 =======================  ====================================================  =================
@@ -13,10 +12,8 @@ cond_desc_no_image       the same description                                  "
 omit                     "..." (nothing generated)                             the image
 =======================  ====================================================  =================
 
-Step 2: [first turn, assistant: description, user: question, assistant: open], at
-most ``min(50, max_new_tokens)`` new tokens. The ``*_no_image`` types hide the image
-from step 2 only, which must then answer from the description alone.
-
+Step 2: [first turn, assistant: description, user: question], at most
+``min(50, max_new_tokens)`` new tokens; ``*_no_image`` hides the image from step 2 only.
 In this file, in order: each step's conversation, the description's budget (the
 reference's rule, ``description_budget``), ``TwoStepVQA`` (the rows of one VQA
 results file: descriptions cached beside it, then answers), and ``run_vqa`` (the

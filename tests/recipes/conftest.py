@@ -115,7 +115,7 @@ def train_recipe_module():
     return _load_recipe_module
 
 
-# ----------------------------------------------------------------- generation (gen_*)
+# ---- generation (gen_*)
 
 
 @pytest.fixture(scope="session")
