@@ -332,8 +332,9 @@ def _usage(job: Job) -> Dict[str, int]:
 
 
 async def _stream(state: ServeState, job: Job, changed: asyncio.Event, req: ChatRequest, cid: str, created: int):
-    """Server-sent events: the role, then one chunk per new piece of text, the finish
-    reason, usage when asked, ``[DONE]``. A client that leaves cancels the job (the
+    """Server-sent events: the role, then one chunk per new token's text (however many
+    tokens the batcher made since the last wake-up), the finish reason, usage when
+    asked, ``[DONE]``. A client that leaves cancels the job (the
     response task is cancelled, ``follow_job``'s cleanup runs)."""
 
     def chunk(delta: Dict[str, Any], finish: Optional[str] = None, **extra) -> str:
@@ -344,10 +345,17 @@ async def _stream(state: ServeState, job: Job, changed: asyncio.Event, req: Chat
     text = TextStream(state)
     yield chunk({"role": "assistant", "content": ""})
     try:
+        sent = 0
         async for j in follow_job(state, job, changed):
-            piece = text.delta(j.tokens, final=j.done)
-            if piece:
-                yield chunk({"content": piece})
+            tokens = list(j.tokens)
+            for n in range(sent + 1, len(tokens) + 1):  # one chunk per token, never a lump
+                piece = text.delta(tokens[:n])
+                if piece:
+                    yield chunk({"content": piece})
+            sent = len(tokens)
+        piece = text.delta(list(job.tokens), final=True)  # what a partial character held back
+        if piece:
+            yield chunk({"content": piece})
     except APIError as e:
         yield f"data: {json.dumps(e.body())}\n\n"
         return

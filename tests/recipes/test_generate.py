@@ -176,8 +176,9 @@ def test_cuda_falls_back_to_cpu(gen_assets, gen_config, gen_recipe_module, tmp_p
 def test_documented_command_killed_and_restarted_ends_with_the_same_files(gen_assets, gen_config, gen_run, tmp_path):
     """`medcap run generate --config tiny/generate ...` killed with SIGKILL after a few
     rows, then started again, writes what an uninterrupted run writes."""
-    # chunk_size=1: each row reaches the disk on its own, so the kill lands mid-run.
-    args = dict(test_vqarad="True", vqa_type="no_cond_desc", batch_size="1", chunk_size="1", max_new_tokens="8",
+    # chunk_size=1: each row reaches the disk on its own; 48 new tokens a row keep the rows
+    # slow enough that the kill lands mid-run on an idle machine too.
+    args = dict(test_vqarad="True", vqa_type="no_cond_desc", batch_size="1", chunk_size="1", max_new_tokens="48",
                 dataset_source=gen_assets["datasets"], vision_checkpoint=gen_assets["vision_checkpoint"])
     name = "vqarad-no_cond_desc-raw-meta_model_last.csv"
     ref_dir = tmp_path / "ref"
