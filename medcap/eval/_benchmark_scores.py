@@ -1,31 +1,15 @@
 """The field's VQA scores (SLAKE, PathVQA, VQA-RAD (HF), PMC-VQA, your questions), per row
 and per file, computed from the rows on disk.
 
-Every rule here follows a published evaluation so that our numbers sit in the
-same tables (each one re-implemented from its description, checked by hand in
-``tests/eval/test_benchmark_scores.py``):
+Each rule re-implements a published evaluation (docs/internals.md, "the field's VQA
+scores"; checked by hand in ``tests/eval/test_benchmark_scores.py``):
 
-* **closed** questions (``answer_type=closed``): MedEvalKit's rule
-  (``judge_judgement`` in its ``utils/utils.py``). The reply is lower-cased,
-  cut after the last answer marker (``answer:``, ``answer is``, ...), its
-  newlines and full stops removed; a yes/no answer is right when exactly one of
-  "yes" and "no" occurs in the reply (as substrings, as there) and the answer
-  does. Other closed answers (SLAKE's "Which is bigger, ...?") must equal the
-  reply (``judge_close_end_vqa``).
-* **open** questions: ``exact_match`` (the parsed reply equals the answer,
-  lower-cased: MedEvalKit's ``em``), ``token_recall`` (the share of the answer's
-  words found in the reply: LLaVA-Med's open-question metric) and
-  ``token_f1``. Words are runs of letters and digits, lower-cased; repeated
-  words count as often as they occur in both (clipped counts).
-* **choice** questions (PMC-VQA, your own with options): the letter in
-  ``predict`` (letter mapping or log-likelihood, as OmniMedVQA) against the
-  option equal to the answer (``_choices.is_correct``).
+* **closed** questions: MedEvalKit's yes/no and equality rules (``closed_correct``);
+* **open** questions: ``exact_match``, LLaVA-Med's ``token_recall``, ``token_f1``;
+* **choice** questions: the letter in ``predict`` against the answer's option.
 
-``correct`` is 1/0 per row: the closed rule, the open exact match, or the
-choice letter. The suite's **overall** score is MedEvalKit's "total metrics"
-accuracy: right answers over all scored questions, closed and open together
-(open counted right by exact match), which is the number its results table
-reports per benchmark. Rows without a reference answer are not scored.
+``correct`` is 1/0 per row; **overall** is right answers over all scored questions
+(``summarize``). Rows without a reference answer are not scored.
 """
 
 from __future__ import annotations

@@ -1,21 +1,14 @@
 """The LLM judge and chat tool (the reference's ``chat_llama3_quant.py``), behind
 ``tools/judge.py``.
 
-A Hugging Face chat model (Llama-3.1-70B-Instruct in the reference) loaded
-with bitsandbytes in 4 bit (nf4, double quantisation, bf16 compute) or 8 bit,
-``device_map="auto"``, local files only; greedy decoding of at most 200 new
-tokens, stopping at the end-of-sequence token or ``<|eot_id|>``.
+A Hugging Face chat model in 4 or 8 bit (bitsandbytes), local files only, greedy, at
+most 200 new tokens (docs/internals.md has the reference's settings).
 
 * ``chat``: an interactive prompt (``q`` quits); the conversation is kept.
-* ``eval_vqa``: for each row of a raw VQA file, ask whether our answer is
-  right (the reference's prompt); a reply containing ``right`` (any case)
-  scores 1. Writes ``{RAW}-70B_{bit}bit-{round(accuracy, 5)}.csv`` (the
-  reference's name, whatever the judge model), UTF-8 with BOM, with the
-  reference's columns: ``image``, ``instruction`` (the prompt the judge was
-  given) and ``generated`` (its reply), from which ``medcap rescore``
-  recomputes the accuracy. Rows are written as they are judged; a stopped run
-  continues from ``{RAW}-70B_{bit}bit.partial.csv``. Progress is a bar on a
-  terminal and a plain line every 30 s in a log (``medcap._io.progress``).
+* ``eval_vqa``: each row of a raw VQA file judged right or wrong (the reference's
+  prompt; a reply containing ``right`` scores 1), written as judged to
+  ``{RAW}-70B_{bit}bit-{round(accuracy, 5)}.csv`` with the reference's columns; a
+  stopped run continues from its partial file; progress through ``medcap._io.progress``.
 
 In this file, in order: the judge's settings and prompt, ``Judge`` (the model),
 ``eval_vqa``, ``chat_loop``, and the command line (``judge_main``).

@@ -1,27 +1,14 @@
 """``medcap rescore FILE...``: every score recomputed from the rows on disk, no model.
 
-Prints, per file, each score the file states (in its name, its ``correct``
-column, or the metrics file beside it) next to the score recomputed from its
-rows, and the field's other conventions computed from the same rows:
+Prints, per file, each score the file states (its name, its ``correct`` column, the
+file beside it) next to the score recomputed from its rows, and the field's other
+conventions from the same rows (the table is in README, "Rescore"):
 
-=====================  ==================================================================
-file                   scores
-=====================  ==================================================================
-OmniMedVQA scored      ``letter_macro``: the reference's accuracy, the mean over modalities
-(``...-raw-...-ACC``)  of the per-modality accuracy of the letters in ``predict`` (what the
-                       reference's file name states); ``letter_micro``: the same letters
-                       over all questions; ``nearest_macro``/``nearest_micro``: the free
-                       answer mapped to the option most similar to it (difflib ratio, ties
-                       to the later option: HuatuoGPT-Vision's matching rule), no model
-                       needed; ``loglik_*``: the best option by the stored log-likelihoods
-                       (files scored with ``vqa_scoring=loglik``)
-OmniMedVQA raw         ``nearest_macro``/``nearest_micro``
-judged (``-70B_``)     ``judge_accuracy``: replies containing "right" (what the name states)
-``metrics-raw-CKPT``   the seven caption metrics, compared with ``metrics-CKPT.csv`` (Java)
-benchmarks (SLAKE,     ``overall`` (MedEvalKit's total accuracy), closed accuracy, open exact
-PathVQA, VQA-RAD HF,   match / token recall / token F1, choice accuracy (``_benchmark_scores``),
-PMC-VQA, questions)    beside the file's name, ``correct`` column and ``-summary.json``
-=====================  ==================================================================
+* OmniMedVQA scored and raw files: ``letter_*`` (the reference's macro accuracy, and
+  micro), ``nearest_*`` (the free answer's most similar option), ``loglik_*``;
+* judged files (``-70B_``): ``judge_accuracy``;
+* ``metrics-raw-CKPT``: the seven caption metrics, against ``metrics-CKPT.csv``;
+* the field's benchmarks: ``overall``, closed, open and choice scores (``_benchmark_scores``).
 
 In this file, in order: the nearest-option rule, one ``rescore_*`` per kind of file,
 ``rescore`` (which tells the kind from the columns and the name), and the command.
