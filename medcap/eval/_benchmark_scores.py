@@ -1,31 +1,33 @@
-"""The field's VQA scores (SLAKE, PathVQA, VQA-RAD (HF), PMC-VQA, your questions), per row
-and per file, computed from the rows on disk.
+"""medcap's own VQA scores (SLAKE, PathVQA, VQA-RAD (HF), PMC-VQA, your questions), per
+row and per file, computed from the rows on disk. The peers' own conventions beside
+them are ``_conventions``'s; ``datasets/README.md`` says which number compares with
+which published table.
 
-Every rule here follows a published evaluation so that our numbers sit in the
-same tables (each one re-implemented from its description, checked by hand in
-``tests/eval/test_benchmark_scores.py``):
+medcap's rules start from MedEvalKit's and differ where its rule misreads a reply
+(each checked by hand in ``tests/eval/test_benchmark_scores.py`` and
+``tests/eval/test_conventions.py``):
 
-* **closed** questions (``answer_type=closed``): MedEvalKit's rule
-  (``judge_judgement`` in its ``utils/utils.py``). The reply is lower-cased,
-  cut after the last answer marker (``answer:``, ``answer is``, ...), its
-  newlines and full stops removed; a yes/no answer is right when exactly one of
-  "yes" and "no" occurs in the reply (as substrings, as there) and the answer
-  does. Other closed answers (SLAKE's "Which is bigger, ...?") must equal the
-  reply (``judge_close_end_vqa``).
-* **open** questions: ``exact_match`` (the parsed reply equals the answer,
-  lower-cased: MedEvalKit's ``em``), ``token_recall`` (the share of the answer's
-  words found in the reply: LLaVA-Med's open-question metric) and
-  ``token_f1``. Words are runs of letters and digits, lower-cased; repeated
-  words count as often as they occur in both (clipped counts).
-* **choice** questions (PMC-VQA, your own with options): the letter in
-  ``predict`` (letter mapping or log-likelihood, as OmniMedVQA) against the
-  option equal to the answer (``_choices.is_correct``).
+* **closed** questions (``answer_type=closed``): answer and reply lower-cased (MedEvalKit
+  compares SLAKE's "Yes"/"No" as written, so they fall to exact match and "Yes, there
+  is." is wrong), the reply cut after its last answer marker (``answer:``, ``answer
+  is``, ...), newlines and full stops removed, trimmed; a yes/no answer is right when
+  exactly one of "yes" and "no" occurs in the reply (substrings, as there) and the
+  answer does. Other closed answers (SLAKE's "Which is bigger, ...?") must equal it.
+* **open** questions: ``exact_match`` (the parsed reply, trimmed, equals the answer,
+  lower-cased: MedEvalKit keeps the space after "answer is", so "The answer is liver"
+  never matches there), ``token_recall`` (the share of the answer's words found in
+  the reply) and ``token_f1``: words are runs of letters and digits, lower-cased,
+  repeats clipped to the other side's count (LLaVA-Med's recall drops articles, maps
+  number words and counts repeats uncapped: ``llava_med`` has it).
+* **choice** questions (PMC-VQA, your own with options): the letter in ``predict``
+  (the reference's letter mapping, or log-likelihood) against the option equal to the
+  answer (``_choices.is_correct``).
 
-``correct`` is 1/0 per row: the closed rule, the open exact match, or the
-choice letter. The suite's **overall** score is MedEvalKit's "total metrics"
-accuracy: right answers over all scored questions, closed and open together
-(open counted right by exact match), which is the number its results table
-reports per benchmark. Rows without a reference answer are not scored.
+``correct`` is 1/0 per row: the closed rule, the open exact match, or the choice
+letter. The file's **overall** is right answers over all scored questions, closed and
+open together (open counted right by exact match): MedEvalKit's "total metrics"
+accuracy with medcap's rules, and *without* an LLM judge. Rows without a reference
+answer are not scored.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ ANSWER_MARKERS = ("**answer**:", "**answer**", "*answer*:", "**answer:**", "answ
                   "答案:", "final answer", "final answer is")
 ROW_SCORE_COLUMNS = ("correct", "exact_match", "token_recall", "token_f1")
 HEADLINE = "overall"
-CONVENTION = ("overall = MedEvalKit's total accuracy (closed: yes/no read from the reply; open: exact match; "
-              "choice: the mapped letter), micro over questions")
+CONVENTION = ("overall = medcap's rules (closed: yes/no read from the lower-cased reply; open: exact match; "
+              "choice: the mapped letter), micro over questions, no judge")
 
 
 def answer_kind(answer: str) -> str:
