@@ -244,6 +244,11 @@ class OmniMedVQASuite:
         """The accuracy per modality, printed."""
         if "scored_path" in result:
             print_modality_report(result["accuracy"], result["per_modality"], title=Path(result["scored_path"]).name)
+            peers = result["conventions"]
+            parts = [f"{name} {peers[name]['overall' if name == 'medevalkit' else 'accuracy']:.4f}"
+                     for name in ("medevalkit", "huatuo") if name in peers and peers[name].get("n")]
+            if parts:
+                print("OmniMedVQA [peers, micro, on the free answer]: " + "; ".join(parts), flush=True)
 
 
 def run_test_omnimedvqa(engine, run: SuiteRun, **settings) -> Dict[str, Any]:

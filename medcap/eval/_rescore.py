@@ -62,8 +62,9 @@ def _options(row: Dict[str, str]) -> Dict[str, str]:
 
 def nearest_option(answer: str, options: Dict[str, str]) -> str:
     """The letter of the option most similar to ``answer`` (difflib's ratio over the
-    lower-cased texts); ties go to the later option, as ``>=`` does in HuatuoGPT-Vision's
-    matching. Empty options are not candidates; empty when no option is given."""
+    lower-cased texts), ties to the later option: the last step of HuatuoGPT-Vision's
+    matching alone (its whole rule, letter then text then this, is ``huatuo``). Empty
+    options are not candidates; empty when no option is given."""
     best, best_ratio = "", -1.0
     for letter, text in options.items():
         if text == "":
