@@ -168,6 +168,7 @@ def rescore_metrics(path: Path, rows: List[Dict[str, str]]) -> Dict[str, Any]:
     return {"file": str(path), "kind": "captioning", "rows": len(rows), "metrics_file": str(metrics_file),
             "scores": {k: {"file": stated.get(k), "recomputed": v} for k, v in mine.items()}}
 
+
 def rescore_benchmark(path: Path, rows: List[Dict[str, str]], stated_overall: Optional[float]) -> Dict[str, Any]:
     """A benchmark file (rows with ``answer_type``): every cell and score recomputed from the
     rows, next to what the file's name, its cells and its summary state. A raw file's
@@ -195,9 +196,11 @@ def rescore_benchmark(path: Path, rows: List[Dict[str, str]], stated_overall: Op
         scores[f"{HEADLINE} (nearest option)" if choice else HEADLINE] = {"file": None, "recomputed": mine[HEADLINE]}
     check_summary(scores, mine, conventions, stated, scored)
     judge = stated.get("judge", "off") if scored else "off"
+    if judged and judge == "off":
+        judge = "on (no summary beside the file names it)"
     return {"file": str(path), "kind": "benchmark" + ("" if scored else " (raw)"), "rows": len(rows), "scores": scores,
-            "conventions": {"medcap": {"overall": mine[HEADLINE]}, **conventions},
-            "judge": judge if judged or judge != "off" else "off", "row_differences": diff.as_dict()}
+            "conventions": {"medcap": {"overall": mine[HEADLINE]}, **conventions}, "judge": judge,
+            "row_differences": diff.as_dict()}
 
 
 def rescore_breakdown(path: Path) -> Dict[str, Any]:

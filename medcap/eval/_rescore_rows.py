@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from medcap.eval._conventions import BENCHMARK_COLUMNS, CHOICE_COLUMNS, row_cells
+from medcap.eval._conventions import CHOICE_COLUMNS, row_cells
 
 FIRST = 5  # differing cells listed by id
 FLOAT_COLUMNS = ("token_recall", "token_f1", "llava_med_recall")

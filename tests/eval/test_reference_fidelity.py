@@ -8,7 +8,6 @@ import random
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from medcap.eval._results import accuracy_name, read_csv_rows, write_csv_atomic
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from medcap.eval._report import collect, collect_all, report_main
-from medcap.eval._results import read_csv_rows, write_csv_atomic
+from medcap.eval._results import write_csv_atomic
 
 OMNI = ["image", "instruction", "output", "generated", "option_A", "option_B", "option_C", "option_D", "modality_type",
         "question_id", "predict_generated", "predict", "correct"]
