@@ -9,7 +9,8 @@ another reading of the reference, is correct; the verdict in ``<judge>0</judge>`
 correct, ``1`` for wrong), and the verdict and the judge's reply are kept per row.
 
 * ``JudgeClient``: the endpoint (the base URL the ``openai`` client takes, e.g.
-  ``http://127.0.0.1:8000/v1``), plain ``urllib``, greedy, ``check()`` before any work;
+  ``http://127.0.0.1:8000/v1``), plain ``urllib``, greedy, ``check()`` before any work,
+  a busy or unreachable server tried again a few times;
   an API key, when the server needs one, from the ``MEDCAP_JUDGE_API_KEY`` variable;
 * ``verdict``: MedEvalKit's reading of a reply (the ``<judge>`` content, or the whole
   reply, stripped, equal to "0");
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +34,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from medcap.config import ConfigError
 
 API_KEY_ENV = "MEDCAP_JUDGE_API_KEY"
+BUSY = (429, 500, 502, 503, 504)  # HTTP statuses tried again
 JUDGE_PROMPT = """You are checking an answer to a question about a medical image against the reference answer.
 Count the answer as correct when it says the same thing as the reference answer, possibly in other words, \
 or gives another valid reading of it; otherwise it is incorrect.
@@ -56,6 +59,10 @@ PROMPT_DIGEST = hashlib.sha256(JUDGE_PROMPT.encode("utf-8")).hexdigest()[:16]
 class JudgeError(ConfigError):
     """The judge could not be reached or gave no usable reply (one line for the user)."""
 
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient  # worth trying again: busy, or not reachable for a moment
+
 
 def verdict(reply: str) -> int:
     """1 (correct) when the ``<judge>`` content, or the whole reply when it has none, is "0"."""
@@ -75,19 +82,30 @@ class JudgeClient:
     """One judge model behind an OpenAI-compatible ``/chat/completions`` endpoint."""
 
     def __init__(self, endpoint: str, model: str, *, max_tokens: int = 512, timeout_s: float = 300.0,
-                 api_key: Optional[str] = None):
+                 api_key: Optional[str] = None, tries: int = 4):
         if not str(endpoint).startswith(("http://", "https://")):
             raise JudgeError(f"judge_endpoint must be an http(s) URL such as http://127.0.0.1:8000/v1, got {endpoint!r}")
         if not model:
             raise JudgeError("judge_endpoint needs judge_model (the model name the endpoint serves)")
         self.endpoint, self.model = str(endpoint).rstrip("/"), str(model)
-        self.max_tokens, self.timeout_s = int(max_tokens), float(timeout_s)
+        self.max_tokens, self.timeout_s, self.tries = int(max_tokens), float(timeout_s), int(tries)
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
 
     def fingerprint(self) -> Dict[str, Any]:
         return {"endpoint": self.endpoint, "model": self.model, "prompt": PROMPT_DIGEST, "max_tokens": self.max_tokens}
 
-    def _call(self, path: str, body: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    def _call(self, path: str, body: Optional[Dict[str, Any]] = None, *, tries: int = 1) -> Dict[str, Any]:
+        """One request, tried again after 1, 2, 4 ... s when the server is busy or unreachable."""
+        for attempt in range(tries):
+            try:
+                return self._request(path, body)
+            except JudgeError as e:
+                if attempt == tries - 1 or not e.transient:
+                    raise
+                time.sleep(2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def _request(self, path: str, body: Optional[Dict[str, Any]]) -> Dict[str, Any]:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -100,9 +118,9 @@ class JudgeClient:
                 return json.loads(response.read().decode("utf-8"))
         except urllib.error.HTTPError as e:
             detail = e.read().decode("utf-8", "replace")[:300].replace("\n", " ")
-            raise JudgeError(f"{where} answered HTTP {e.code}: {detail}") from None
+            raise JudgeError(f"{where} answered HTTP {e.code}: {detail}", transient=e.code in BUSY) from None
         except (urllib.error.URLError, OSError) as e:
-            raise JudgeError(f"{where} cannot be reached: {getattr(e, 'reason', e)}") from None
+            raise JudgeError(f"{where} cannot be reached: {getattr(e, 'reason', e)}", transient=True) from None
         except ValueError:
             raise JudgeError(f"{where} did not answer with JSON") from None
 
@@ -117,7 +135,7 @@ class JudgeClient:
         """The judge's reply to a conversation, greedy."""
         body = {"model": self.model, "messages": [dict(m) for m in messages], "temperature": 0,
                 "max_tokens": self.max_tokens}
-        answer = self._call("/chat/completions", body)
+        answer = self._call("/chat/completions", body, tries=self.tries)
         try:
             content = answer["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):

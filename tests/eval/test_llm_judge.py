@@ -185,3 +185,30 @@ def test_tools_judge_with_an_endpoint(judge_server, tmp_path, capsys):
     with pytest.raises(SystemExit):
         judge_main(["--exp", "eval_vqa", "--csv-path", str(raw), "--endpoint", judge_server])
     assert "--endpoint needs --judge-model" in capsys.readouterr().err
+
+
+def test_a_busy_judge_is_asked_again(monkeypatch):
+    """A server that answers 503 once (a stand-in on loopback: medcap serve is never busy on purpose)."""
+    import http.server
+
+    answers = [(503, {"error": "busy"}), (200, {"choices": [{"message": {"content": "<judge>0</judge>"}}]})]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            code, body = answers.pop(0)
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(json.dumps(body).encode())
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr("medcap.eval._llm_judge.time.sleep", lambda s: None)
+    try:
+        reply = JudgeClient(f"http://127.0.0.1:{server.server_port}/v1", "m").ask("q", "a", "r")
+    finally:
+        server.shutdown()
+    assert reply == "<judge>0</judge>" and answers == []
