@@ -1,6 +1,8 @@
 """The field's VQA benchmarks as suites: SLAKE, PathVQA, VQA-RAD (Hugging Face), PMC-VQA
 and your own questions, read (``_benchmark_readers``), answered with the reference's
-two-step protocol (``_protocol``) and scored by the field's rules (``_benchmark_scores``).
+two-step protocol (``_protocol``), scored by medcap's rules (``_benchmark_scores``) and
+each peer's convention (``_conventions``), open answers judged by an LLM when a judge
+is given (``_llm_judge``).
 
 In this file, in the order of a run: ``BenchmarkSuite`` (what ``recipes/generate.py``
 calls, step by step: ``read``, ``make_rows``, ``score``, ``report``), ``run_benchmark``
