@@ -60,6 +60,7 @@ from medcap.eval import (
     BenchmarkSuite,
     CaptionSuite,
     ImageLoader,
+    JudgeClient,
     OmniMedVQASuite,
     Ranks,
     SuiteRun,
@@ -100,6 +101,17 @@ class GenerateRecipe:
         self.device = self._setup_device(self.cfg.device)
         self.seed = self.cfg.seed if self.cfg.seed is not None else 0
         torch.manual_seed(self.seed)
+        self.judge = self._setup_judge(self.cfg)  # reached before anything heavy
+
+    def _setup_judge(self, cfg: GenerateConfig) -> Optional[JudgeClient]:
+        """The LLM judge of open answers (``judge_endpoint``), checked to answer; None when off."""
+        if cfg.judge_endpoint is None:
+            return None
+        judge = JudgeClient(cfg.judge_endpoint, cfg.judge_model, max_tokens=cfg.judge_max_tokens)
+        if self.ranks.rank == 0:
+            judge.check()
+            log.info("judge: %s at %s", cfg.judge_model, cfg.judge_endpoint)
+        return judge
 
     @staticmethod
     def _setup_ranks(device: str) -> Ranks:
@@ -215,7 +227,8 @@ class GenerateRecipe:
                                    scoring=cfg.vqa_scoring, include_modality_key=cfg.omnimedvqa_include_modality_key,
                                    file_order=cfg.omnimedvqa_file_order)
         # the field's benchmarks: SLAKE, PathVQA, VQA-RAD (HF), PMC-VQA, your questions
-        return BenchmarkSuite(run, name, **vqa, scoring=cfg.vqa_scoring, q_lang=cfg.q_lang)
+        return BenchmarkSuite(run, name, **vqa, scoring=cfg.vqa_scoring, q_lang=cfg.q_lang, pmcvqa_file=cfg.pmcvqa_file,
+                              judge=self.judge, judge_concurrency=cfg.judge_concurrency)
 
     def run_suite(self, suite, run: SuiteRun) -> Dict[str, Any]:
         """One suite, in the steps every suite takes (3a-f of the module docstring)."""

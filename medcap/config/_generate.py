@@ -25,6 +25,7 @@ from medcap.config._reader import ConfigError, check_component, must_exist
 VQA_TYPE = Literal["no_cond_desc", "no_cond_desc_no_image", "cond_desc", "cond_desc_no_image", "omit"]
 SUITES = ("test_metrics", "test_vqarad", "test_omnimedvqa", "test_slake", "test_pathvqa", "test_vqarad_hf", "test_pmcvqa",
           "test_questions")
+JUDGED_SUITES = ("test_slake", "test_pathvqa", "test_vqarad_hf", "test_questions")  # judge_endpoint's suites
 FREE_TEXT = ("prompt", "image")  # taken exactly as typed on the command line (images=[...] is a YAML list)
 
 
@@ -72,9 +73,16 @@ class GenerateConfig:
     test_slake: bool = False  # {dataset_source}/Slake1.0/test.json + imgs/
     test_pathvqa: bool = False  # {dataset_source}/path-vqa/data/test-*.parquet (Hugging Face)
     test_vqarad_hf: bool = False  # {dataset_source}/vqa-rad/data/test-*.parquet (Hugging Face)
-    test_pmcvqa: bool = False  # {dataset_source}/PMC-VQA/test_clean.csv (or test.csv) + images/
+    test_pmcvqa: bool = False  # {dataset_source}/PMC-VQA/test_2.csv (or test_clean.csv, test.csv) + images/
     test_questions: bool = False  # dataset_source is your own questions' JSONL file
-    q_lang: Literal["en", "zh", "all"] = "en"  # SLAKE's question language
+    # The question sets: the defaults are those MedEvalKit's table scores (datasets/README.md)
+    q_lang: Literal["en", "zh", "all"] = "all"  # SLAKE's questions: all (MedEvalKit's); en (LLaVA-Med's); zh
+    pmcvqa_file: str = "auto"  # auto: PMC-VQA/test_2.csv (MedEvalKit's), else test_clean.csv, else test.csv
+    # An LLM judge for open answers (MedEvalKit's tables use one): an OpenAI-compatible server
+    judge_endpoint: Optional[str] = None  # its base URL, e.g. http://127.0.0.1:8000/v1 (medcap serve); null: off
+    judge_model: Optional[str] = None  # the model name it serves (an API key, if needed: $MEDCAP_JUDGE_API_KEY)
+    judge_max_tokens: int = field(default=512, metadata={"min": 1})  # the judge's reply budget
+    judge_concurrency: int = field(default=4, metadata={"min": 1})  # requests in flight at once
     vqa_type: VQA_TYPE = "no_cond_desc"
     vqa_scoring: Literal["letter", "loglik"] = "letter"
     test_chunk_idx: Optional[int] = field(default=None, metadata={"min": 0})
@@ -141,7 +149,28 @@ class GenerateConfig:
                 raise ConfigError(f"dataset_source ({suite}): no test-*.parquet in {str(root / folder / 'data')!r}; "
                                   f"download it with: huggingface-cli download flaviagiammarino/{folder} "
                                   f"--repo-type dataset --local-dir {root / folder}")
-        if self.test_pmcvqa and not any((root / "PMC-VQA" / n).is_file() for n in ("test_clean.csv", "test.csv")):
-            must_exist(root / "PMC-VQA" / "test_clean.csv", "dataset_source (test_pmcvqa: test_clean.csv or test.csv)")
+        if self.test_pmcvqa:
+            names = ("test_2.csv", "test_clean.csv", "test.csv") if self.pmcvqa_file == "auto" else (self.pmcvqa_file,)
+            if not any((root / "PMC-VQA" / n).is_file() for n in names):
+                must_exist(root / "PMC-VQA" / names[0], f"dataset_source (test_pmcvqa, pmcvqa_file={self.pmcvqa_file}: "
+                           + ("test_2.csv, test_clean.csv or test.csv)" if self.pmcvqa_file == "auto" else "that file)"))
         if self.test_questions:
             must_exist(root, "dataset_source (test_questions reads a JSONL file of questions)", "file")
+        self._check_judge()
+
+    def _check_judge(self) -> None:
+        if self.judge_endpoint is None:
+            if self.judge_model is not None:
+                raise ConfigError("judge_model is set but judge_endpoint is null: give the judge's URL "
+                                  "(judge_endpoint=http://HOST:PORT/v1) or drop judge_model")
+            return
+        if not str(self.judge_endpoint).startswith(("http://", "https://")):
+            raise ConfigError(f"judge_endpoint must be an http(s) URL such as http://127.0.0.1:8000/v1, "
+                              f"got {self.judge_endpoint!r}")
+        if not self.judge_model:
+            raise ConfigError("judge_endpoint needs judge_model (the name of the model the endpoint serves)")
+        if self.judge_concurrency > 64:
+            raise ConfigError(f"judge_concurrency must be <= 64, got {self.judge_concurrency}")
+        if not any(getattr(self, s) for s in JUDGED_SUITES):
+            raise ConfigError("judge_endpoint judges the open answers of test_slake, test_pathvqa, test_vqarad_hf and "
+                              "test_questions; switch one on (test_vqarad is judged by tools/judge.py)")

@@ -53,8 +53,10 @@ def row_options(row: Dict[str, str]) -> Dict[str, str]:
 
 def letter_prompt(question: str, generated: str, options: Dict[str, str]) -> str:
     """The reference's mapping question, character for character: A and B, and when
-    C or D is given, the C and D lines both (an absent one left empty)."""
-    text = f"Question: {question}\nOur answer: {generated}\nA. {options.get('A', '')}\nB. {options.get('B', '')}\n"
+    C or D is given, the C and D lines both (an absent one left empty). The question is
+    stripped, as the reference's is: it reads the question back from the answer prompt,
+    whose turns the chat template trims."""
+    text = f"Question: {question.strip()}\nOur answer: {generated}\nA. {options.get('A', '')}\nB. {options.get('B', '')}\n"
     if options.get("C", "") != "" or options.get("D", "") != "":
         text += f"C. {options.get('C', '')}\nD. {options.get('D', '')}\n"
     return text + "\n" + LETTER_INSTRUCTION

@@ -40,8 +40,15 @@ BOM = "\ufeff"
 
 
 def accuracy_name(acc: float, places: int = 4) -> str:
-    """An accuracy as the reference writes it in file names: ``round(acc, places)``."""
-    return f"{round(float(acc), places)}"
+    """An accuracy as the reference writes it in file names: rounded as numpy rounds
+    (``np.round(acc, places)``: the value scaled by ``10**places``, rounded half to even
+    as a binary double, scaled back), which differs from Python's ``round`` when the
+    scaled value lands on a half (93/160 -> 0.5812 here, 0.5813 by ``round``)."""
+    acc = float(acc)
+    if not math.isfinite(acc):
+        return f"{acc}"
+    scale = 10.0 ** places
+    return f"{round(acc * scale) / scale}"  # round(x) of a float: half to even on the exact double, as rint
 
 
 def cell(value: Any) -> str:

@@ -63,7 +63,9 @@ def test_omnimedvqa_letter_scoring_then_loglik_rescore(gen_assets, gen_config, g
     assert report["missing_images"] == 1 and report["modality_key_instead_of_modality_type"] == 1
     out = res["test_omnimedvqa"]
     scored = read_csv_rows(out["scored_path"])
-    assert list(scored[0].keys()) == OMNI_RAW + ["predict_generated", "predict", "correct"]
+    # the peers' cells beside medcap's (issue #25: medevalkit's and huatuo's conventions per row)
+    assert list(scored[0].keys()) == OMNI_RAW + ["predict_generated", "predict", "correct", "medevalkit_correct",
+                                                 "huatuo_predict", "huatuo_correct"]
     acc = _recount(scored)
     assert out["accuracy"] == pytest.approx(acc)
     assert Path(out["scored_path"]).name == f"{raw.stem}-{round(acc, 4)}.csv"
@@ -73,8 +75,11 @@ def test_omnimedvqa_letter_scoring_then_loglik_rescore(gen_assets, gen_config, g
     again = rescore(out["scored_path"])["scores"]
     assert again["letter_macro"]["recomputed"] == pytest.approx(acc)
     assert again["letter_micro"]["recomputed"] == pytest.approx(sum(int(r["correct"]) for r in scored) / len(scored))
-    for suffix in (".csv", ".json", ".png"):
+    for suffix in (".json", ".png"):
         assert Path(out["scored_path"]).with_name(Path(out["scored_path"]).stem + "-modality" + suffix).is_file()
+    # the breakdown CSV is named so that a glob for scored files never matches it (issue #22 item 6)
+    assert Path(out["scored_path"]).with_name("modality-" + Path(out["scored_path"]).name).is_file()
+    assert [p.name for p in tmp_path.glob(f"{raw.stem}-*.csv")] == [Path(out["scored_path"]).name]
     assert "macro accuracy" in capsys.readouterr().out
 
     # Re-run with the raw file present: no generation, re-scored by log-likelihood.
