@@ -6,19 +6,11 @@ is given (``_llm_judge``).
 
 In this file, in the order of a run: ``BenchmarkSuite`` (what ``recipes/generate.py``
 calls, step by step: ``read``, ``make_rows``, ``score``, ``report``), ``run_benchmark``
-(it, whole), and ``score_benchmark`` (a raw file scored: choice rows mapped to a
-letter, every row its scores under medcap's rules and each peer's, the judge's
-verdicts when a judge is given).
+(it, whole), and ``score_benchmark`` (a raw file scored).
 
-Each suite writes into ``output_dir``: ``{prefix}-{vqa_type}-raw-{ckpt}.csv``
-(image, instruction, output, generated, question, answer, answer_type, options,
-question_id; UTF-8 with BOM), the scored ``{raw}-{np.round(overall, 4)}.csv``
-(adding ``SCORED_COLUMNS``: predict_generated, predict, medcap's correct,
-exact_match, token_recall, token_f1, the peers' cells of ``_conventions`` and the
-judge's ``judge_verdict``/``judge_reply``, empty with the judge off) and
-``{raw}-summary.json`` (the scores, each convention's headline, the judge, the
-counts, what was skipped and why). The ``image`` column holds the data set's own
-name of the image (a parquet file's ``path`` value, or ``row{N}.png`` when it has none).
+Files in ``output_dir`` (columns in datasets/README.md): ``{prefix}-{vqa_type}-raw-{ckpt}.csv``,
+the scored ``{raw}-{np.round(overall, 4)}.csv`` (``SCORED_COLUMNS``: medcap's cells, the
+peers' cells, the judge's verdict, empty with the judge off) and ``{raw}-summary.json``.
 """
 
 from __future__ import annotations

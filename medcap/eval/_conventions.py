@@ -1,28 +1,16 @@
 """The field's scoring conventions, per row: each peer's published rules, re-implemented
-here from their documented behaviour so that a medcap run can be read in their tables.
+here from their documented behaviour so that a medcap run can be read in their tables
+(datasets/README.md has each rule in full, and which number compares with which table):
 
-=============  ==============================================================================
-convention     what it reproduces
-=============  ==============================================================================
-``medevalkit``  MedEvalKit (SLAKE, PathVQA, VQA-RAD, PMC-VQA, OmniMedVQA): the reply unwrapped
-               from ``\\boxed{...}`` / ``<answer>...</answer>``, lower-cased, cut after its
-               last answer marker *keeping* the space that follows it; yes/no answers right
-               when exactly one of "yes"/"no" is in the reply and the answer is (SLAKE:
-               only for answers written "yes"/"no": SLAKE's "Yes"/"No" fall to exact match);
-               open answers by exact match; choices by its letter / text / difflib matcher
-``llava_med``  LLaVA-Med: both texts normalised as the VQA evaluation does (punctuation,
-               articles dropped, number words to digits); open questions by recall of the
-               answer's words, repeats counted uncapped; closed ones right when the reply
-               holds "yes" or "no" and the answer
-``huatuo``     HuatuoGPT-Vision's choice matching: the first option letter standing alone
-               in the reply, else the option whose text occurs last in it, else difflib's
-               most similar option (ties to the later)
-=============  ==============================================================================
+* ``medevalkit``: MedEvalKit's reply parsing (``\boxed{}``/``<answer>`` unwrapped, the
+  space after an answer marker kept), its yes/no rule (SLAKE's capitalised answers fall
+  to exact match), exact match for open answers, its choice matcher;
+* ``llava_med``: LLaVA-Med's normalisation (articles, number words) and open recall with
+  uncapped repeats; closed right when the reply holds yes/no and the answer;
+* ``huatuo``: HuatuoGPT-Vision's choice matching: letter, then option text, then difflib.
 
-Where a peer's code crashes (MedEvalKit on an empty open reply, HuatuoGPT on an answer
-that is no option) the row is scored by the rule and counted wrong; where it miscounts
-(LLaVA-Med drops wrong yes/no replies from the denominator) every row is counted. The
-documents: ``datasets/README.md`` (which number compares with which table).
+A peer's crash (an empty reply, an answer that is no option) scores the row wrong; a
+peer's miscount (rows dropped from a denominator) is not reproduced.
 
 In this file: shared text helpers, then each convention's rules, then ``row_cells``
 (a row's cells, by the file's ``suite`` prefix) and ``headlines`` (a file's numbers).

@@ -1,28 +1,18 @@
 """``medcap report RESULTS_DIR...``: one table of every checkpoint's headline scores, under
 medcap's own rules, and a second under each peer's convention, named in its header.
 
-Rows are checkpoints (the ``ckpt`` of the file names, prefixed with the results folder
-when several folders are given), columns the suites. A file is read as scored by its
-columns (a raw file's name can look scored: the raw file of a checkpoint named
-``model-3`` ends in ``-3.csv``), and its checkpoint is what lies between ``-raw-`` and
-the suffixes the suite adds. Each cell is recomputed from the rows on disk:
+Rows are checkpoints (the ``ckpt`` of the file names, parsed from the end of the name,
+so ``model-3`` is one checkpoint), columns the suites; a file counts as scored by its
+columns. Each cell is recomputed from the rows on disk:
 
-* SLAKE, PathVQA, VQA-RAD (HF), PMC-VQA, questions: medcap's ``overall``
-  (``_benchmark_scores``), from the newest scored ``{prefix}-{vqa_type}-raw-{ckpt}-{acc}.csv``;
-  beside it MedEvalKit's total accuracy (with the judge's verdicts when the file holds
-  them), LLaVA-Med's open recall and closed accuracy, HuatuoGPT-Vision's choice accuracy;
-* OmniMedVQA: the reference's macro accuracy over modalities (letter mapping, or
-  log-likelihood) over every chunk file of the checkpoint (``...-{idx}_{n}-{acc}.csv``,
-  the newest scoring of each chunk; chunks of different ``n`` are refused, not mixed);
-  beside it MedEvalKit's and HuatuoGPT-Vision's micro accuracy;
-* VQA-RAD: the judge's accuracy from the judged ``...-70B_{bit}bit-{acc}.csv`` (replies
-  holding "right");
-* captioning: BLEU-1, BLEU-4, METEOR, ROUGE-L and CIDEr as ``metrics-{ckpt}.csv`` states
-  them (pycocoevalcap's numbers; ``medcap rescore`` recomputes them, with Java).
+* the field's benchmarks: medcap's ``overall`` and the peers' headlines;
+* OmniMedVQA: the reference's macro accuracy over every chunk file of the checkpoint
+  (chunks of different counts are refused, not mixed), and the peers' micro accuracy;
+* VQA-RAD: the judge's accuracy from the judged file;
+* captioning: BLEU-1, BLEU-4, METEOR, ROUGE-L and CIDEr as ``metrics-{ckpt}.csv`` states.
 
-A column is named ``suite`` alone, or ``suite (vqa_type)`` when the folders hold more
-than one vqa_type. Written beside the tables: ``--out`` + ``.csv``, ``.md`` and ``.png``
-(default ``report`` in the first folder).
+Written beside the tables: ``--out`` + ``.csv``, ``.md`` and ``.png`` (default
+``report`` in the first folder).
 """
 
 from __future__ import annotations
