@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 # ---- One writer at a time
 
@@ -160,12 +160,13 @@ def atomic_write_text(path: Union[str, Path], text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def remove_stale_tmp(folder: Union[str, Path], recursive: bool = False) -> List[Path]:
+def remove_stale_tmp(folder: Union[str, Path], recursive: bool = False, prefixes: Sequence[str] = ()) -> List[Path]:
     """Delete the temporary files of interrupted ``atomic_write`` calls in ``folder``.
 
-    Only names of atomic_write's own pattern (``.NAME.XXXXXXXX.tmp``) are touched.
-    Call it when a run starts, holding the folder's lock: a live writer's temporary
-    file in the same folder would be removed too. Returns the paths removed.
+    Only names of atomic_write's own pattern (``.NAME.XXXXXXXX.tmp``) are touched, and
+    with ``prefixes`` only those whose NAME starts with one of them. Call it holding the
+    lock of what it removes: a live writer's temporary file would be removed too.
+    Returns the paths removed.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -173,6 +174,8 @@ def remove_stale_tmp(folder: Union[str, Path], recursive: bool = False) -> List[
     found = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
     removed = []
     for p in sorted(found):
+        if prefixes and not p.name[1:].startswith(tuple(prefixes)):
+            continue
         if _is_tmp_name(p.name) and p.is_file() and not p.is_symlink():
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()

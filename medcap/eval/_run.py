@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import torch
 
-from medcap._io import atomic_write_text, progress as progress_bar
+from medcap._io import atomic_write_text, progress as progress_bar, remove_stale_tmp
 from medcap.data import BadSample, image_transform, load_image
 from medcap.eval._results import (
     CsvJournal,
@@ -427,6 +427,8 @@ def _write_final_file(plan: Plan) -> None:
     for f in rank_files(raw_path):
         if not f.name.startswith(f"{raw_path.stem}.descriptions."):
             f.unlink()
+    # a rank killed mid-write left its temporary file; every rank now waits at the barrier
+    remove_stale_tmp(raw_path.parent, prefixes=(f"{raw_path.stem}.", f"{raw_path.stem}-"))
 
 
 def _rows_on_disk(plan: Plan) -> Dict[str, Dict[str, str]]:
