@@ -66,13 +66,16 @@ def convert_tokenizer(tiktoken_path: str, special_tokens: Dict[str, int]):
 
     fast = TikTokenConverter(vocab_file=str(tiktoken_path)).converted()
     base = fast.get_vocab_size(with_added_tokens=False)
-    for name, token_id in sorted(special_tokens.items(), key=lambda kv: kv[1]):
-        if token_id < base:
-            raise ValueError(f"special token {name} has id {token_id}, inside the BPE vocabulary of {base}")
+    by_id = {token_id: name for name, token_id in special_tokens.items()}
+    if min(by_id) < base:
+        raise ValueError(f"special token {by_id[min(by_id)]} has id {min(by_id)}, inside the BPE vocabulary of {base}")
+    # ids are handed out in order: an id medcap's tokenizer leaves unused (Llama 3's 128011) gets a
+    # token of its own that no text produces, so that every later id stays where medcap has it
+    for token_id in range(base, max(by_id) + 1):
+        name = by_id.get(token_id, f"<|medcap_unused_{token_id}|>")
         fast.add_special_tokens([AddedToken(name, special=True, normalized=False)])
         if fast.token_to_id(name) != token_id:
-            raise ValueError(f"special token {name} would get id {fast.token_to_id(name)}, not medcap's {token_id} "
-                             "(the special ids must follow the vocabulary without gaps)")
+            raise ValueError(f"special token {name} got id {fast.token_to_id(name)}, not medcap's {token_id}")
     return fast
 
 
