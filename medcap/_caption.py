@@ -135,7 +135,7 @@ def checkpoint_llm_dir(path: str) -> Optional[str]:
     return recorded(path)
 
 
-def _llm_dir(args, config_given: bool, cfg, env: Dict[str, str]) -> Tuple[Optional[str], str]:
+def _llm_dir(args, cfg, env: Dict[str, str]) -> Tuple[Optional[str], str]:
     """(folder, where it came from); folder None means: keep the config's."""
     if args.llm:
         return args.llm, "--llm"
@@ -146,12 +146,7 @@ def _llm_dir(args, config_given: bool, cfg, env: Dict[str, str]) -> Tuple[Option
         log.info("the vision checkpoint names the LLM folder %s, which is not there (moved?)", recorded)
     if env.get(LLM_ENV):
         return env[LLM_ENV], f"${LLM_ENV}"
-    if config_given:
-        return None, "the config"
-    raise UserError(
-        f"which LLM? give --llm LLAMA_DIR (the Hugging Face Llama-3.1-8B-Instruct folder), set ${LLM_ENV}, "
-        "or pass --config with the checkpointer of the model (e.g. --config demo/generate)"
-    )
+    return None, "the config"
 
 
 def _config_name(args, overrides: Sequence[str]) -> Tuple[str, bool]:
@@ -243,7 +238,7 @@ def _llm_from_flags(cfg, args, env: Dict[str, str], path) -> None:
     for section in ("model", "tokenizer", "checkpointer"):
         if not cfg.get(section):
             raise UserError(f"the config {str(path)!r} has no {section} section: give a generation config")
-    llm, source = _llm_dir(args, args.config is not None, cfg, env)
+    llm, source = _llm_dir(args, cfg, env)
     if llm is not None:
         if not os.path.isdir(llm):
             raise UserError(f"the LLM folder {llm!r} (from {source}) is not a folder")
@@ -257,12 +252,13 @@ def _llm_from_flags(cfg, args, env: Dict[str, str], path) -> None:
 
 
 def _check_paths(cfg) -> None:
+    if not os.path.isdir(cfg.checkpointer.checkpoint_dir):
+        raise UserError(f"the LLM folder {cfg.checkpointer.checkpoint_dir!r} is not a folder (give --llm LLAMA_DIR "
+                        f"or set ${LLM_ENV})")
     for key in ("path", "special_tokens_path"):
         p = cfg.tokenizer.get(key)
         if p and not os.path.isfile(p):
             raise UserError(f"tokenizer file not found: {p!r} (tokenizer.{key})")
-    if not os.path.isdir(cfg.checkpointer.checkpoint_dir):
-        raise UserError(f"the LLM folder {cfg.checkpointer.checkpoint_dir!r} is not a folder")
 
 
 # ---- the model

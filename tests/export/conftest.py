@@ -68,36 +68,19 @@ def _make_images_matter(model, images) -> None:
 def trained(tmp_path_factory) -> Dict[str, Any]:
     """``root`` (= ``assets_dir``), ``ckpt`` (a described .safetensors), ``pt`` (the same weights
     as the reference's .pt), ``images``, ``sections`` (what the description was made from)."""
-    import torch
-
-    from medcap.models import load_llama_weights, medcap_tiny, save_vision_checkpoint
-    from medcap.testing import make_tiny_llm
-    from medcap.training import describe_model
+    from medcap.models import save_vision_checkpoint
+    from medcap.testing import make_described_checkpoint, make_tiny_llm
 
     root = tmp_path_factory.mktemp("trained")
     llm = make_tiny_llm(root / "llm")
-    model_cfg = {"_component_": "medcap.models.medcap_tiny", **llm["model_kwargs"], "num_image_tokens": 4}
-    torch.manual_seed(3)
-    model = medcap_tiny(**{k: v for k, v in model_cfg.items() if k != "_component_"})
-    load_llama_weights(model, llm["checkpoint_dir"], llm["checkpoint_files"])
     images = _images(root / "images")
-    _make_images_matter(model, images)
-    checkpointer = {"checkpoint_dir": llm["checkpoint_dir"], "checkpoint_files": llm["checkpoint_files"],
-                    "model_type": "LLAMA3"}
-    tokenizer = {"_component_": "medcap.models.llama3_tokenizer", "path": llm["tokenizer_path"],
-                 "special_tokens_path": llm["special_tokens_path"], "max_seq_len": None}
-    ckpt = root / "run" / "checkpoint" / "meta_model_last.safetensors"
-    ckpt.parent.mkdir(parents=True)
-    training = {"recipe": "full_finetune_single_device", "dataset": {"source": "train.json"}, "epochs": 1,
-                "batch_size": 2, "seed": 0}
-    desc = describe_model(model, model_cfg=model_cfg, checkpointer=checkpointer, tokenizer=tokenizer, dtype="fp32",
-                          checkpoint_dir=ckpt.parent, training=training)
-    save_vision_checkpoint(model, ckpt, metadata={**desc, "recipe": "full_finetune_single_device", "global_step": 7})
+    made = make_described_checkpoint(root / "run" / "checkpoint" / "meta_model_last.safetensors", llm, seed=3,
+                                     tune=lambda model: _make_images_matter(model, images))
+    model, ckpt = made["model"], made["path"]
     pt = root / "reference" / "meta_model_4.pt"
     pt.parent.mkdir()
     save_vision_checkpoint(model, pt)
-    return {"root": root, "ckpt": str(ckpt), "pt": str(pt), "images": images, "llm": llm,
-            "sections": {"model": model_cfg, "checkpointer": checkpointer, "tokenizer": tokenizer}}
+    return {"root": root, "ckpt": ckpt, "pt": str(pt), "images": images, "llm": llm, "sections": made["sections"]}
 
 
 @pytest.fixture(scope="module")
