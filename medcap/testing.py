@@ -3,7 +3,8 @@ production module imports this one (tests/test_architecture.py checks).
 
 Everything is made on the spot, offline, in the real file formats: a tiktoken
 ``tokenizer.model`` with remapped special tokens, an HF folder of a
-Llama-3.1-architecture model (``config.json`` + safetensors), synthetic images,
+Llama-3.1-architecture model (``config.json`` + safetensors), a vision checkpoint that
+describes its model as training's do (``make_described_checkpoint``), synthetic images,
 sharegpt JSON in the reference's layout, and VQA-RAD / OmniMedVQA folder layouts
 with the real sets' quirks, and small copies of the field's benchmarks' download
 layouts (SLAKE, PathVQA / VQA-RAD parquet, PMC-VQA). It is also the command that makes the assets the tiny

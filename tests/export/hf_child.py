@@ -54,7 +54,10 @@ for folder in plan.get("meta", []):
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
-    out["meta"][folder] = {k: list(v.shape) for k, v in model.state_dict().items()}
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    prompts = [processor.tokenizer(processor.prompt(q), add_special_tokens=False)["input_ids"] for q in plan["questions"]]
+    out["meta"][folder] = {"shapes": {k: list(v.shape) for k, v in model.state_dict().items()}, "prompts": prompts,
+                           "class": type(model).__name__}
 proof["loaded"] = sorted(m for m in sys.modules if m == "medcap" or m.startswith("medcap."))
 out["proof"] = proof
 print("RESULT " + json.dumps(out))
