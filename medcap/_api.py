@@ -34,7 +34,8 @@ class Model:
         self.engine = captioner.engine
 
     def __repr__(self) -> str:
-        return (f"medcap.Model({self.config.model['_component_']}, vision_checkpoint={self.config.vision_checkpoint!r}, "
+        return (f"medcap.Model({self.config.model['_component_']}, "
+                f"vision_checkpoint={self.config.vision_checkpoint!r}, "
                 f"device={self.engine.device}, dtype={self.config.dtype})")
 
     def _tensor(self, image: ImageLike):
@@ -70,7 +71,8 @@ class Model:
         """A caption of each image: the prompt ``medcap caption`` uses (the image alone)."""
         return self.ask(images, None, max_new_tokens=max_new_tokens)
 
-    def chat(self, image: ImageLike, messages: Sequence[Dict[str, str]], *, max_new_tokens: Optional[int] = None) -> str:
+    def chat(self, image: ImageLike, messages: Sequence[Dict[str, str]], *,
+             max_new_tokens: Optional[int] = None) -> str:
         """The next assistant turn of a conversation about ``image``: ``messages`` are
         ``{"role": "user" | "assistant" | "system", "content": str}``; the image goes with the
         first user turn (before its text) unless a turn marks it with ``<image>``."""

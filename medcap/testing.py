@@ -210,7 +210,8 @@ def make_described_checkpoint(path: str | Path, llm: Dict[str, Any], *, seed: in
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model_cfg = {"_component_": "medcap.models.medcap_tiny", **llm["model_kwargs"], "num_image_tokens": num_image_tokens}
+    model_cfg = {"_component_": "medcap.models.medcap_tiny", **llm["model_kwargs"],
+                 "num_image_tokens": num_image_tokens}
     torch.manual_seed(seed)
     model = medcap_tiny(**{k: v for k, v in model_cfg.items() if k != "_component_"})
     load_llama_weights(model, llm["checkpoint_dir"], llm["checkpoint_files"])

@@ -46,7 +46,8 @@ def _header(path: Path) -> Dict[str, Any]:
         meta = header.get("__metadata__") or {}
         return json.loads(meta[HEADER_KEY]) if HEADER_KEY in meta else {}
     except (OSError, ValueError, struct.error, TypeError, AttributeError) as e:
-        raise ConfigError(f"vision checkpoint {str(path)!r} is truncated or corrupt ({type(e).__name__}: {e})") from None
+        raise ConfigError(
+            f"vision checkpoint {str(path)!r} is truncated or corrupt ({type(e).__name__}: {e})") from None
 
 
 def _export_file(folder: Path, name: str) -> Path:

@@ -85,7 +85,9 @@ def model_card(meta: Dict[str, Any], *, name: str, base_llm: str, llm_included: 
         f"loaded from `{base_llm}`"
     tower = meta.get("vision_tower") or {}
     sizes = ", ".join(f"{k} {v}" for k, v in (tower.get("timm_kwargs") or {}).items())
-    tower_text = f"a ViT (timm `{tower.get('timm_model')}`{': ' + sizes if sizes else ''})" if tower else "an image tower"
+    tower_text = "an image tower"
+    if tower:
+        tower_text = f"a ViT (timm `{tower.get('timm_model')}`{': ' + sizes if sizes else ''})"
     lines = [
         "---", "license: other", f"license_name: {licence}", f"base_model: {base_llm}", "library_name: transformers",
         "pipeline_tag: image-text-to-text", "tags: [medcap, medical, vision-language, custom_code]", "---", "",

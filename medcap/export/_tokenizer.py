@@ -87,7 +87,8 @@ def write_tokenizer_files(out: Path, tokenizer: Any, paths: Dict[str, str], *, n
     fast.save(str(out / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": names[tokenizer.bos_id], "eos_token": names[tokenizer.eot_id], "pad_token": names[tokenizer.pad_id],
+        "bos_token": names[tokenizer.bos_id], "eos_token": names[tokenizer.eot_id],
+        "pad_token": names[tokenizer.pad_id],
         "padding_side": "left", "clean_up_tokenization_spaces": False, "model_max_length": int(max_length),
         "model_input_names": ["input_ids", "attention_mask"],
     }
@@ -106,7 +107,8 @@ def write_tokenizer_files(out: Path, tokenizer: Any, paths: Dict[str, str], *, n
 # ---- The check
 
 
-_SAMPLES = [None, "Is there a fracture?", "  What does (1) mean here?\nAnswer briefly.  ", "Modality: which one? [urgent]"]
+_SAMPLES = [None, "Is there a fracture?", "  What does (1) mean here?\nAnswer briefly.  ",
+            "Modality: which one? [urgent]"]
 
 
 def check_prompt_ids(out: Path, tokenizer: Any, num_image_tokens: int) -> int:

@@ -337,7 +337,8 @@ def load_vision_checkpoint(path: Union[str, Path]) -> Tuple[VisionState, Dict[st
     if path.is_dir():  # a folder `medcap export` wrote: its vision file is a checkpoint of this format
         for name in (EXPORT_CONFIG, EXPORT_VISION):
             if not (path / name).is_file():
-                raise FileNotFoundError(f"{str(path / name)!r} is missing: {str(path)!r} is not a complete medcap export")
+                raise FileNotFoundError(
+                    f"{str(path / name)!r} is missing: {str(path)!r} is not a complete medcap export")
         path = path / EXPORT_VISION
     if not path.is_file():
         raise FileNotFoundError(f"vision checkpoint not found: {str(path)!r}")

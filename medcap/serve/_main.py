@@ -53,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--config", help="generation config (name or path), e.g. custom_generation_config")
     src.add_argument("--demo", metavar="DIR", help="the model `medcap demo --out DIR` trained")
-    p.add_argument("--checkpoint", metavar="CKPT", help="a checkpoint medcap trained or a folder `medcap export` wrote: "
-                   "without --config, the model, LLM and tokenizer are the ones it records")
+    p.add_argument("--checkpoint", metavar="CKPT",
+                   help="a checkpoint medcap trained or a folder `medcap export` wrote: without --config, the "
+                   "model, LLM and tokenizer are the ones it records")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; any other address needs an API key)")
     p.add_argument("--port", type=int, default=8000, help="default 8000 (0: any free port, printed)")

@@ -103,3 +103,11 @@ def test_a_run_folder_moved_with_its_llm_is_found_relative_to_the_checkpoint(run
     assert conf.checkpointer.checkpoint_dir == os.path.normpath(llm)
     assert conf.tokenizer["path"] == str(Path(conf.checkpointer.checkpoint_dir) / "original" / "tokenizer.model")
     conf.check()
+
+
+def test_serve_without_a_model_says_how_to_give_one():
+    res = _medcap("serve")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        "medcap serve: error: give --checkpoint CKPT (a checkpoint medcap trained, or a folder `medcap export` "
+        "wrote), --config CONFIG [key=value ...], or --demo DIR")

@@ -41,7 +41,8 @@ class MedcapImageTower(nn.Module):
         super().__init__()
         import timm
 
-        self.trunk = timm.create_model(spec["timm_model"], pretrained=False, num_classes=0, **spec.get("timm_kwargs", {}))
+        kwargs = spec.get("timm_kwargs") or {}
+        self.trunk = timm.create_model(spec["timm_model"], pretrained=False, num_classes=0, **kwargs)
         proj = nn.Linear(self.trunk.num_features, int(spec["output_dim"]), bias=False)
         self.head = nn.Sequential(OrderedDict(drop=nn.Dropout(0.0), proj=proj))
 

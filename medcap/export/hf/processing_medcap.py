@@ -79,7 +79,8 @@ class MedcapImageProcessor(BaseImageProcessor):
 
     def preprocess(self, images, return_tensors=None, **kwargs):
         images = list(images) if isinstance(images, (list, tuple)) else [images]
-        return BatchFeature({"pixel_values": torch.stack([self.pixels(im) for im in images])}, tensor_type=return_tensors)
+        pixels = torch.stack([self.pixels(im) for im in images])  # [n, 3, S, S]
+        return BatchFeature({"pixel_values": pixels}, tensor_type=return_tensors)
 
     def __call__(self, images, return_tensors=None, **kwargs):
         return self.preprocess(images, return_tensors=return_tensors, **kwargs)
