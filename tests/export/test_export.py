@@ -97,6 +97,11 @@ def test_medcap_reads_the_folders_back(trained, exported, reference):
         m = medcap.load(folder, device="cpu", max_new_tokens=MAX_NEW)
         assert m.caption(trained["images"]) == reference["captions"]
         assert m.ask(trained["images"][0], QUESTIONS[1]) == reference["model"].ask(trained["images"][0], QUESTIONS[1])
+    from medcap.serve._main import read_model_config
+
+    conf = read_model_config("checkpoint/generate", [f"vision_checkpoint={exported['with_llm']}"])  # medcap serve's
+    assert conf.checkpointer.checkpoint_dir == exported["with_llm"] and conf.dtype == "fp32"
+    assert conf.checkpointer.checkpoint_files == ["llm.safetensors"]
     config = json.loads((Path(exported["with_llm"]) / "config.json").read_text())
     assert config["llm_included"] is True and config["llm_files"] == ["llm.safetensors"]
     assert os.path.samefile(Path(exported["with_llm"]) / "llm.safetensors", Path(trained["llm"]["checkpoint_dir"])
