@@ -205,7 +205,7 @@ def _include_llm(tmp: Path, llm_dir: str, files: Optional[List[str]]) -> List[st
 def _vision_file(tmp: Path, plan: Dict[str, Any], info: Dict[str, Any]) -> None:
     from medcap.models import save_vision_checkpoint
 
-    save_vision_checkpoint(plan["state"], tmp / EXPORT_VISION, metadata={**plan["meta"], "export": info})
+    save_vision_checkpoint(plan["state"], tmp / EXPORT_VISION, metadata={**plan["meta"], "exported": info})
     (tmp / EXPORT_VISION).with_suffix(".json").unlink(missing_ok=True)  # the header holds it; config.json tells people
 
 
@@ -236,8 +236,10 @@ def export_model(checkpoint: str, out: str, *, include_llm: bool = False, result
                 "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         _write_folder(tmp, plan, info, llm_dir=llm_dir, include_llm=include_llm, results=results,
                       base_llm=base_llm or llm_dir, max_new_tokens=max_new_tokens, name=out.name)
-        if out.exists():
+        if out.is_dir() and not out.is_symlink():
             shutil.rmtree(out)
+        elif out.exists() or out.is_symlink():
+            out.unlink()
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -26,8 +26,9 @@ from transformers import GenerationConfig, LlamaForCausalLM
 
 from .configuration_medcap import MedcapConfig
 
-VISION_WEIGHTS = "vision.safetensors"
+VISION_WEIGHTS = "vision.safetensors"  # config.json's vision_weights names it
 WEIGHTS_INDEX = "model.safetensors.index.json"
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
 # ---- The vision side
@@ -114,10 +115,11 @@ class MedcapForCausalLM(LlamaForCausalLM):
         """The LLM's weights from the folder (``llm_included``) or from ``config.base_llm``,
         then the image tower and the projector from ``vision.safetensors``."""
         source = str(pretrained_model_name_or_path)
+        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}  # where this folder's own files come from
         config = kwargs.pop("config", None)
         if not isinstance(config, MedcapConfig):
-            config = MedcapConfig.from_pretrained(source)
-        vision_path = _folder_file(source, getattr(config, "vision_weights", None) or VISION_WEIGHTS)
+            config = MedcapConfig.from_pretrained(source, **hub)
+        vision_path = _folder_file(source, getattr(config, "vision_weights", None) or VISION_WEIGHTS, hub)
         if getattr(config, "llm_included", False):
             _check_index(source)
             want_info = kwargs.pop("output_loading_info", False)
@@ -134,10 +136,12 @@ class MedcapForCausalLM(LlamaForCausalLM):
                 f"the base LLM folder {llm} that {source}/config.json names is not there: set base_llm in "
                 "config.json to its folder or hub name"
             )
-        model = super().from_pretrained(llm, *model_args, config=config, **kwargs)
+        # the base LLM is another repository: this folder's revision and subfolder do not apply to it
+        llm_kwargs = {k: v for k, v in kwargs.items() if k not in ("revision", "subfolder")}
+        model = super().from_pretrained(llm, *model_args, config=config, **llm_kwargs)
         model.load_vision(vision_path)
         # the base LLM's folder gave its own generation settings: the folder's stop tokens decide
-        model.generation_config = GenerationConfig.from_pretrained(source)
+        model.generation_config = GenerationConfig.from_pretrained(source, **hub)
         return model
 
     def load_vision(self, path):
@@ -150,7 +154,7 @@ class MedcapForCausalLM(LlamaForCausalLM):
             module.load_state_dict({k: v.to(ref.device, ref.dtype) for k, v in part.items()}, strict=True)
 
 
-def _folder_file(source, name):
+def _folder_file(source, name, hub=None):
     """The path of ``name`` in a local folder or a hub repository; a missing one is named."""
     if os.path.isdir(source):
         path = os.path.join(source, name)
@@ -159,7 +163,7 @@ def _folder_file(source, name):
         return path
     from transformers.utils import cached_file
 
-    return cached_file(source, name)
+    return cached_file(source, name, **(hub or {}))
 
 
 def _check_index(source):
