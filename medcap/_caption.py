@@ -7,9 +7,9 @@
 In order: the command line (image files, folders, globs; ``key=value`` config overrides);
 which model (``resolve_model_config``: what the checkpoint records, or a generation config and
 the LLM folder; every path checked); ``Captioner`` (the model, loaded once); ``caption``
-(images in batches -> rows); ``chat`` (turns about one image); the entry points (one-line errors). Generation is greedy
-unless ``--temperature`` is given. Nothing heavy (torch) is imported before the command
-line has been read and every path checked.
+(images in batches -> rows); ``chat`` (turns about one image); the entry points (one-line
+errors). Generation is greedy unless ``--temperature`` is given. Nothing heavy (torch) is
+imported before the command line has been read and every path checked.
 """
 
 from __future__ import annotations
@@ -191,7 +191,10 @@ def _fill_from_checkpoint(cfg, args, env: Dict[str, str]) -> None:
         if args.llm or not env.get(LLM_ENV) or "LLM folder" not in str(e):
             raise UserError(str(e)) from None
         given["checkpointer"] = {**(given["checkpointer"] or {}), "checkpoint_dir": env[LLM_ENV]}
-        filled = fill_sections(given, cfg.vision_checkpoint)
+        try:
+            filled = fill_sections(given, cfg.vision_checkpoint)
+        except ConfigError as again:
+            raise UserError(f"{again} (${LLM_ENV}={env[LLM_ENV]})") from None
     for key in SECTIONS:
         cfg[key] = filled[key]
     log.info("model %s, LLM folder %s (from the checkpoint%s)", filled["model"]["_component_"],

@@ -27,10 +27,10 @@ def run(train_assets, train_config, train_run, tmp_path_factory):
             "image": str(Path(train_assets["train_json"]).parent / "images" / "img_0001.png")}
 
 
-def _medcap(*args, cwd=None):
+def _medcap(*args, stdin=None):
     env = {k: v for k, v in os.environ.items() if k != "MEDCAP_LLM"}
     return subprocess.run([sys.executable, "-m", "medcap.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
+                          input=stdin, timeout=300)
 
 
 def test_the_checkpoint_records_what_it_takes_to_use_it(run):
@@ -68,6 +68,9 @@ def test_caption_without_a_config_equals_caption_with_the_training_config(run, t
                   "temperature=0", "top_k=null", f"output_dir={tmp_path}")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == alone.stdout.strip()
+    chat = _medcap("chat", image, "--checkpoint", ckpt, stdin=f"{QUESTION}\nq\n")  # the first turn: the same prompt
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.strip() == "ASSISTANT: " + alone.stdout.strip()[len(f"{image}: "):]
 
 
 def test_serve_reads_the_model_from_the_checkpoint(run):
