@@ -2,7 +2,7 @@
 
     medcap run [--dry-run] [torchrun options] RECIPE --config CONFIG [key=value ...]
     medcap ls | cp | cat | validate ...        medcap validate-data | demo | rescore | report ...
-    medcap caption | chat | serve ...
+    medcap caption | chat | serve | export ...
 
 Each subcommand lives in the module that does its work, imported only when it runs
 (``_COMMANDS``), so one command's imports (torch) never slow down another or its
@@ -57,13 +57,15 @@ commands:
   report RESULTS_DIR...
                  one table of every checkpoint's benchmark scores, as CSV, Markdown and PNG
                  (medcap report -h)
-  caption IMAGE_OR_FOLDER... --checkpoint VISION_CKPT [--question "..."] [--llm DIR] [--out F.jsonl|.csv]
+  caption IMAGE_OR_FOLDER... --checkpoint CKPT [--question "..."] [--llm DIR] [--out F.jsonl|.csv]
                  caption images (or answer a question about each) with a trained model
                  (medcap caption -h)
-  chat IMAGE --checkpoint VISION_CKPT [--llm DIR]
+  chat IMAGE --checkpoint CKPT [--llm DIR]
                  talk about one image, several turns; q quits (medcap chat -h)
-  serve (--demo DIR | --config CONFIG [key=value ...]) [--host H] [--port P]
+  serve (--checkpoint CKPT | --demo DIR | --config CONFIG [key=value ...]) [--host H] [--port P]
                  an OpenAI-compatible API and a web page for a trained model (medcap serve -h)
+  export CHECKPOINT --out DIR [--include-llm] [--results RESULTS_DIR]
+                 a Hugging Face model folder that transformers loads alone (medcap export -h)
 """
 
 
@@ -93,6 +95,7 @@ _COMMANDS: Dict[str, Union[Callable[[List[str]], int], Tuple[str, str]]] = {
     "caption": ("medcap._caption", "caption_main"),
     "chat": ("medcap._caption", "chat_main"),
     "serve": ("medcap.serve", "serve_main"),
+    "export": ("medcap.export", "export_main"),
 }
 
 

@@ -60,6 +60,7 @@ from medcap.training import (
     capture_rng_state,
     check_vision_start,
     count_label_tokens,
+    describe_model,
     init_distributed_env,
     load_recipe_state,
     open_run_folder,
@@ -70,6 +71,7 @@ from medcap.training import (
     setup_data,
     setup_dataset,
     shard_frozen_decoder,
+    training_summary,
 )
 
 log = logging.getLogger("medcap.training")
@@ -374,13 +376,20 @@ class FullFinetuneRecipe:
 
     def _write_weights(self, name: str, **meta: Any) -> Path:
         path = self.cfg.checkpoint_dir / f"{name}{self.cfg.checkpoint_suffix}"
-        # llm_dir: the LLM these weights were trained against (`medcap caption` finds it there)
+        # llm_dir: the LLM these weights were trained against; the description: everything it takes
+        # to use the checkpoint alone (the model, LLM, tokenizer, transform, prompt, dtype, training)
         metadata = dict(meta, vision=self.cfg.vision, recipe=self.name, global_step=self.global_step,
-                        llm_dir=str(Path(self.cfg.checkpointer.checkpoint_dir).resolve()))
+                        llm_dir=str(Path(self.cfg.checkpointer.checkpoint_dir).resolve()), **self._description())
         save_vision_checkpoint(self._model, path, metadata=metadata)
         if name == "meta_model_last":
             self._last_written_step = self.global_step
         return path
+
+    def _description(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        training = training_summary(cfg, recipe=self.name, seed=self.seed, world_size=self._env.world_size)
+        return describe_model(self._model, model_cfg=cfg.model, checkpointer=cfg.checkpointer, tokenizer=cfg.tokenizer,
+                              dtype=cfg.dtype, checkpoint_dir=cfg.checkpoint_dir, training=training)
 
     def _write_last_weights(self) -> None:
         """Leave meta_model_last holding the latest weights."""

@@ -5,7 +5,9 @@
   leftovers (``remove_stale_tmp``), full disks reported as such (``disk_errors``,
   ``is_disk_full``);
 * ``_progress``: ``progress`` (a bar on a terminal, plain timed lines in a log), and
-  ``quiet_library_noise`` / ``quiet_stderr_fd`` (library noise held back).
+  ``quiet_library_noise`` / ``quiet_stderr_fd`` (library noise held back);
+* ``_layout``: names of files and keys a writer and a reader in different layers share
+  (medcap's safetensors header key, the files of a ``medcap export`` folder).
 
 Import the names from here (``from medcap._io import atomic_write, progress``); this
 package imports nothing from the rest of medcap.
@@ -21,5 +23,12 @@ from medcap._io._files import (  # noqa: F401
     exclusive_lock,
     is_disk_full,
     remove_stale_tmp,
+)
+from medcap._io._layout import (  # noqa: F401
+    EXPORT_CONFIG,
+    EXPORT_SPECIAL_TOKENS,
+    EXPORT_TOKENIZER,
+    EXPORT_VISION,
+    HEADER_KEY,
 )
 from medcap._io._progress import progress, quiet_library_noise, quiet_stderr_fd  # noqa: F401

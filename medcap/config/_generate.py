@@ -2,7 +2,8 @@
 
 In order: the suites a run may switch on (``SUITES``) and the keys taken as typed
 (``FREE_TEXT``); ``GenerateCheckpointerConfig`` (the ``checkpointer:`` section);
-``GenerateConfig``: its keys, then ``suites()`` and ``image_paths()`` (what the run
+``GenerateConfig``: its keys, ``__post_init__`` (the model sections a config leaves out,
+from the vision checkpoint's description), ``suites()`` and ``image_paths()`` (what the run
 does), then ``check()``: every component's arguments and every path the run will
 read, before anything is loaded.
 
@@ -13,11 +14,16 @@ class, built by ``medcap.config.from_config``.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Literal, Optional
 
-from medcap.config._reader import ConfigError, check_component, must_exist
+from medcap.config._from_checkpoint import fill_sections, model_mismatch
+from medcap.config._reader import ConfigError, check_component, from_config, must_exist
+
+log = logging.getLogger("medcap.config")
 
 
 # ---- Suites and free-text keys
@@ -45,11 +51,13 @@ class GenerateCheckpointerConfig:
 
 @dataclass
 class GenerateConfig:
-    model: Dict[str, Any]  # _component_ + arguments: medcap_llama3_1_8b, or medcap_tiny for tests and the demo
-    checkpointer: GenerateCheckpointerConfig
-    tokenizer: Dict[str, Any]  # medcap.models.llama3_tokenizer + path (+ special_tokens_path)
+    # model, checkpointer, tokenizer, dtype: null (or a section without _component_) takes them from
+    # vision_checkpoint's description of its model (__post_init__); what the config gives wins.
+    model: Optional[Dict[str, Any]] = None  # _component_ + arguments: medcap_llama3_1_8b, or medcap_tiny
+    checkpointer: Optional[GenerateCheckpointerConfig] = None
+    tokenizer: Optional[Dict[str, Any]] = None  # medcap.models.llama3_tokenizer + path (+ special_tokens_path)
     device: str = "cuda"  # falls back to the CPU, with a warning, when no GPU is present
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    dtype: Optional[Literal["bf16", "fp16", "fp32"]] = None  # null: the checkpoint's (its training dtype), else bf16
     seed: Optional[int] = 1234  # each sampled row draws from its own stream seeded by (seed, row)
     max_new_tokens: int = field(default=300, metadata={"min": 1})  # captions / descriptions
     temperature: float = field(default=0.6, metadata={"min": 0.0})  # 0: greedy
@@ -97,6 +105,20 @@ class GenerateConfig:
     images: Optional[List[str]] = None
     prompt: Optional[str] = None  # single shot: a question (free text); null: caption
 
+    def __post_init__(self) -> None:
+        """The model sections the config leaves out, from the vision checkpoint (``_from_checkpoint``)."""
+        ckptr = dataclasses.asdict(self.checkpointer) if self.checkpointer else None
+        given = {"model": self.model, "tokenizer": self.tokenizer, "checkpointer": ckptr, "dtype": self.dtype}
+        filled = fill_sections(given, self.vision_checkpoint)
+        if filled == given:  # the config names its model: say so when the checkpoint describes another
+            note = model_mismatch(self.model, self.vision_checkpoint)
+            if note:
+                log.warning(note)
+            return
+        self.model, self.tokenizer, self.dtype = filled["model"], filled["tokenizer"], filled["dtype"]
+        if filled["checkpointer"] != ckptr:
+            self.checkpointer = from_config(GenerateCheckpointerConfig, filled["checkpointer"], where="checkpointer.")
+
     def suites(self) -> List[str]:
         return [s for s in SUITES if getattr(self, s)]
 
@@ -127,7 +149,7 @@ class GenerateConfig:
         for name in self.checkpointer.checkpoint_files or []:
             must_exist(folder / name, f"checkpointer.checkpoint_files ({name})")
         if self.vision_checkpoint:
-            must_exist(self.vision_checkpoint, "vision_checkpoint")
+            must_exist(self.vision_checkpoint, "vision_checkpoint", "path")  # a file, or a folder medcap export wrote
         for p in self.image_paths():
             must_exist(p, "image")
         if self.test_metrics:

@@ -360,6 +360,8 @@ def file_identity(path: str | Path) -> Dict[str, Any]:
     size, first and last 4 MiB (all of it when smaller). Trained weights differ
     everywhere, so another checkpoint under the same name is told apart."""
     path = Path(path)
+    if path.is_dir():  # a model folder (medcap export's): its files' identities
+        return folder_identity(path)
     size = path.stat().st_size
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:

@@ -5,11 +5,11 @@
     build_state                      the flags and the model -> ``_app.ServeState``
     serve_main, run_uvicorn          the command: checked, loaded, then served
 
-The model is described as for ``medcap run generate``: a generation config and
-``key=value`` overrides (``model``, ``tokenizer``, ``checkpointer``,
-``vision_checkpoint``, ``device``, ``dtype``, ``batch_size``, ``max_new_tokens``,
-``temperature``, ``top_k``, ``seed``), or ``--demo DIR`` for the model ``medcap demo``
-trained in DIR (``demo/generate`` with ``demo_dir=DIR``).
+The model is described as for ``medcap run generate``: ``--checkpoint CKPT`` alone (the model
+a medcap checkpoint or export folder records), a generation config and ``key=value``
+overrides (``model``, ``tokenizer``, ``checkpointer``, ``vision_checkpoint``, ``device``,
+``dtype``, ``batch_size``, ``max_new_tokens``, ``temperature``, ``top_k``, ``seed``), or
+``--demo DIR`` for the model ``medcap demo`` trained in DIR (``demo/generate``, ``demo_dir=DIR``).
 """
 
 from __future__ import annotations
@@ -46,12 +46,16 @@ def _parser() -> argparse.ArgumentParser:
         prog="medcap serve",
         description="Serve a trained model: an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models, "
         "GET /health) and a web page at /, on one server. The model is given as for `medcap run generate`: "
-        "--config CONFIG [key=value ...], or --demo DIR for the demo's trained model.",
+        "--checkpoint CKPT (a model that describes itself), --config CONFIG [key=value ...], or --demo DIR for the "
+        "demo's trained model.",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (vision_checkpoint=..., ...)")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--config", help="generation config (name or path), e.g. custom_generation_config")
     src.add_argument("--demo", metavar="DIR", help="the model `medcap demo --out DIR` trained")
+    p.add_argument("--checkpoint", metavar="CKPT",
+                   help="a checkpoint medcap trained or a folder `medcap export` wrote: without --config, the "
+                   "model, LLM and tokenizer are the ones it records")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; any other address needs an API key)")
     p.add_argument("--port", type=int, default=8000, help="default 8000 (0: any free port, printed)")
@@ -122,7 +126,7 @@ def read_model_config(config: str, overrides: Sequence[str]):
         conf.check()  # every key, component and path; it wants a suite or an image, hence the line above
         conf = dataclasses.replace(conf, images=None)
         if conf.vision_checkpoint:
-            must_exist(conf.vision_checkpoint, "vision_checkpoint")
+            must_exist(conf.vision_checkpoint, "vision_checkpoint", "path")
     except (CLIError, ConfigError) as e:
         raise UserError(str(e)) from None
     if not conf.vision_checkpoint:
@@ -170,6 +174,15 @@ def build_state(args):
 
     limits = _limits(args)
     config, overrides = args.config, list(args.overrides)
+    if args.checkpoint:
+        overrides.append(f"vision_checkpoint={args.checkpoint}")
+    if config is None and not args.demo:
+        if not any(o.startswith("vision_checkpoint=") for o in overrides):
+            raise UserError("give --checkpoint CKPT (a checkpoint medcap trained, or a folder `medcap export` wrote), "
+                            "--config CONFIG [key=value ...], or --demo DIR")
+        from medcap._registry import CHECKPOINT_CONFIG
+
+        config = CHECKPOINT_CONFIG  # the model the checkpoint records
     if args.demo:
         if not os.path.isdir(args.demo):
             raise UserError(f"--demo {args.demo!r} is not a folder: run `medcap demo --out {args.demo}` first")
