@@ -419,7 +419,7 @@ class FullFinetuneRecipe:
         env, vision = self._env, self._model.vision
         self._sampler.check_resumable(state["sampler"])
         if state["gradient_accumulation_steps"] != self.cfg.gradient_accumulation_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot resume exactly: gradient_accumulation_steps was {state['gradient_accumulation_steps']}, "
                 f"now {self.cfg.gradient_accumulation_steps}"
             )
@@ -429,7 +429,7 @@ class FullFinetuneRecipe:
         self._optimizer.load_state_dict(state["optimizer"])
         if self._lr_scheduler is not None:
             if state.get("lr_scheduler") is None:
-                raise ValueError("the stopped run had no lr_scheduler; remove lr_scheduler to resume it")
+                raise ConfigError("the stopped run had no lr_scheduler; remove lr_scheduler to resume it")
             self._lr_scheduler.load_state_dict(state["lr_scheduler"])
             self._optimizer.sync_lr()
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
