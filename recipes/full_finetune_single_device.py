@@ -462,9 +462,10 @@ class FullFinetuneRecipe:
         merged = self._merged_skip_log()
         summary = merged.summary()
         if self._env.is_main:
-            log.info("%s", summary)
-            if merged.count:
-                print(summary, file=sys.stderr)
+            if merged.count:  # said once: on stderr as it stands (several lines), not logged as well
+                print(summary, file=sys.stderr, flush=True)
+            else:
+                log.info("%s", summary)
             self._metric_logger.log_dict({"bad_samples": float(merged.count)}, step=self.global_step)
         return {
             "global_step": self.global_step,
