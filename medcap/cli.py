@@ -8,8 +8,9 @@ Each subcommand lives in the module that does its work, imported only when it ru
 (``_COMMANDS``), so one command's imports (torch) never slow down another or its
 ``--help``: ``run`` in ``medcap._launch``, ``ls``/``cp``/``cat``/``validate`` in
 ``medcap._config_commands``, the others in their packages. Recipe and config names are
-resolved by ``medcap._registry``; the conventions every command shares (``CLIError``,
-``--snake_case`` spellings, a quiet closed pipe) are in ``medcap._cmdline``. Nothing
+resolved by ``medcap._registry``; the conventions every command shares (``UserError`` and
+``CLIError`` in one line with exit 2, Ctrl-C in one line with exit 130, ``--snake_case``
+spellings, a quiet closed pipe) are in ``medcap._cmdline``. Nothing
 below this module imports it; it re-exports the names scripts import from it.
 """
 
@@ -19,7 +20,7 @@ import importlib
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from medcap._cmdline import CLIError, accept_snake_case, quiet_broken_pipe
+from medcap._cmdline import EXIT_USER_ERROR, CLIError, UserError, accept_snake_case, quiet_broken_pipe, stopped
 from medcap._launch import build_run_command, run
 from medcap._registry import resolve_config, resolve_recipe
 
@@ -136,9 +137,11 @@ def _main(argv: List[str]) -> int:
         if isinstance(target, tuple):
             return _dispatch(command, *target, rest)
         return target(rest)
-    except CLIError as e:
+    except UserError as e:  # CLIError, and any refusal a subcommand left to this line
         print(f"medcap {command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return stopped(f"medcap {command}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -428,7 +428,7 @@ class FullFinetuneRecipe:
         env, vision = self._env, self._model.vision
         self._sampler.check_resumable(state["sampler"])
         if state["gradient_accumulation_steps"] != self.cfg.gradient_accumulation_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot resume exactly: gradient_accumulation_steps was {state['gradient_accumulation_steps']}, "
                 f"now {self.cfg.gradient_accumulation_steps}"
             )
@@ -438,7 +438,7 @@ class FullFinetuneRecipe:
         self._optimizer.load_state_dict(state["optimizer"])
         if self._lr_scheduler is not None:
             if state.get("lr_scheduler") is None:
-                raise ValueError("the stopped run had no lr_scheduler; remove lr_scheduler to resume it")
+                raise ConfigError("the stopped run had no lr_scheduler; remove lr_scheduler to resume it")
             self._lr_scheduler.load_state_dict(state["lr_scheduler"])
             self._optimizer.sync_lr()
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
@@ -471,9 +471,10 @@ class FullFinetuneRecipe:
         merged = self._merged_skip_log()
         summary = merged.summary()
         if self._env.is_main:
-            log.info("%s", summary)
-            if merged.count:
-                print(summary, file=sys.stderr)
+            if merged.count:  # said once: on stderr as it stands (several lines), not logged as well
+                print(summary, file=sys.stderr, flush=True)
+            else:
+                log.info("%s", summary)
             self._metric_logger.log_dict({"bad_samples": float(merged.count)}, step=self.global_step)
         return {
             "global_step": self.global_step,

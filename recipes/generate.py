@@ -291,7 +291,8 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
 
 
 def recipe_main(argv: Optional[List[str]] = None) -> int:
-    return run_recipe(main, argv, free_text=FREE_TEXT)
+    return run_recipe(main, argv, free_text=FREE_TEXT,
+                      on_stop="the results rows made so far are kept: the same command continues from them")
 
 
 if __name__ == "__main__":

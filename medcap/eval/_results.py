@@ -12,8 +12,9 @@ In this file, in order:
 * ``JsonlCache``: a key -> value file appended line by line, fingerprinted with
   what produced its values (the VQA descriptions);
 * the record beside a results file (``{raw}.run.json``: the identity of the model
-  and settings, a digest of the questions), the files a suite keeps, and
-  ``results_lock`` (one writer per results file).
+  and settings, a digest of the questions), the files a suite keeps,
+  ``results_lock`` (one writer per results file) and ``ResultsRefused`` (files this
+  run must not touch: one line for the user, exit status 2).
 
 Why each rule exists: ``docs/internals.md`` (evaluation, results files).
 """
@@ -30,6 +31,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+from medcap._cmdline import UserError
 from medcap._io import atomic_write_bytes, atomic_write_text, exclusive_lock
 
 log = logging.getLogger(__name__)
@@ -195,7 +197,7 @@ class CsvJournal:
             if hb.startswith(data):  # killed while writing the header
                 self.path.write_bytes(hb)
                 return
-            raise ValueError(
+            raise ResultsRefused(
                 f"{self.path} exists but its header is not {self.columns}; it belongs to another "
                 "kind of run. Move it away (or use another output_dir) and run again."
             )
@@ -416,7 +418,7 @@ def read_record(path: Path) -> Optional[Dict[str, Any]]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is unreadable ({e}); move it away (and the results beside it) to start over") from None
+        raise ResultsRefused(f"{path} is unreadable ({e}); move it away (and the results beside it) to start over") from None
 
 
 def write_record(path: Path, record: Dict[str, Any]) -> None:
@@ -434,6 +436,12 @@ def _differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -
     return out
 
 
+class ResultsRefused(UserError, ValueError):
+    """The output folder holds results this run must not touch (another model's, another
+    kind of run's, unreadable ones); the message names what to move. A user's refusal,
+    reported in one line (``medcap run: error: ...``, exit status 2)."""
+
+
 def refuse_another_run(what: Path, record: Dict[str, Any], identity: Dict[str, Any], digest: str,
                        raw_path: Path) -> None:
     """A file made by another model, other settings or another question set is never reused:
@@ -443,7 +451,7 @@ def refuse_another_run(what: Path, record: Dict[str, Any], identity: Dict[str, A
         diffs.append("the questions (data set, chunk or filters) differ")
     if diffs:
         names = ", ".join(str(p) for p in outputs_of(raw_path) if p.exists())
-        raise ValueError(
+        raise ResultsRefused(
             f"{what} was made by another model or with other settings ({'; '.join(diffs[:6])}). "
             f"Its rows are not reused: move {names} away, or pass overwrite=True to start afresh."
         )

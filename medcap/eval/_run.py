@@ -32,6 +32,7 @@ from medcap._io import atomic_write_text, progress as progress_bar, remove_stale
 from medcap.data import BadSample, image_transform, load_image
 from medcap.eval._results import (
     CsvJournal,
+    ResultsRefused,
     cell,
     clear_outputs,
     items_digest,
@@ -297,8 +298,8 @@ def resume_plan(suite, items: Sequence[EvalItem], run: SuiteRun) -> Plan:
             return plan
     elif partial.exists() or rank_files(raw_path):  # a run stopped half-way: is it this one?
         if record is None:
-            raise ValueError(f"{partial} has no record of what made it ({run_record_path(raw_path)} is missing): "
-                             "move it away, or pass overwrite=True to start afresh")
+            raise ResultsRefused(f"{partial} has no record of what made it ({run_record_path(raw_path)} is missing): "
+                                 "move it away, or pass overwrite=True to start afresh")
         refuse_another_run(partial, record, plan.identity, plan.digest, raw_path)
     ranks.barrier()  # every rank has looked at the folder before any rank writes to it
     _open_journal(plan, keyed_rows)
@@ -327,7 +328,7 @@ def _finished_file(plan: Plan, record: Optional[Dict[str, Any]]):
         return rows, []
     keys = [it.key for it in plan.items if it.key not in left_out]
     if len(keys) != len(rows):
-        raise ValueError(f"{raw_path} holds {len(rows)} rows, its record says {len(keys)}; move it away to start over")
+        raise ResultsRefused(f"{raw_path} holds {len(rows)} rows, its record says {len(keys)}; move it away to start over")
     log.info("%s: %d item(s) were left out (unreadable images); trying them again", raw_path, len(left_out))
     return None, list(zip(keys, rows))
 
@@ -417,8 +418,8 @@ def _write_final_file(plan: Plan) -> None:
     plan.left_out = {k: v for k, v in plan.left_out.items() if k not in done}
     ordered = [{c: done[it.key][c] for c in plan.columns} for it in plan.items if it.key in done]
     if raw_path.exists() and not plan.existed:
-        raise ValueError(f"{raw_path} appeared while this run was making it (another process wrote it); "
-                         f"it is left as it is and this run's rows stay in {plan.journal.path}")
+        raise ResultsRefused(f"{raw_path} appeared while this run was making it (another process wrote it); "
+                             f"it is left as it is and this run's rows stay in {plan.journal.path}")
     write_csv_atomic(raw_path, plan.columns, ordered, bom=True)
     write_record(run_record_path(raw_path), {"identity": plan.identity, "items_digest": plan.digest,
                                               "items": len(plan.items), "complete": not plan.left_out,
@@ -449,7 +450,7 @@ def _rows_by_key(rows: Sequence[Dict[str, str]], path: Path, by_key: Mapping[str
     for r in rows:
         it = by_key.get(r[KEY_COLUMN])
         if it is None or ("output" in r and r["output"] != cell(it.answer)) or ("image" in r and r["image"] != cell(it.image)):
-            raise ValueError(
+            raise ResultsRefused(
                 f"{path} does not belong to this run: its row for key {r[KEY_COLUMN]!r} "
                 f"({r.get('image')!r} / {r.get('output')!r}) matches no question of this run. "
                 "Move it away (or pass overwrite=True) to start over."

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
-import json
 import logging
 import os
 import sys
@@ -156,14 +155,35 @@ def load_engine(conf, batch_size: Optional[int]):
 
 
 def demo_examples(demo_dir: str, n: int = 4) -> List[str]:
-    """A few held-out images of the demo (its test captions file names them)."""
-    world = Path(demo_dir) / "world"
+    """The first ``n`` held-out images of the demo, from its test captions file
+    (``world/test.json``), each found the one way the data loader finds it (the record's
+    ``meta`` ``dir=``, relative to the JSON file's folder). Whatever cannot be found is
+    logged with where it was looked for; the page then shows the examples that were."""
+    from medcap.data import BadSample, parse_record, read_index
+
+    test_json = Path(demo_dir) / "world" / "test.json"
     try:
-        records = json.loads((world / "test.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        index = read_index(test_json)
+    except (OSError, ValueError) as e:
+        log.warning("no demo examples on the page: %s", e)
         return []
-    found = [str(world / r["image"]) for r in records if isinstance(r, dict) and r.get("image")]
-    return [p for p in found if os.path.isfile(p)][:n]
+    found: List[str] = []
+    for i in range(len(index)):
+        if len(found) == n:
+            break
+        try:
+            rec = parse_record(index[i], json_dir=index.file_of(i).parent)
+        except BadSample as e:
+            log.warning("demo example %s skipped: %s", index.origin(i), e)
+            continue
+        if rec.image_path is None:
+            continue
+        if not rec.image_path.is_file():
+            log.warning("demo example %s skipped: its image is not found (looked at %s)", index.origin(i),
+                        ", ".join(str(c) for c in rec.image_candidates))
+            continue
+        found.append(str(rec.image_path.resolve()))
+    return found
 
 
 # ---- the server

@@ -78,16 +78,18 @@ class LiveServer:
 
 @pytest.fixture(scope="session")
 def start_server(serve_assets):
-    """``with start_server(*flags, page=False) as (server, state):`` a server of its own
-    (medcap serve's setup with more flags), stopped at the end of the block."""
+    """``with start_server(*flags, page=False, examples=None) as (server, state):`` a server
+    of its own (medcap serve's setup with more flags; ``examples``: the page's example
+    images, as ``--demo`` finds them), stopped at the end of the block."""
     import contextlib
 
     from medcap.serve._app import create_app
     from medcap.serve._main import build_state
 
     @contextlib.contextmanager
-    def start(*flags: str, page: bool = False):
+    def start(*flags: str, page: bool = False, examples=None):
         state = build_state(serve_args(serve_assets, *flags))
+        state.examples = list(examples or [])
         with LiveServer(create_app(state, page=page)) as server:
             yield server, state
 
