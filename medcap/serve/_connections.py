@@ -288,8 +288,7 @@ def deadline_protocol(guard: ConnectionGuard):
     phases = {h11.IDLE: waiting, h11.SEND_BODY: reading}  # the client's side of h11's state machine
 
     class DeadlineH11(H11Protocol):
-        """A connection is waiting (for a request's headers), reading (its body) or
-        answering; the first two have a deadline and may be displaced at the cap."""
+        """Waiting (for headers), reading (a body) or answering; the first two are timed."""
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
