@@ -321,10 +321,11 @@ def validate(recipe: str, cfg) -> Any:
 
 
 def _user_errors() -> Tuple[type, ...]:
-    """Errors that mean "the user's input is wrong", not "medcap is broken"."""
-    from medcap._io import LockedError
+    """Errors that mean "the user's input is wrong" (or their disk is full), not "medcap is broken"."""
+    from medcap._io import DiskFullError, LockedError
 
-    errors: List[type] = [ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, LockedError]
+    errors: List[type] = [ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+                          LockedError, DiskFullError]
     try:
         from medcap.data import BadSample
 
