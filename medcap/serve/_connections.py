@@ -78,7 +78,8 @@ def add_connection_flags(p) -> None:
                    help=f"seconds a kept-alive connection may wait for its next request (default {d.idle_timeout_s:g})")
     p.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s,
                    help=f"on SIGTERM or Ctrl-C, seconds to finish the requests in progress (default "
-                   f"{d.drain_timeout_s:g}); exit 0 when all finished, 1 when some were cut")
+                   f"{d.drain_timeout_s:g}); after SIGTERM the exit status is 0 when all finished, 1 when some "
+                   "were cut")
     p.add_argument("--no-access-log", action="store_true",
                    help="no log line for answered requests (refusals and faults are still logged, one line each)")
 

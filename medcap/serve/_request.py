@@ -199,11 +199,13 @@ def check_content_type(value: Optional[str]) -> None:
 
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_CHUNK = 1 << 20
 
 
 def check_json_depth(raw: bytes, limit: int = MAX_JSON_DEPTH) -> None:
     """400 when the JSON in ``raw`` nests deeper than ``limit``: strings dropped (brackets
-    inside them do not count), then the running depth over the brackets left, in numpy."""
+    inside them do not count), then the running depth over the brackets left, in numpy,
+    a megabyte at a time."""
     if raw.count(b"[") + raw.count(b"{") <= limit:
         return  # cannot nest deeper than the brackets it holds
     brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
@@ -211,10 +213,15 @@ def check_json_depth(raw: bytes, limit: int = MAX_JSON_DEPTH) -> None:
         return
     import numpy as np
 
-    codes = np.frombuffer(brackets, dtype=np.uint8)
-    steps = np.where((codes == ord("[")) | (codes == ord("{")), 1, -1).astype(np.int32)
-    if int(np.cumsum(steps).max()) > limit:
-        raise APIError(400, f"the request body nests JSON deeper than {limit} levels")
+    step = np.zeros(256, dtype=np.int8)
+    step[list(b"[{")], step[list(b"]}")] = 1, -1
+    depth = 0
+    for start in range(0, len(brackets), _CHUNK):
+        chunk = np.frombuffer(brackets, dtype=np.uint8, count=min(_CHUNK, len(brackets) - start), offset=start)
+        running = np.cumsum(step[chunk], dtype=np.int64) + depth
+        if int(running.max()) > limit:
+            raise APIError(400, f"the request body nests JSON deeper than {limit} levels")
+        depth = int(running[-1])
 
 
 def parse_chat_request(raw: bytes, limits: Limits, model_name: str) -> ChatRequest:
