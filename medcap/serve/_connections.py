@@ -9,8 +9,8 @@
                          request); when every one is being answered it gets a 503 and is closed
     GuardedListener      the listening socket whose ``accept()`` asks the guard
     DeadlineH11          uvicorn's h11 protocol with deadlines: a request's headers within
-                         ``--header-timeout`` of the connection opening (or of its last answer),
-                         its body within ``--body-timeout``; else the connection is closed
+                         ``--header-timeout`` of the connection opening (or of the request's
+                         first byte, on a kept-alive one), its body within ``--body-timeout``
     serve_forever        uvicorn on the listener with all of the above; SIGTERM drains and
                          returns (exit 0), the log says what was closed, at most every 10 s
 
@@ -70,8 +70,8 @@ def add_connection_flags(p) -> None:
                    help=f"open connections at most (default {d.max_connections}, lowered to fit the open-file limit); "
                    "at the cap a new connection displaces the oldest one not being answered, else gets a 503")
     p.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
-                   help=f"seconds a connection has to send a request's headers, from opening or from its last "
-                   f"answer (default {d.header_timeout_s:g})")
+                   help=f"seconds a connection has to send a request's headers, from opening (a kept-alive one: "
+                   f"from the request's first byte) (default {d.header_timeout_s:g})")
     p.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
                    help=f"seconds a request's body may take to arrive after its headers (default {d.body_timeout_s:g})")
     p.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s,
@@ -294,37 +294,34 @@ def deadline_protocol(guard: ConnectionGuard):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._timer, self._phase = None, None
-            self._follow()
+            self._follow(start=True)  # a new connection's first request is timed from its opening
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            self._follow()
+            self._follow(start=True)  # a kept-alive connection's next request: from its first byte
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            self._follow()
+            self._follow(start=False)  # idle until then: uvicorn's --idle-timeout
 
         def connection_lost(self, exc) -> None:
             self._stop_timer()
             guard.forget(self)
             super().connection_lost(exc)
 
-        def _follow(self) -> None:
+        def _follow(self, start: bool) -> None:
             if self.transport.is_closing() or self.transport.get_protocol() is not self:  # closed, or a websocket now
                 self._stop_timer()
                 guard.forget(self)
                 return
             phase = phases.get(self.conn.their_state, answering)
-            if phase == self._phase:
-                return
-            self._stop_timer()
-            self._phase = phase
-            if phase == answering:
-                guard.forget(self)
-                return
-            guard.waiting(self)
-            seconds = guard.header_timeout if phase == waiting else guard.body_timeout
-            self._timer = self.loop.call_later(seconds, self._too_slow)
+            if phase != self._phase:
+                self._stop_timer()
+                self._phase = phase
+                (guard.forget if phase == answering else guard.waiting)(self)
+            if phase != answering and self._timer is None and (start or phase == reading):
+                seconds = guard.header_timeout if phase == waiting else guard.body_timeout
+                self._timer = self.loop.call_later(seconds, self._too_slow)
 
         def _stop_timer(self) -> None:
             if self._timer is not None:

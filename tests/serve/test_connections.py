@@ -185,14 +185,24 @@ def test_half_sent_silent_and_slow_body_connections_are_closed_at_their_deadline
         assert httpx.post(server.url + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}).is_success
 
 
-def test_a_kept_alive_connection_is_closed_after_the_idle_timeout(start_guarded):
-    with start_guarded("--idle-timeout", "0.5", "--header-timeout", "30") as (server, _):
-        s = socket.create_connection(("127.0.0.1", server.port))
-        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        s.settimeout(5)
-        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+def test_a_kept_alive_connection_has_the_idle_timeout_then_the_header_timeout(start_guarded):
+    with start_guarded("--idle-timeout", "2", "--header-timeout", "0.6") as (server, _):
+        def answered() -> socket.socket:
+            s = socket.create_connection(("127.0.0.1", server.port))
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.settimeout(5)
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            return s
+
+        idle = answered()
         t0 = time.monotonic()
-        assert _closed_by_server(s, 5) and time.monotonic() - t0 < 3
+        assert not _closed_by_server(idle, 1.2)  # past the header timeout: idle is not slow
+        assert _closed_by_server(idle, 5) and 1.5 < time.monotonic() - t0 < 4
+        slow = answered()
+        time.sleep(0.4)
+        slow.sendall(b"GET /health HTTP/1.1\r\n")  # the next request, half sent
+        t0 = time.monotonic()
+        assert _closed_by_server(slow, 5) and 0.4 < time.monotonic() - t0 < 1.5
 
 
 def test_at_the_cap_the_oldest_unfinished_connection_makes_room(start_guarded):
