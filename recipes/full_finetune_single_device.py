@@ -52,6 +52,7 @@ from medcap.data import SkipLog
 from medcap.models import load_model, save_vision_checkpoint
 from medcap.training import (
     RECIPE_STATE_FILE,
+    DiskFullError,
     StopSignals,
     TrainConfig,
     TrainForward,
@@ -365,12 +366,20 @@ class FullFinetuneRecipe:
         self._last_save_time, self._last_save_step = time.monotonic(), self.global_step
         if not self._env.is_main:
             return None
-        if epoch is None:
-            path = self._write_weights(name, epoch=self.epoch, step_in_epoch=self.step_in_epoch)
-        else:
-            path = self._write_weights(name, epoch=epoch, completed_epochs=epoch + 1)
-        # the state is written last: a crash in between leaves the previous pair consistent
-        save_recipe_state(self.cfg.checkpoint_dir / RECIPE_STATE_FILE, state)
+        resumable = (self.cfg.checkpoint_dir / RECIPE_STATE_FILE).is_file()
+        try:
+            if epoch is None:
+                path = self._write_weights(name, epoch=self.epoch, step_in_epoch=self.step_in_epoch)
+            else:
+                path = self._write_weights(name, epoch=epoch, completed_epochs=epoch + 1)
+            # the state is written last: a crash in between leaves the previous pair consistent
+            save_recipe_state(self.cfg.checkpoint_dir / RECIPE_STATE_FILE, state)
+        except DiskFullError as e:  # one line that says how to go on: from the last state, if there is one
+            raise e.advising(
+                "free some space and run the same command with resume_from_checkpoint=auto: it continues from the "
+                f"last complete {RECIPE_STATE_FILE}" if resumable else
+                "free some space and run the same command with overwrite=True (no resumable state was saved yet)"
+            ) from e
         log.info("saved %s and %s (global step %d)", path, RECIPE_STATE_FILE, self.global_step)
         return path
 

@@ -1,9 +1,9 @@
 """What long jobs need from the operating system, imported by every layer above it:
 
 * ``_files``: one writer per file or folder (``exclusive_lock``, ``LockedError``), atomic
-  writes (``atomic_write``, ``atomic_write_bytes``, ``atomic_write_text``) and their
-  leftovers (``remove_stale_tmp``), full disks reported as such (``disk_errors``,
-  ``is_disk_full``);
+  writes (``atomic_write``, ``atomic_write_bytes``, ``atomic_write_text``), appends that
+  are whole or absent (``append_durably``), leftovers (``remove_stale_tmp``), full disks
+  reported as such in one line (``DiskFullError``, ``disk_errors``, ``is_disk_full``);
 * ``_progress``: ``progress`` (a bar on a terminal, plain timed lines in a log), and
   ``quiet_library_noise`` / ``quiet_stderr_fd`` (library noise held back);
 * ``_layout``: names of files and keys a writer and a reader in different layers share
@@ -15,7 +15,9 @@ package imports nothing from the rest of medcap.
 
 # The names callers use, re-exported (a private package: no __all__, nothing exported).
 from medcap._io._files import (  # noqa: F401
+    DiskFullError,
     LockedError,
+    append_durably,
     atomic_write,
     atomic_write_bytes,
     atomic_write_text,

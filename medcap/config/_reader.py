@@ -323,12 +323,12 @@ def validate(recipe: str, cfg) -> Any:
 
 
 def _user_errors() -> Tuple[type, ...]:
-    """Errors that mean "the user's input is wrong", not "medcap is broken"."""
-    from medcap._io import LockedError
+    """Errors that mean "the user's input is wrong" (or their disk is full), not "medcap is broken"."""
+    from medcap._io import DiskFullError, LockedError
 
     # UserError: ConfigError, and the refusals of the library (a results folder holding another run's files)
     errors: List[type] = [UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-                          LockedError]
+                          LockedError, DiskFullError]
     try:
         from medcap.data import BadSample
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from medcap._io import atomic_write_text
+from medcap._io import atomic_write, atomic_write_text
 from medcap.eval._choices import SCORING_METHODS, open_scoring, score_choices
 from medcap.eval._conventions import CHOICE_COLUMNS, headlines, row_cells
 from medcap.eval._protocol import TwoStepVQA, check_vqa_type
@@ -383,6 +383,8 @@ def draw_modality_chart(path: Path, acc: float, per: Dict[str, Dict[str, float]]
     ax.set_title(title, fontsize=9)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))  # a full disk: one line
+    finally:
+        plt.close(fig)
     return path

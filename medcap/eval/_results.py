@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from medcap._cmdline import UserError
-from medcap._io import atomic_write_bytes, atomic_write_text, exclusive_lock
+from medcap._io import append_durably, atomic_write_bytes, atomic_write_text, disk_errors, exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +183,7 @@ class CsvJournal:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.readonly and (not self.path.exists() or self.path.stat().st_size == 0):
-            with open(self.path, "wb") as f:
-                f.write(header.encode("utf-8"))
-                f.flush()
-                os.fsync(f.fileno())
+            append_durably(self.path, header.encode("utf-8"), create=True)  # on a full disk: empty, or absent
             _fsync_dir(self.path.parent)
             return
         data = self.path.read_bytes()
@@ -195,7 +192,7 @@ class CsvJournal:
             if hb.startswith(data) and self.readonly:
                 return
             if hb.startswith(data):  # killed while writing the header
-                self.path.write_bytes(hb)
+                atomic_write_bytes(self.path, hb)
                 return
             raise ResultsRefused(
                 f"{self.path} exists but its header is not {self.columns}; it belongs to another "
@@ -263,18 +260,13 @@ class CsvJournal:
         if not new:
             return
         data = "".join(_format([r[c] for c in self.columns]) for r in new).encode("utf-8")
-        try:  # no O_CREAT: a journal removed under a running job is an error, never recreated headless
-            fd = os.open(str(self.path), os.O_WRONLY | os.O_APPEND)
+        try:  # not created: a journal removed under a running job is an error, never recreated headless
+            append_durably(self.path, data)  # whole rows or none, even on a full disk
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"{self.path} vanished while this run was writing it (removed by another process or a user); "
                 "nothing more is written to it. Run the command again to start that file anew."
             ) from None
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         self._rows.extend(new)
 
     def finish(self, final_path: Optional[str | Path] = None) -> Path:
@@ -282,7 +274,8 @@ class CsvJournal:
         final = Path(final_path) if final_path is not None else self.final_path
         if final is None:
             raise ValueError("no final path to rename the journal to")
-        os.replace(self.path, final)
+        with disk_errors(final.parent, what=final.name):
+            os.replace(self.path, final)
         _fsync_dir(final.parent)
         return final
 
@@ -344,11 +337,8 @@ class JsonlCache:
         if not items:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "ab") as f:
-            for k, v in items.items():
-                f.write((json.dumps({"key": k, "value": v}, ensure_ascii=False) + "\n").encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
+        lines = "".join(json.dumps({"key": k, "value": v}, ensure_ascii=False) + "\n" for k, v in items.items())
+        append_durably(self.path, lines.encode("utf-8"), create=True)  # whole lines or none, even on a full disk
         self.data.update(items)
 
 

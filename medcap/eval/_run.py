@@ -325,6 +325,10 @@ def _finished_file(plan: Plan, record: Optional[Dict[str, Any]]):
     left_out = dict(record.get("left_out", {}))
     if not left_out:
         log.info("%s is complete (%d rows): not generated again", raw_path, len(rows))
+        leftover = plan.run.ranks.partial(raw_path)
+        if plan.run.ranks.rank == 0 and leftover.exists():  # stopped between the final file and this clean-up
+            log.info("removing %s: its rows are all in %s", leftover, raw_path.name)
+            leftover.unlink()
         return rows, []
     keys = [it.key for it in plan.items if it.key not in left_out]
     if len(keys) != len(rows):
@@ -336,6 +340,9 @@ def _finished_file(plan: Plan, record: Optional[Dict[str, Any]]):
 def _open_journal(plan: Plan, keyed_rows: List[Tuple[str, Dict[str, str]]]) -> None:
     """This rank's partial file, repaired after a crash; rank 0 records the run beside it."""
     ranks = plan.run.ranks
+    if ranks.rank == 0:  # first: a partial file is never without the record that says what made it
+        write_record(run_record_path(plan.raw_path), {"identity": plan.identity, "items_digest": plan.digest,
+                                                        "items": len(plan.items), "complete": False, "left_out": {}})
     plan.journal = CsvJournal(plan.raw_path, [KEY_COLUMN] + plan.columns, bom=True, partial=ranks.partial(plan.raw_path))
     damage = plan.journal.damage_report()
     if damage:
@@ -344,9 +351,6 @@ def _open_journal(plan: Plan, keyed_rows: List[Tuple[str, Dict[str, str]]]) -> N
         # Rows on disk are the items in order, less those left out: give them their keys back.
         plan.journal.append({KEY_COLUMN: k, **r} for k, r in keyed_rows)
     ranks.barrier()  # every rank has repaired its own partial (and rank 0 seeded its own) before rows are counted
-    if ranks.rank == 0:
-        write_record(run_record_path(plan.raw_path), {"identity": plan.identity, "items_digest": plan.digest,
-                                                        "items": len(plan.items), "complete": False, "left_out": {}})
 
 
 def pending_batches(plan: Plan, engine) -> Iterator[Batch]:
@@ -420,10 +424,12 @@ def _write_final_file(plan: Plan) -> None:
     if raw_path.exists() and not plan.existed:
         raise ResultsRefused(f"{raw_path} appeared while this run was making it (another process wrote it); "
                              f"it is left as it is and this run's rows stay in {plan.journal.path}")
-    write_csv_atomic(raw_path, plan.columns, ordered, bom=True)
+    # The record first, then the final file: should either write fail (a full disk), the
+    # next run finds the partial file and its record, and makes the final file again.
     write_record(run_record_path(raw_path), {"identity": plan.identity, "items_digest": plan.digest,
                                               "items": len(plan.items), "complete": not plan.left_out,
                                               "left_out": plan.left_out})
+    write_csv_atomic(raw_path, plan.columns, ordered, bom=True)
     plan.journal.path.unlink()
     for f in rank_files(raw_path):
         if not f.name.startswith(f"{raw_path.stem}.descriptions."):

@@ -3,7 +3,8 @@
     _parser, check_bind, _limits     the flags; a non-loopback address needs an API key
     read_model_config, load_engine   the model, as ``medcap run generate`` loads it
     build_state                      the flags and the model -> ``_app.ServeState``
-    serve_main, run_uvicorn          the command: checked, loaded, then served
+    serve_main                       the command: checked, the port bound, loaded, then served
+                                     (``_connections``: the cap, the timeouts, SIGTERM)
 
 The model is described as for ``medcap run generate``: ``--checkpoint CKPT`` alone (the model
 a medcap checkpoint or export folder records), a generation config and ``key=value``
@@ -38,6 +39,7 @@ class UserError(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     from medcap._cmdline import accept_snake_case
+    from medcap.serve._connections import add_connection_flags
     from medcap.serve._request import Limits
 
     d = Limits()
@@ -77,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=d.request_timeout_s,
                    help=f"seconds a request may wait and generate before it is ended (default {d.request_timeout_s:g})")
     p.add_argument("--no-page", action="store_true", help="the API alone, without the web page")
+    add_connection_flags(p)  # connections: their cap and timeouts, the access log
     return accept_snake_case(p)
 
 
@@ -215,37 +218,31 @@ def build_state(args):
 
 
 def _serve(argv: List[str]) -> int:
+    from medcap.serve._connections import connection_cap, connection_limits, open_listener, serve_forever
+
     args = _parser().parse_intermixed_args(argv)
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     check_bind(args.host, args.api_key)  # before minutes of loading
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    state = build_state(args)
-    from medcap.serve._app import create_app
+    limits = connection_limits(args)
+    listener = open_listener(args.host, args.port)  # the port is ours (or refused) before the model loads
+    try:
+        connection_cap(limits.max_connections, warn=False)  # the open-file limit checked before loading too
+        state = build_state(args)
+        from medcap.serve._app import create_app
 
-    app = create_app(state, page=not args.no_page)
-    run_uvicorn(app, args.host, args.port)
+        app = create_app(state, page=not args.no_page, access_log=not args.no_access_log)
+        by_sigterm = serve_forever(app, listener, limits, connection_cap(limits.max_connections))
+    finally:
+        listener.close()
+    cut = state.access_counts.get("cut", 0)
+    if cut:
+        log.error("stopped: %d request(s) were cut at the --drain-timeout of %g s", cut, limits.drain_timeout_s)
+        return 1
+    if by_sigterm:
+        log.info("stopped by SIGTERM after finishing every request in progress")
     return 0
-
-
-def run_uvicorn(app, host: str, port: int) -> None:
-    """uvicorn on ``host:port``; prints the address (the port it got, for ``--port 0``)."""
-    import socket
-
-    import uvicorn
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Inherited by each accepted connection: without it a kept-alive client waits ~40 ms
-    # per response (Nagle's algorithm against the client's delayed ACK).
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
-    sock.listen(2048)  # connections wait in the backlog from now on, before uvicorn accepts them
-    shown = f"[{host}]" if ":" in host else host
-    print(f"medcap serve: listening on http://{shown}:{sock.getsockname()[1]}/ (API under /v1)", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    server.run(sockets=[sock])
 
 
 def serve_main(argv: Sequence[str]) -> int:
@@ -253,11 +250,12 @@ def serve_main(argv: Sequence[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page phones nobody
     from medcap._io import quiet_library_noise
+    from medcap.serve._connections import ListenError
 
     quiet_library_noise()
     try:
         return _serve(list(argv))
-    except UserError as e:
+    except (UserError, ListenError) as e:
         print(f"medcap serve: error: {e}", file=sys.stderr, flush=True)
         return 2
     except (FileNotFoundError, PermissionError, ValueError, OSError) as e:

@@ -10,8 +10,8 @@ which runs the loop and calls these; nothing here calls back into a recipe):
 * ``_describe``: what a checkpoint records so that it can be used alone;
 * ``_signals``: the stop on SIGINT/SIGTERM at a step boundary.
 
-``TrainConfig`` (``medcap.config``) and ``progress`` (``medcap._io``) are exported here
-too, for the recipe. Names are resolved on first use (PEP 562), so that
+``TrainConfig`` (``medcap.config``), ``progress`` and ``DiskFullError`` (``medcap._io``)
+are exported here too, for the recipe. Names are resolved on first use (PEP 562), so that
 ``TrainConfig`` (and with it a config's key check) loads without torch.
 """
 
@@ -23,7 +23,7 @@ from medcap import lazy_attrs
 
 _EXPORTS = {
     "medcap.config": ["TrainConfig"],
-    "medcap._io": ["progress"],
+    "medcap._io": ["DiskFullError", "progress"],
     "medcap.training._data": ["ResumableBatchSampler", "setup_data", "setup_dataset"],
     "medcap.training._describe": ["describe_model", "training_summary"],
     "medcap.training._dist": ["init_distributed_env", "peak_memory_gib", "shard_frozen_decoder"],
@@ -45,7 +45,7 @@ __all__ = sorted(_WHERE)
 __getattr__, __dir__ = lazy_attrs(__name__, _WHERE)
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
-    from medcap._io import progress  # noqa: F401
+    from medcap._io import DiskFullError, progress  # noqa: F401
     from medcap.config import TrainConfig  # noqa: F401
     from medcap.training._data import ResumableBatchSampler, setup_data, setup_dataset  # noqa: F401
     from medcap.training._describe import describe_model, training_summary  # noqa: F401
