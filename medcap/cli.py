@@ -17,6 +17,7 @@ below this module imports it; it re-exports the names scripts import from it.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -138,6 +139,8 @@ def _main(argv: List[str]) -> int:
             return _dispatch(command, *target, rest)
         return target(rest)
     except UserError as e:  # CLIError, and any refusal a subcommand left to this line
+        if os.environ.get("MEDCAP_DEBUG"):  # the traceback, for a bug report
+            raise
         print(f"medcap {command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
