@@ -292,21 +292,25 @@ class VllmServer:
         raise VllmError(f"vLLM server not ready after {self.startup_timeout:.0f} s (log: {self.log_path})")
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to the server's process group, SIGKILL after ``timeout`` s."""
+        """SIGTERM to the server's process group (vLLM's engine processes included), SIGKILL
+        to what is left after ``timeout`` s; returns when no process of the group remains."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
             try:
                 os.killpg(proc.pid, sig)
             except ProcessLookupError:
                 return
-            try:
-                proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-        raise VllmError(f"vLLM server (pid {proc.pid}) did not stop")
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                proc.poll()  # reap our own child; the engine's are reaped by their parent or init
+                try:
+                    os.killpg(proc.pid, 0)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.2)
+        raise VllmError(f"vLLM server's process group {proc.pid} did not end after SIGKILL")
 
     def client(self, tokenizer=None, **kwargs) -> "VllmClient":
         return VllmClient(self.url, self.folder, tokenizer=tokenizer, max_model_len=self.max_model_len, **kwargs)
