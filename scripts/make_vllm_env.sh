@@ -18,9 +18,11 @@
 #      extension cannot load) are guarded so the pure-Python parts import. Its C ops
 #      (nms, roi_align, ...) stay unavailable; medcap and vLLM's text path use none.
 #   4. medcap: `pip install --no-deps -e .`, then medcap's own requirements from
-#      pyproject.toml except torch and torchvision (vLLM owns those), with the torch,
-#      torchvision and transformers that step 2 installed held as constraints, plus
-#      pytest and pytest-timeout for `make test-vllm`.
+#      pyproject.toml except torch and torchvision (vLLM owns those), its `serve` extra
+#      except fastapi and uvicorn (vLLM pins fastapi<0.137; medcap's server runs on it),
+#      with the torch, torchvision, transformers, fastapi and uvicorn that step 2
+#      installed held as constraints, plus pytest, pytest-timeout and openai for
+#      `make test-vllm`.
 #   5. Check: python -c "import vllm, medcap.models, medcap.generation".
 # On failure: one line on stderr naming the step and the log, exit 1.
 set -uo pipefail
@@ -107,19 +109,20 @@ fi
 CONS="$VENV/medcap-constraints.txt"
 "$VENV/bin/python" - "$CONS" >"$VENV/medcap-requirements.txt" 2>>"$LOG" <<'EOF' || fail "reading pyproject.toml"
 import importlib.metadata as md, re, sys, tomllib
-deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
-owned = {"torch", "torchvision"}  # the vLLM build's own, kept as installed
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+deps = project["dependencies"] + project["optional-dependencies"]["serve"]
+owned = {"torch", "torchvision", "fastapi", "uvicorn"}  # the vLLM build's own, kept as installed
 name = lambda d: re.split(r"[<>=!~\[; ]", d, 1)[0].strip().lower().replace("_", "-")
-print("\n".join([d for d in deps if name(d) not in owned] + ["pytest", "pytest-timeout"]))
+print("\n".join([d for d in deps if name(d) not in owned] + ["pytest", "pytest-timeout", "openai"]))
 with open(sys.argv[1], "w") as f:
-    for pkg in ("torch", "torchvision", "transformers"):
+    for pkg in ("torch", "torchvision", "transformers", "fastapi", "uvicorn"):
         try:
             f.write(f"{pkg}=={md.version(pkg)}\n")
         except md.PackageNotFoundError:
             pass
 EOF
 PIP_CONSTRAINT="$CONS" "${PIP[@]}" install -r "$VENV/medcap-requirements.txt" >>"$LOG" 2>&1 \
-    || fail "pip install medcap's requirements (less torch/torchvision) under $CONS"
+    || fail "pip install medcap's requirements (less torch/torchvision/fastapi/uvicorn) under $CONS"
 
 # 5. the check
 check_imports || fail 'python -c "import vllm, medcap.models, medcap.generation"'

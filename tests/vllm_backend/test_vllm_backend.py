@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# Not importorskip("vllm"): pytest puts tests/ on sys.path, where this very folder imports as
-# an empty namespace package named `vllm`, so that check passed in the main environment too
-# and `make test` failed here. vllm.version exists only in the real package.
+# vllm.version, not vllm: only the real package has it (a folder named vllm on sys.path once
+# passed for it; this folder is named vllm_backend since).
 pytest.importorskip("vllm.version", reason="vLLM is not installed here (make vllm, then make test-vllm)")
 
 from medcap.generation import GenerationEngine  # noqa: E402
@@ -25,11 +24,11 @@ from medcap.generation._vllm import (  # noqa: E402
     SERVED_NAME,
     PromptEmbedsError,
     VllmError,
-    VllmServer,
     encode_embeds,
     generate_tokens,
     prompt_embeds,
 )
+from medcap.generation._vllm_server import VllmServer  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
