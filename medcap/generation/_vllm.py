@@ -149,6 +149,7 @@ class LlmFolder:
     vocab_size: int
     max_position_embeddings: int
     head_dim: int
+    architecture_given: bool = True  # False: a Llama config.json without "architectures" (the demo's)
 
 
 def llm_folder(path: str | os.PathLike) -> LlmFolder:
@@ -164,6 +165,11 @@ def llm_folder(path: str | os.PathLike) -> LlmFolder:
         raise FileNotFoundError(f"no *.safetensors weights in {str(p)!r}")
     cfg = json.loads(cfg_path.read_text())
     arch = cfg.get("architectures") or []
+    # transformers writes no "architectures" for a LlamaConfig saved on its own (medcap demo's
+    # LLM): model_type says what it is, and the server is told (--hf-overrides).
+    given = bool(arch)
+    if not given and cfg.get("model_type") == "llama":
+        arch = ["LlamaForCausalLM"]
     if "LlamaForCausalLM" not in arch:
         raise ValueError(f"{str(p)!r} holds {arch or 'no architecture'}, not LlamaForCausalLM")
     hidden = int(cfg["hidden_size"])
@@ -173,6 +179,7 @@ def llm_folder(path: str | os.PathLike) -> LlmFolder:
         vocab_size=int(cfg["vocab_size"]),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
         head_dim=int(cfg.get("head_dim") or hidden // int(cfg["num_attention_heads"])),
+        architecture_given=given,
     )
 
 
@@ -430,11 +437,18 @@ def generate_tokens(
     if len(images) != n or len(keys) != n:
         raise ValueError("prompts, images and keys must have the same length")
     check_model_matches(model, client.folder)
+    budgets = [int(max_new_tokens)] * n if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
+    rows = [i for i in range(n) if budgets[i] > 0]  # a budget of 0 (a prompt that fills its room) makes nothing
+    step = max(1, int(embed_batch))
     embeds: List[torch.Tensor] = []
-    for lo in range(0, n, max(1, int(embed_batch))):
-        embeds += prompt_embeds_batch(model, prompts[lo : lo + embed_batch], images[lo : lo + embed_batch])
+    for lo in range(0, len(rows), step):
+        part = rows[lo : lo + step]
+        embeds += prompt_embeds_batch(model, [prompts[i] for i in part], [images[i] for i in part])
     out = client.complete(
-        embeds, max_tokens=max_new_tokens, stop_token_ids=stop_token_ids, temperature=temperature,
-        top_k=top_k, seed=[row_seed(seed, k) for k in keys],
+        embeds, max_tokens=[budgets[i] for i in rows], stop_token_ids=stop_token_ids, temperature=temperature,
+        top_k=top_k, seed=[row_seed(seed, keys[i]) for i in rows],
     )
-    return [c.tokens for c in out]
+    tokens: List[List[int]] = [[] for _ in range(n)]
+    for i, c in zip(rows, out):
+        tokens[i] = c.tokens
+    return tokens

@@ -125,6 +125,7 @@ class VllmServer:
             "--dtype", dtype, "--max-model-len", str(self.max_model_len),
             "--tensor-parallel-size", str(int(tensor_parallel_size)), "--seed", str(int(seed)),
             *(["--max-num-seqs", str(int(max_num_seqs))] if max_num_seqs else []),
+            *([] if self.folder.architecture_given else ["--hf-overrides", '{"architectures": ["LlamaForCausalLM"]}']),
             *extra_args,
         ]
         self.env = {"VLLM_CPU_KVCACHE_SPACE": CPU_KV_CACHE_GIB, **os.environ, **(env or {})}
