@@ -42,6 +42,7 @@ bench: setup
 	$(PY) bench/train_step.py
 
 bench-gpu: setup
+	@$(MAKE) --no-print-directory vllm || echo "bench-gpu: no .venv-vllm: the vLLM peer will say why it is skipped"
 	$(PY) bench/gpu.py
 
 vllm:

@@ -266,7 +266,8 @@ class VllmClient:
         n = len(embeds)
         if len(budgets) != n or len(seeds) != n:
             raise PromptEmbedsError(f"{n} prompts but {len(budgets)} max_tokens and {len(seeds)} seeds")
-        stops = check_stop_ids(stop_token_ids, self.folder.vocab_size)
+        # None: no stop id at all, every row runs to its budget (benchmarks); [] is a mistake
+        stops = [] if stop_token_ids is None else check_stop_ids(stop_token_ids, self.folder.vocab_size)
         for i, (e, m) in enumerate(zip(embeds, budgets)):
             check_prompt_embeds(e, self.folder.hidden_size, index=i)
             check_sampling(m, temperature or 0.0, top_k)
@@ -304,7 +305,7 @@ class VllmClient:
         embeds: Sequence[torch.Tensor],
         *,
         max_tokens: int | Sequence[int],
-        stop_token_ids: Sequence[int],
+        stop_token_ids: Optional[Sequence[int]],
         temperature: float = 0.0,
         top_k: Optional[int] = None,
         seed: Optional[int] | Sequence[Optional[int]] = None,
@@ -312,7 +313,7 @@ class VllmClient:
     ) -> List[Completion]:
         """One completion per prompt, in order, posted concurrently (vLLM batches them).
         ``temperature <= 0`` or ``top_k == 1``: greedy. ``seed``: one for all rows or one per
-        row (sampling draws from vLLM's per-request stream)."""
+        row (sampling draws from vLLM's per-request stream). ``stop_token_ids=None``: none."""
         n = len(embeds)
         budgets = [int(max_tokens)] * n if isinstance(max_tokens, int) else [int(m) for m in max_tokens]
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * n
@@ -422,7 +423,7 @@ def generate_tokens(
     max_new_tokens: int | Sequence[int],
     keys: Sequence[str],
     *,
-    stop_token_ids: Sequence[int],
+    stop_token_ids: Optional[Sequence[int]],
     temperature: float = 0.0,
     top_k: Optional[int] = None,
     seed: int = 0,

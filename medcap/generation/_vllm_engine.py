@@ -18,6 +18,7 @@ two copies of an 8B decoder would not leave vLLM its memory. What vLLM cannot do
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import List, Optional, Sequence, Union
 
@@ -48,6 +49,7 @@ def keep_embedding_side(model: nn.Module) -> int:
     freed = sum(p.numel() * p.element_size() for p in [*dec.layers.parameters(), *dec.output.parameters()])
     dec.layers = nn.ModuleList()
     dec.output = nn.Identity()
+    gc.collect()  # what still referenced them (a finished batcher's caches) goes now
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return freed
@@ -77,6 +79,7 @@ class VllmEngine:
         self.seed = int(seed or 0)
         self.chunk_size = int(chunk_size or batch_size)
         self.client.concurrency = max(self.chunk_size, self.batch_size)
+        self.stop_tokens: Optional[List[int]] = list(tokenizer.stop_tokens)  # None: rows run to their budget
         self.last_stats = {}
 
     @classmethod
@@ -139,7 +142,7 @@ class VllmEngine:
                         max_new_tokens: Union[int, Sequence[int]], keys: Sequence[str]) -> List[List[int]]:
         """Per row the new tokens, the stop id left out (``GenerationEngine``'s contract)."""
         out = generate_tokens(
-            self.client, self.model, prompts, images, max_new_tokens, keys, stop_token_ids=self.tokenizer.stop_tokens,
+            self.client, self.model, prompts, images, max_new_tokens, keys, stop_token_ids=self.stop_tokens,
             temperature=self.temperature, top_k=self.top_k, seed=self.seed, embed_batch=self.batch_size,
         )
         self.last_stats = {"rows": len(out), "new_tokens": sum(len(t) for t in out)}
