@@ -246,7 +246,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     batches = [int(x) for x in (args.batches or ("1,2" if args.quick else "1,64" if real else "1,8")).split(",")]
     lim = gpu_limits(args, device) if device.type == "cuda" else {"bandwidth_bytes_per_s": None}
     res = run_peer(dims, device=device, dtype=dtype, batches=batches, reps=args.reps or (1 if args.quick else 3),
-                   new_tokens=args.new_tokens or (4 if args.quick else 64), n_img=50 if real else 8, real_vision=real,
+                   new_tokens=args.new_tokens or (4 if args.quick else 64), n_img=8 if args.quick else 50, real_vision=real,
                    proj_batch=args.proj_batch or (2 if args.quick else 64 if real else 8), seed=args.seed,
                    questions=args.omnimedvqa_questions, quick=args.quick, vllm_python=args.vllm_python,
                    bandwidth=lim["bandwidth_bytes_per_s"])

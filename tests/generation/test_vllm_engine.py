@@ -246,3 +246,19 @@ def test_a_start_without_vllm_is_one_line(tiny, tmp_path):
     with pytest.raises(VllmError, match=r"exited with code 1 while starting: .*No module named 'vllm'") as e:
         srv.start()
     assert "\n" not in str(e.value) and str(tmp_path / "bad.log") in str(e.value) and srv.proc is None
+
+
+def test_a_llama_folder_without_architectures_is_served_as_llama(tiny, tmp_path):
+    """transformers writes no "architectures" for a LlamaConfig saved alone (the demo's LLM):
+    vLLM is told what it is rather than refusing the folder."""
+    import shutil
+
+    folder = tmp_path / "llm"
+    shutil.copytree(tiny["llm_dir"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg.pop("architectures") == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert llm_folder(folder).architecture_given is False
+    args = VllmServer(folder).args
+    assert args[args.index("--hf-overrides") + 1] == '{"architectures": ["LlamaForCausalLM"]}'
+    assert "--hf-overrides" not in VllmServer(tiny["llm_dir"]).args

@@ -60,8 +60,9 @@ def config(assets, gen_config):
 
 
 def _files(folder: Path):
-    """Every file a run wrote, but the resolved config (which records the backend)."""
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if not p.name.endswith(".config.yaml")}
+    """Every file a run wrote, but the resolved config and the locks."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+            if not p.name.endswith((".config.yaml", ".lock"))}  # these hold the backend, the lock holder's PID
 
 
 # ---- before anything loads

@@ -67,7 +67,8 @@ def _run(assets, out, *args, timeout=900):
 
 
 def _files(folder: Path):
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if not p.name.endswith(".config.yaml")}
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+            if not p.name.endswith((".config.yaml", ".lock"))}  # these hold the backend, the lock holder's PID
 
 
 def _differences(a: Path, b: Path):
