@@ -4,8 +4,9 @@ In order: the suites a run may switch on (``SUITES``) and the keys taken as type
 (``FREE_TEXT``); ``GenerateCheckpointerConfig`` (the ``checkpointer:`` section);
 ``GenerateConfig``: its keys, ``__post_init__`` (the model sections a config leaves out,
 from the vision checkpoint's description), ``suites()`` and ``image_paths()`` (what the run
-does), then ``check()``: every component's arguments and every path the run will
-read, before anything is loaded.
+does), then ``check()``: every component's arguments, every path the run will read, the
+judge's keys and the backend's needs (``_check_backend``: vLLM installed, nothing it
+cannot do), before anything is loaded.
 
 The YAML files (``custom_generation_config``, ``tiny/generate``, ``demo/generate``)
 carry the documented values; ``recipes/generate.py`` and ``medcap serve`` read this
@@ -16,6 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Literal, Optional
@@ -68,6 +73,13 @@ class GenerateConfig:
     chunk_size: Optional[int] = field(default=None, metadata={"min": 1})  # rows handed to the engine at once, so
     #   finished slots refill from the same call; null: 4 x batch_size. A killed run redoes at most one chunk.
     compile: bool = False  # torch.compile the decode step (CUDA graphs on a GPU); greedy outputs are identical
+    # The decoding engine. native: medcap's own. vllm: medcap builds each prompt's embeddings and
+    # vLLM's server (a child process) decodes them: `make vllm`, then `.venv-vllm/bin/medcap run ...`.
+    backend: Literal["native", "vllm"] = "native"
+    tensor_parallel_size: int = field(default=1, metadata={"min": 1})  # vllm: GPUs the LLM is split over
+    vllm_python: Optional[str] = None  # vllm: the Python that has vLLM (null: the one running medcap)
+    vllm_url: Optional[str] = None  # vllm: a vLLM server already serving the LLM folder (null: start one)
+    vllm_args: Optional[str] = None  # vllm: more flags for its server, e.g. "--gpu-memory-utilization 0.8"
     vision: Literal["biomedclip"] = "biomedclip"
     vision_checkpoint: Optional[str] = None  # null: an untrained vision side (files named "untrained")
     output_dir: str = "./results"
@@ -161,6 +173,7 @@ class GenerateConfig:
             must_exist(Path(str(self.dataset_source)) / "OmniMedVQA" / "QA_information" / "Open-access",
                        "dataset_source (test_omnimedvqa)", "dir")
         self._check_benchmarks()
+        self._check_backend()
 
     def _check_benchmarks(self) -> None:
         root = Path(str(self.dataset_source))
@@ -196,3 +209,45 @@ class GenerateConfig:
         if not any(getattr(self, s) for s in JUDGED_SUITES):
             raise ConfigError("judge_endpoint judges the open answers of test_slake, test_pathvqa, test_vqarad_hf and "
                               "test_questions; switch one on (test_vqarad is judged by tools/judge.py)")
+
+
+    def _check_backend(self) -> None:
+        """``backend=vllm``'s keys make sense together and vLLM can start; its keys are refused
+        with the native engine rather than ignored."""
+        vllm_keys = {"tensor_parallel_size": self.tensor_parallel_size != 1, "vllm_python": bool(self.vllm_python),
+                     "vllm_url": bool(self.vllm_url), "vllm_args": bool(self.vllm_args)}
+        if self.backend == "native":
+            given = [k for k, on in vllm_keys.items() if on]
+            if given:
+                raise ConfigError(f"{given[0]} is a key of backend=vllm (this run has backend=native); for several GPUs "
+                                  "with the native engine: medcap run --nproc_per_node N generate ...")
+            return
+        if self.vqa_scoring == "loglik":
+            raise ConfigError("vqa_scoring=loglik scores answers by their likelihood, which vLLM does not give for "
+                              "embedded prompts: use backend=native (or vqa_scoring=letter)")
+        for key, native_only in (("compile", self.compile), ("enable_kv_cache", not self.enable_kv_cache)):
+            if native_only:
+                raise ConfigError(f"{key}={getattr(self, key)} is a setting of the native engine; with backend=vllm "
+                                  f"vLLM decodes (drop {key}, or use backend=native)")
+        if self.vllm_url:
+            if not str(self.vllm_url).startswith(("http://", "https://")):
+                raise ConfigError(f"vllm_url={self.vllm_url!r} is not an http:// or https:// address")
+            return
+        why = vllm_missing(self.vllm_python)
+        if why:
+            raise ConfigError(f"backend=vllm: {why}; run `make vllm`, then `.venv-vllm/bin/medcap run generate ...` "
+                              "(or vllm_python=.venv-vllm/bin/python)")
+
+
+def vllm_missing(python: Optional[str] = None) -> Optional[str]:
+    """None when ``python`` (default: this interpreter) can import vLLM, else why not (one
+    line). The package is looked up in a child process, not imported (that takes seconds)."""
+    py = python or sys.executable
+    if not (os.path.isfile(py) and os.access(py, os.X_OK)):
+        return f"vllm_python={py!r} is not an executable Python interpreter"
+    probe = "import importlib.util as u, sys; s = u.find_spec('vllm'); sys.exit(0 if s and s.origin else 3)"
+    try:
+        done = subprocess.run([py, "-c", probe], capture_output=True, timeout=60, cwd=tempfile.gettempdir())
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{py!r} could not be run: {e}"
+    return None if done.returncode == 0 else f"vLLM is not installed for {py}"

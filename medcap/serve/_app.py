@@ -57,7 +57,7 @@ class ServeState:
     """The loaded model and everything a request is checked against."""
 
     def __init__(self, engine, *, limits: Limits, model_name: str, cache_len: int, default_max_tokens: int,
-                 api_key: Optional[str] = None, examples: Optional[List[str]] = None):
+                 api_key: Optional[str] = None, examples: Optional[List[str]] = None, worker_class=BatchWorker):
         from medcap.data import image_transform
 
         self.engine = engine
@@ -70,7 +70,8 @@ class ServeState:
         self.examples = list(examples or [])
         self.image_size = int(engine.model.vision.visual.image_size)
         self.transform = image_transform(self.image_size)
-        self.worker = BatchWorker(engine, cache_len=self.cache_len, queue_size=limits.queue_size)
+        # BatchWorker drives medcap's engine; _vllm_worker.VllmWorker forwards to vLLM (--backend vllm)
+        self.worker = worker_class(engine, cache_len=self.cache_len, queue_size=limits.queue_size)
         self.created = int(time.time())
         self.access_counts: Dict[str, int] = {}  # kept by the access log: "cut" by a shutdown
 

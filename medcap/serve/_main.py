@@ -11,6 +11,7 @@ a medcap checkpoint or export folder records), a generation config and ``key=val
 overrides (``model``, ``tokenizer``, ``checkpointer``, ``vision_checkpoint``, ``device``,
 ``dtype``, ``batch_size``, ``max_new_tokens``, ``temperature``, ``top_k``, ``seed``), or
 ``--demo DIR`` for the model ``medcap demo`` trained in DIR (``demo/generate``, ``demo_dir=DIR``).
+``--backend vllm``: vLLM's server decodes (``load_engine``; stopped when this server stops).
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=d.request_timeout_s,
                    help=f"seconds a request may wait and generate before it is ended (default {d.request_timeout_s:g})")
     p.add_argument("--no-page", action="store_true", help="the API alone, without the web page")
+    p.add_argument("--backend", choices=("native", "vllm"), default=None,
+                   help="who decodes: medcap's engine (native, the config's default) or vLLM's server, fed the "
+                   "prompts' embeddings (vllm; from .venv-vllm/bin/medcap, made by `make vllm`)")
+    p.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="--backend vllm: GPUs the LLM is split over (vLLM's tensor parallelism)")
     add_connection_flags(p)  # connections: their cap and timeouts, the access log
     return accept_snake_case(p)
 
@@ -136,8 +142,9 @@ def read_model_config(config: str, overrides: Sequence[str]):
     return conf
 
 
-def load_engine(conf, batch_size: Optional[int]):
-    """Model + tokenizer loaded as ``medcap run generate`` loads them, in an engine."""
+def load_engine(conf, batch_size: Optional[int], max_context: Optional[int] = None):
+    """Model + tokenizer loaded as ``medcap run generate`` loads them, in an engine (for
+    ``backend=vllm`` a ``VllmEngine``, whose server holds ``max_context`` positions a request)."""
     import torch
     from omegaconf import DictConfig
     from torchtune import config as tt_config
@@ -152,9 +159,19 @@ def load_engine(conf, batch_size: Optional[int]):
     tokenizer = tt_config.instantiate(DictConfig(conf.tokenizer))
     model = load_model(conf.model, dataclasses.asdict(conf.checkpointer), device=torch.device(device),
                        dtype=conf.dtype, tokenizer=tokenizer, vision_checkpoint=conf.vision_checkpoint)
-    return GenerationEngine(model, tokenizer, batch_size=batch_size or conf.batch_size,
-                            temperature=float(conf.temperature or 0.0), top_k=conf.top_k,
-                            seed=conf.seed if conf.seed is not None else 0)
+    settings = dict(batch_size=batch_size or conf.batch_size, temperature=float(conf.temperature or 0.0),
+                    top_k=conf.top_k, seed=conf.seed if conf.seed is not None else 0)
+    if conf.backend == "vllm":
+        import shlex
+
+        from medcap.generation import VllmEngine
+
+        return VllmEngine.start(
+            model, tokenizer, conf.checkpointer.checkpoint_dir, dtype=conf.dtype, python=conf.vllm_python,
+            url=conf.vllm_url, tensor_parallel_size=conf.tensor_parallel_size, extra_args=shlex.split(conf.vllm_args or ""),
+            max_model_len=min(int(max_context or model.decoder.max_seq_len), int(model.decoder.max_seq_len)), **settings,
+        )
+    return GenerationEngine(model, tokenizer, **settings)
 
 
 def demo_examples(demo_dir: str, n: int = 4) -> List[str]:
@@ -210,11 +227,25 @@ def build_state(args):
         if not os.path.isdir(args.demo):
             raise UserError(f"--demo {args.demo!r} is not a folder: run `medcap demo --out {args.demo}` first")
         config, overrides = DEMO_CONFIG, [f"demo_dir={args.demo}", *overrides]
+    overrides += [f"{k}={v}" for k, v in (("backend", args.backend), ("tensor_parallel_size", args.tensor_parallel_size))
+                  if v is not None]  # the flags are the config's keys
     conf = read_model_config(config, overrides)
-    engine = load_engine(conf, args.batch_size)
-    return ServeState(engine, limits=limits, model_name=args.model_name, cache_len=args.max_context,
-                      default_max_tokens=min(conf.max_new_tokens, limits.max_tokens), api_key=args.api_key,
-                      examples=demo_examples(args.demo) if args.demo else [])
+    from medcap.generation import VllmError
+    from medcap.serve._vllm_worker import VllmWorker
+    from medcap.serve._worker import BatchWorker
+
+    try:
+        engine = load_engine(conf, args.batch_size, args.max_context)
+    except VllmError as e:  # --backend vllm: its server did not start; one line, naming its log
+        raise UserError(str(e)) from None
+    try:
+        return ServeState(engine, limits=limits, model_name=args.model_name, cache_len=args.max_context,
+                          default_max_tokens=min(conf.max_new_tokens, limits.max_tokens), api_key=args.api_key,
+                          examples=demo_examples(args.demo) if args.demo else [],
+                          worker_class=VllmWorker if conf.backend == "vllm" else BatchWorker)
+    except BaseException:
+        getattr(engine, "close", lambda: None)()  # a vLLM server started for it stops
+        raise
 
 
 def _serve(argv: List[str]) -> int:
@@ -227,6 +258,7 @@ def _serve(argv: List[str]) -> int:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     limits = connection_limits(args)
     listener = open_listener(args.host, args.port)  # the port is ours (or refused) before the model loads
+    state = None
     try:
         connection_cap(limits.max_connections, warn=False)  # the open-file limit checked before loading too
         state = build_state(args)
@@ -236,6 +268,9 @@ def _serve(argv: List[str]) -> int:
         by_sigterm = serve_forever(app, listener, limits, connection_cap(limits.max_connections))
     finally:
         listener.close()
+        close = getattr(getattr(state, "engine", None), "close", None)  # --backend vllm: its server stops with this one
+        if close is not None:
+            close()
     cut = state.access_counts.get("cut", 0)
     if cut:
         log.error("stopped: %d request(s) were cut at the --drain-timeout of %g s", cut, limits.drain_timeout_s)
