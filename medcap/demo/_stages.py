@@ -350,8 +350,9 @@ class Demo:
         except Exception as e:  # the numbers matter more than the picture; say why it is missing
             problems = [f"report.png could not be drawn: {type(e).__name__}: {e}"]
         seconds = summary["seconds"]  # the report's own time, now that it is known
+        seconds.pop("total", None)
         seconds["report"] = round(time.perf_counter() - self._stage_t0, 1)
-        seconds["total"] = round(sum(v for k, v in seconds.items() if k != "total"), 1)
+        seconds["total"] = round(sum(seconds.values()), 1)
         summary["report_problems"] = problems
         _write_json(self.summary_path(), summary)
         print_summary(summary, problems)
