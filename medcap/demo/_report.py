@@ -316,8 +316,9 @@ def _table_rows(summary: Dict[str, Any]) -> List[str]:
             hb = ch.get(split, {})
             count = tb.get("n_questions" if metric == "macro_accuracy" else "n_images")
             check = needed.get((metric, split))
-            target = "" if check is None or check["needed"] is None else (
-                f">= {check['needed']:.3f}" + ("" if check["met"] is None else (" met" if check["met"] else " MISSED")))
+            target = "" if check is None or check["needed"] is None else f">= {check['needed']:.3f}" + (
+                " (not judged in --quick)" if summary.get("quick") else
+                "" if check["met"] is None else " met" if check["met"] else " MISSED")
             label = f"{name}, {split}" + (f" ({count})" if count else "")
             lines.append(f"  {label:36s}{_f(tb.get(metric)):>9s}{_f(cb.get(metric)):>9s}{_f(hb.get(metric)):>9s}"
                          f"  {target}")

@@ -69,6 +69,7 @@ def test_quick_run_says_which_targets_it_can_meet(quick_demo):
     assert "targets met: False" not in printed and "report.png:" not in printed  # no image went missing
     for row in ("CIDEr, seen (8)", "CIDEr, unseen (8)", "macro accuracy, unseen (8)", "caption exact match, seen"):
         assert row in printed
+    assert printed.count("(not judged in --quick)") == 4 and "MISSED" not in printed
 
 
 def test_commands_rerun_their_stage(quick_demo):
