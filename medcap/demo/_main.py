@@ -3,8 +3,7 @@
 Stages (a finished one is skipped; ``--force`` redoes everything):
 
 =====================  =====================================================================
-world                  synthetic images, captions, OmniMedVQA-layout questions (train/test);
-                       some (modality, kind, location) combinations kept out of train
+world                  images, captions, questions (train/test); some combinations kept out of train
 tokenizer              byte-level BPE learnt on the demo's text, written in tiktoken format
 lm                     text-only pretraining of a tiny Llama-3.1 LM, saved in HF format
 train                  ``medcap run full_finetune_single_device --config demo/train``
