@@ -84,6 +84,7 @@ def aggregate(runs: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
     series = {k: [r["figures"][k] for r in runs if k in r["figures"]] for k in keys}
     series["seconds.total"] = [r["seconds"]["total"] for r in runs if r["seconds"].get("total")]
     series["seconds.train"] = [r["seconds"]["train"] for r in runs if r["seconds"].get("train")]
+    series["cpu_seconds.total"] = [r["cpu_seconds"]["total"] for r in runs if r["cpu_seconds"].get("total")]
     series["running_share"] = [r["running_share"] for r in runs if r["running_share"] is not None]
     return {k: {"mean": sum(v) / len(v), "min": min(v), "max": max(v)} for k, v in series.items() if v}
 
@@ -151,14 +152,15 @@ def render_table(data: Dict[str, Any]) -> str:
         lines.append(f"| {label} | {_cell(agg, f'trained.{split}.{metric}', d, bold=True)} | "
                      f"{_cell(agg, f'control.{split}.{metric}', d)} | {_cell(agg, f'chance.{split}.{metric}', d)} |")
     wall, train = agg.get("seconds.total"), agg.get("seconds.train")
-    share = agg.get("running_share")
+    share, cpu = agg.get("running_share"), agg.get("cpu_seconds.total")
     lines.append(f"| targets met (all four: CIDEr and accuracy, seen and unseen) | {met} of {len(runs)} runs | | |")
     if wall:
         note = f"{wall['min']:.0f}-{wall['max']:.0f} s per run, of which vision training " \
                f"{train['min']:.0f}-{train['max']:.0f} s" if train else f"{wall['min']:.0f}-{wall['max']:.0f} s per run"
-        if share:
+        if share and cpu:
             note += f"; the demo's processes ran {100 * share['min']:.0f}-{100 * share['max']:.0f}% of it " \
-                    "(CPU s / (wall s x threads); the rest is waiting for a CPU on a shared machine)"
+                    f"(CPU s / (wall s x threads): {cpu['min']:.0f}-{cpu['max']:.0f} CPU s), the rest is " \
+                    "waiting for a CPU on a machine shared with other jobs"
         lines.append(f"| wall time on 2 CPU cores | {note} | | |")
     return "\n".join(lines)
 

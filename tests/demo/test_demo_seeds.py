@@ -53,6 +53,7 @@ def test_figures_and_aggregate_by_hand(tmp_path):
     assert "120 test images of seen and 120 of unseen combinations" in table
     assert "| targets met (all four: CIDEr and accuracy, seen and unseen) | 3 of 3 runs |" in table
     assert "300-500 s per run, of which vision training 150-250 s" in table
+    assert "ran 50-50% of it (CPU s / (wall s x threads): 150-250 CPU s)" in table
 
 
 def test_refuses_mixed_settings_and_wrong_seeds(tmp_path):
