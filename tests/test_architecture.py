@@ -236,3 +236,12 @@ def test_internals_md_maps_every_module():
                if f"`{name}`" not in text and f"`{name.rsplit('.', 1)[-1]}`" not in text]
     assert not missing, f"docs/internals.md does not mention {missing}"
     assert "@" not in text.replace("`@`", ""), "a placeholder was left in docs/internals.md"
+
+
+def test_test_modules_have_unique_names():
+    """tests/ has no package __init__, so pytest imports each test file by its base name:
+    two files of one name stop the whole collection ("import file mismatch")."""
+    seen = {}
+    for p in sorted((REPO / "tests").rglob("test_*.py")):
+        assert p.name not in seen, f"{p.relative_to(REPO)} and {seen[p.name].relative_to(REPO)} share a name"
+        seen[p.name] = p

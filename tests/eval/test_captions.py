@@ -85,3 +85,18 @@ def test_caption_set_prompt_is_the_conversation_before_the_first_answer(tmp_path
     assert items[1].messages == [{"role": "user", "content": "<image>\n\nDescribe the image."}]
     assert [it.image for it in items] == [r["image"] for r in recs[:3]]  # the record's own value
     assert all(Path(it.file).is_file() and Path(it.file).name == Path(it.image).name for it in items)
+
+
+@pytest.mark.slow
+def test_a_carriage_return_would_shift_the_captions_after_it_in_pycocoevalcap():
+    """Why medcap writes a reply's ``\\r`` as ``\\n``: pycocoevalcap's PTB tokenizer joins the
+    captions one per line after turning ``\\n`` into a space, but not ``\\r``, which Java
+    then reads as a line break: every later caption is scored against the wrong line."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    check_java()
+    tok = PTBTokenizer()
+    with_cr = tok.tokenize({0: [{"caption": "a small\rnodule"}], 1: [{"caption": "no finding"}]})
+    with_lf = tok.tokenize({0: [{"caption": "a small\nnodule"}], 1: [{"caption": "no finding"}]})
+    assert with_lf == {0: ["a small nodule"], 1: ["no finding"]}
+    assert with_cr[0] == ["a small"] and with_cr[1] != ["no finding"]  # caption 1 got caption 0's tail
