@@ -9,11 +9,16 @@ import base64
 import hashlib
 import importlib.util
 import struct
+import sys
 from pathlib import Path
 
 import pytest
 
 # sha256 of Meta's published Llama-3 / 3.1 original/tokenizer.model.
+# tests/fixtures holds helper modules tests import by name: the seeded tiny model vLLM takes
+# (vllm_tiny) and a stand-in vLLM server over real HTTP (fake_vllm).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+
 LLAMA3_TOKENIZER_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
 
 

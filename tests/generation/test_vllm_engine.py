@@ -32,14 +32,8 @@ from medcap.generation._vllm_server import VllmServer
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, FIXTURES / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-vt, fv = _load("vllm_tiny"), _load("fake_vllm")
+import fake_vllm as fv  # noqa: E402  (tests/fixtures, on the path from tests/conftest.py)
+import vllm_tiny as vt  # noqa: E402
 
 
 @pytest.fixture(scope="module")

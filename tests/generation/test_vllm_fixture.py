@@ -5,7 +5,6 @@ model (``tests/fixtures/vllm_greedy.json``, recorded by ``tests/fixtures/vllm_ti
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -29,9 +28,7 @@ from medcap.generation._vllm import (
 )
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-_spec = importlib.util.spec_from_file_location("vllm_tiny", FIXTURES / "vllm_tiny.py")
-vt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(vt)
+import vllm_tiny as vt  # noqa: E402  (tests/fixtures, on the path from tests/conftest.py)
 
 # vLLM (float32, its CPU kernels) vs our float32 forward: recorded differences are ~1e-6.
 LOGPROB_TOL = 1e-4

@@ -17,17 +17,10 @@ import pytest
 from medcap.eval import read_csv_rows
 from medcap.generation import GenerationEngine, VllmEngine
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, FIXTURES / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-vt, fv = _load("vllm_tiny"), _load("fake_vllm")
+import fake_vllm as fv  # noqa: E402  (tests/fixtures, on the path from tests/conftest.py)
+import vllm_tiny as vt  # noqa: E402
 MODEL = {f"model.{k}": v for k, v in {**vt.SIZES, "max_seq_len": vt.RECIPE_MAX_SEQ_LEN}.items()}
 
 

@@ -6,7 +6,6 @@ Skipped where vLLM does not import (the main environment)."""
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import socket
 import time
@@ -33,9 +32,7 @@ from medcap.generation._vllm_server import VllmServer  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-_spec = importlib.util.spec_from_file_location("vllm_tiny", FIXTURES / "vllm_tiny.py")
-vt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(vt)
+import vllm_tiny as vt  # noqa: E402  (tests/fixtures, on the path from tests/conftest.py)
 
 LOGPROB_TOL = 1e-4  # float32 on both sides; observed differences are ~1e-6
 

@@ -10,7 +10,6 @@ Skipped where vLLM does not import (the main environment)."""
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import os
 import re
@@ -30,9 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures"
-_spec = importlib.util.spec_from_file_location("vllm_tiny", FIXTURES / "vllm_tiny.py")
-vt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(vt)
+import vllm_tiny as vt  # noqa: E402  (tests/fixtures, on the path from tests/conftest.py)
 
 VQA_TYPES = ("no_cond_desc", "no_cond_desc_no_image", "cond_desc", "cond_desc_no_image", "omit")
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
