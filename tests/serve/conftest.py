@@ -73,7 +73,7 @@ class LiveServer:
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=15)
+        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="session")
@@ -129,9 +129,9 @@ def image_message():
 # ---- medcap serve's own connection handling (the cap, the timeouts), in a thread
 
 
-class GuardedServer:
+class GuardedServer(LiveServer):
     """``app`` served as ``medcap serve`` serves it (``_connections``), on 127.0.0.1 in a
-    daemon thread; ``.guard`` counts what it closed."""
+    daemon thread; ``.guard`` counts what it closed. Started and stopped as ``LiveServer``."""
 
     def __init__(self, app, limits, cap: int):
         from medcap.serve._connections import make_server, open_listener
@@ -149,17 +149,8 @@ class GuardedServer:
 
         asyncio.run(run_server(self.server, self.listener, self.guard))
 
-    def __enter__(self) -> "GuardedServer":
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.05)
-        return self
-
     def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        super().__exit__(*exc)
         self.listener.close()
 
 
