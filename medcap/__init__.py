@@ -1,7 +1,8 @@
 """medcap: a frozen Llama-3.1-8B-Instruct with a trained BiomedCLIP vision tower and
 projector, for medical image captioning and VQA.
 
-The public Python API is the ``__all__`` of each package (README.md, "Python API"):
+``medcap.load(CHECKPOINT)`` is a trained model in one line (``caption``, ``ask``, ``chat``;
+``medcap._api``). The rest of the public Python API is the ``__all__`` of each package (README.md, "Python API"):
 ``medcap.models`` (builders, ``load_model``, the tokenizer), ``medcap.data``,
 ``medcap.generation`` (``GenerationEngine``), ``medcap.models`` and
 ``medcap.eval`` (the evaluation suites). Modules whose names start with ``_`` are
@@ -15,7 +16,7 @@ import importlib
 import sys
 from typing import Any, Callable, List, Mapping, Tuple
 
-__all__: List[str] = []  # the API lives in the packages
+__all__: List[str] = ["load"]  # the rest of the API lives in the packages
 
 
 def lazy_attrs(package: str, where: Mapping[str, str]) -> Tuple[Callable[[str], Any], Callable[[], List[str]]]:
@@ -34,3 +35,7 @@ def lazy_attrs(package: str, where: Mapping[str, str]) -> Tuple[Callable[[str], 
         return sorted(set(vars(sys.modules[package])) | set(where))
 
     return __getattr__, __dir__
+
+
+# ``medcap.load``, imported on first use: ``import medcap`` stays free of torch.
+__getattr__, __dir__ = lazy_attrs(__name__, {"load": "medcap._api"})

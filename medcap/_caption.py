@@ -5,11 +5,11 @@
     medcap chat scan.png --checkpoint RUN/checkpoint/meta_model_last.safetensors
 
 In order: the command line (image files, folders, globs; ``key=value`` config overrides);
-which model (``resolve_model_config``: a generation config and the LLM folder, every path
-checked); ``Captioner`` (the model, loaded once); ``caption`` (images in batches -> rows);
-``chat`` (turns about one image); the entry points (one-line errors). Generation is greedy
-unless ``--temperature`` is given. Nothing heavy (torch) is imported before the command
-line has been read and every path checked.
+which model (``resolve_model_config``: what the checkpoint records, or a generation config and
+the LLM folder; every path checked); ``Captioner`` (the model, loaded once); ``caption``
+(images in batches -> rows); ``chat`` (turns about one image); the entry points (one-line
+errors). Generation is greedy unless ``--temperature`` is given. Nothing heavy (torch) is
+imported before the command line has been read and every path checked.
 """
 
 from __future__ import annotations
@@ -69,13 +69,13 @@ def _parser(chat: bool) -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=None,
                        help="images generated together (default: the config's batch_size)")
     p.add_argument("--checkpoint", default=None,
-                   help="the trained vision tower + projector (.safetensors or the reference's .pt); "
-                   "default: the config's vision_checkpoint")
+                   help="the trained vision tower + projector (medcap's .safetensors, a folder `medcap export` "
+                   "wrote, or the reference's .pt); default: the config's vision_checkpoint")
     p.add_argument("--llm", default=None,
                    help=f"the Hugging Face Llama folder; default: the checkpoint's metadata, then ${LLM_ENV}")
     p.add_argument("--config", default=None,
-                   help=f"generation config (name or path) describing the model; default {DEFAULT_CONFIG} "
-                   "(Llama-3.1-8B); demo/generate for the demo's model")
+                   help="generation config (name or path) describing the model; default: the model the checkpoint "
+                   f"records (a reference .pt records none: pass --config {DEFAULT_CONFIG} for Llama-3.1-8B)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's max_new_tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -116,33 +116,26 @@ def expand_images(specs: Sequence[str]) -> List[str]:
 
 # ---- which model
 #
-# The model is described by a generation config (``--config``, default
-# ``custom_generation_config``, the 8B model): its ``model``, ``tokenizer``,
-# ``checkpointer``, ``device``, ``dtype`` and ``max_new_tokens`` are used, and ``key=value``
-# arguments override them (``demo_dir=...``). The LLM folder is, in order: ``--llm``; the
-# folder the vision checkpoint's metadata records (``llm_dir``, when it still exists);
-# ``$MEDCAP_LLM``; the config's ``checkpointer.checkpoint_dir`` when ``--config`` was given.
-# A folder found any way but the last is read as a Hugging Face Llama folder: every
-# ``*.safetensors`` in it, the tokenizer at ``original/tokenizer.model``.
+# A checkpoint medcap trained (or a folder `medcap export` wrote) records its model: without
+# ``--config`` the model, LLM folder, tokenizer and dtype come from it (``checkpoint/generate``
+# holds the generation keys), ``--llm`` (else ``$MEDCAP_LLM`` when the recorded folder is gone)
+# points at a moved LLM, and ``key=value`` overrides win key by key. A checkpoint that records
+# nothing (the reference's .pt) needs ``--config``, which then describes the model (its ``model``,
+# ``tokenizer``, ``checkpointer``, ``device``, ``dtype`` and ``max_new_tokens``). With a config, the
+# LLM folder is, in order: ``--llm``; the folder the checkpoint's metadata records (``llm_dir``,
+# when it still exists); ``$MEDCAP_LLM``; the config's ``checkpointer.checkpoint_dir``. A folder
+# found any way but the last is read as a Hugging Face Llama folder: every ``*.safetensors`` in
+# it, the tokenizer at ``original/tokenizer.model``.
 
 
 def checkpoint_llm_dir(path: str) -> Optional[str]:
-    """The LLM folder a medcap ``.safetensors`` vision checkpoint records (``llm_dir``)."""
-    if not str(path).endswith(".safetensors"):
-        return None
-    try:
-        from safetensors import safe_open
+    """The LLM folder a medcap vision checkpoint records (``llm_dir``)."""
+    from medcap.config._from_checkpoint import checkpoint_llm_dir as recorded
 
-        with safe_open(str(path), framework="numpy") as f:
-            meta = json.loads((f.metadata() or {}).get("medcap", "{}"))
-    except Exception as e:  # a damaged file is reported when the weights are loaded
-        log.debug("no metadata read from %s: %s", path, e)
-        return None
-    value = meta.get("llm_dir")
-    return str(value) if value else None
+    return recorded(path)
 
 
-def _llm_dir(args, config_given: bool, cfg, env: Dict[str, str]) -> Tuple[Optional[str], str]:
+def _llm_dir(args, cfg, env: Dict[str, str]) -> Tuple[Optional[str], str]:
     """(folder, where it came from); folder None means: keep the config's."""
     if args.llm:
         return args.llm, "--llm"
@@ -153,12 +146,59 @@ def _llm_dir(args, config_given: bool, cfg, env: Dict[str, str]) -> Tuple[Option
         log.info("the vision checkpoint names the LLM folder %s, which is not there (moved?)", recorded)
     if env.get(LLM_ENV):
         return env[LLM_ENV], f"${LLM_ENV}"
-    if config_given:
-        return None, "the config"
-    raise UserError(
-        f"which LLM? give --llm LLAMA_DIR (the Hugging Face Llama-3.1-8B-Instruct folder), set ${LLM_ENV}, "
-        "or pass --config with the checkpointer of the model (e.g. --config demo/generate)"
-    )
+    return None, "the config"
+
+
+def _config_name(args, overrides: Sequence[str]) -> Tuple[str, bool]:
+    """(the config to read, whether the checkpoint describes the model instead of a config)."""
+    from medcap._registry import CHECKPOINT_CONFIG
+    from medcap.config import ConfigError
+    from medcap.config._from_checkpoint import NO_DESCRIPTION, describes_model, read_metadata
+
+    if args.config:
+        return args.config, False
+    ckpt = args.checkpoint or next((o.split("=", 1)[1] for o in overrides if o.startswith("vision_checkpoint=")), None)
+    if not ckpt:
+        raise UserError("give --checkpoint VISION_CKPT (the trained vision tower + projector, or a folder "
+                        "`medcap export` wrote)")
+    if not os.path.exists(ckpt):
+        raise UserError(f"vision checkpoint not found: {ckpt!r}")
+    try:
+        described = describes_model(read_metadata(ckpt))
+    except ConfigError as e:  # a damaged file or an incomplete export folder, named
+        raise UserError(str(e)) from None
+    if described:
+        return CHECKPOINT_CONFIG, True
+    what = "a reference .pt records nothing" if not ckpt.endswith(".safetensors") else \
+        "written before checkpoints described their model"
+    raise UserError(NO_DESCRIPTION.format(path=ckpt, why=what))
+
+
+def _fill_from_checkpoint(cfg, args, env: Dict[str, str]) -> None:
+    """The model sections the config leaves out, from the checkpoint; ``--llm`` (or
+    ``$MEDCAP_LLM`` when the recorded LLM folder is gone) points at the LLM folder."""
+    from omegaconf import OmegaConf
+
+    from medcap.config import ConfigError
+    from medcap.config._from_checkpoint import SECTIONS, fill_sections
+
+    given = {k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_config(cfg.get(k)) else cfg.get(k) for k in SECTIONS}
+    if args.llm:
+        given["checkpointer"] = {**(given["checkpointer"] or {}), "checkpoint_dir": args.llm}
+    try:
+        filled = fill_sections(given, cfg.vision_checkpoint)
+    except ConfigError as e:
+        if args.llm or not env.get(LLM_ENV) or "LLM folder" not in str(e):
+            raise UserError(str(e)) from None
+        given["checkpointer"] = {**(given["checkpointer"] or {}), "checkpoint_dir": env[LLM_ENV]}
+        try:
+            filled = fill_sections(given, cfg.vision_checkpoint)
+        except ConfigError as again:
+            raise UserError(f"{again} (${LLM_ENV}={env[LLM_ENV]})") from None
+    for key in SECTIONS:
+        cfg[key] = filled[key]
+    log.info("model %s, LLM folder %s (from the checkpoint%s)", filled["model"]["_component_"],
+             filled["checkpointer"]["checkpoint_dir"], ", --llm" if args.llm else "")
 
 
 def resolve_model_config(args, overrides: Sequence[str], env: Optional[Dict[str, str]] = None):
@@ -169,17 +209,15 @@ def resolve_model_config(args, overrides: Sequence[str], env: Optional[Dict[str,
     from medcap._registry import resolve_config
 
     env = dict(os.environ if env is None else env)
+    name, from_checkpoint = _config_name(args, overrides)
     try:
-        path = resolve_config(args.config or DEFAULT_CONFIG)
+        path = resolve_config(name)
     except CLIError as e:
         raise UserError(str(e)) from None
     try:
         cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
     except Exception as e:
         raise UserError(f"cannot read the config {str(path)!r} with {list(overrides)}: {e}") from None
-    for section in ("model", "tokenizer", "checkpointer"):
-        if not cfg.get(section):
-            raise UserError(f"the config {str(path)!r} has no {section} section: give a generation config")
     if args.checkpoint:
         cfg.vision_checkpoint = args.checkpoint
     if not cfg.get("vision_checkpoint"):
@@ -188,10 +226,22 @@ def resolve_model_config(args, overrides: Sequence[str], env: Optional[Dict[str,
         if value is not None:
             cfg[key] = value
     OmegaConf.resolve(cfg)  # ${demo_dir}, ${vision}: before the paths are checked
-    if not os.path.isfile(cfg.vision_checkpoint):
+    if not os.path.exists(cfg.vision_checkpoint):
         raise UserError(f"vision checkpoint not found: {cfg.vision_checkpoint!r}")
+    if from_checkpoint:
+        _fill_from_checkpoint(cfg, args, env)
+    else:
+        _llm_from_flags(cfg, args, env, path)
+    _check_paths(cfg)
+    return cfg
 
-    llm, source = _llm_dir(args, args.config is not None, cfg, env)
+
+def _llm_from_flags(cfg, args, env: Dict[str, str], path) -> None:
+    """With a config: the LLM folder from --llm, the checkpoint's llm_dir, $MEDCAP_LLM or the config."""
+    for section in ("model", "tokenizer", "checkpointer"):
+        if not cfg.get(section):
+            raise UserError(f"the config {str(path)!r} has no {section} section: give a generation config")
+    llm, source = _llm_dir(args, cfg, env)
     if llm is not None:
         if not os.path.isdir(llm):
             raise UserError(f"the LLM folder {llm!r} (from {source}) is not a folder")
@@ -202,13 +252,16 @@ def resolve_model_config(args, overrides: Sequence[str], env: Optional[Dict[str,
         if os.path.isfile(special):  # the demo's and the tests' small tokenizers remap their special ids
             cfg.tokenizer.special_tokens_path = special
     log.info("LLM folder %s (from %s)", cfg.checkpointer.checkpoint_dir, source)
+
+
+def _check_paths(cfg) -> None:
+    if not os.path.isdir(cfg.checkpointer.checkpoint_dir):
+        raise UserError(f"the LLM folder {cfg.checkpointer.checkpoint_dir!r} is not a folder (give --llm LLAMA_DIR "
+                        f"or set ${LLM_ENV})")
     for key in ("path", "special_tokens_path"):
         p = cfg.tokenizer.get(key)
         if p and not os.path.isfile(p):
             raise UserError(f"tokenizer file not found: {p!r} (tokenizer.{key})")
-    if not os.path.isdir(cfg.checkpointer.checkpoint_dir):
-        raise UserError(f"the LLM folder {cfg.checkpointer.checkpoint_dir!r} is not a folder")
-    return cfg
 
 
 # ---- the model

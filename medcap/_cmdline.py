@@ -2,7 +2,9 @@
 packages' command-line entry points (``medcap serve``, ``medcap caption``, the demo, the
 tools) need not import ``medcap.cli``.
 
-    CLIError             a problem with the command line, reported as one clear line
+    UserError, CLIError  what the user asked for is refused (their command line, config, data
+                         or files): one line ``medcap CMD: error: ...``, exit status 2
+    stopped              Ctrl-C: one line ``medcap CMD: stopped ...``, exit status 130
     accept_snake_case    ``--snake_case`` spellings of ``--kebab-case`` flags still accepted
     quiet_broken_pipe    a quiet exit when the reader of stdout goes away (``medcap ls | head``)
 
@@ -18,8 +20,29 @@ import sys
 from typing import Callable, Dict, List, Optional
 
 
-class CLIError(Exception):
+# ---- refusals and Ctrl-C
+
+EXIT_USER_ERROR = 2  # what argparse uses for a bad command line
+EXIT_STOPPED = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
+
+
+class UserError(Exception):
+    """What the user asked for is refused: their command line, config, data or files.
+    Every entry point reports it as one line, ``medcap CMD: error: MESSAGE``, with exit
+    status 2; the message says what to change. A refusal raised deep in the library
+    (``eval``'s results folder, ``config``'s checks) subclasses it, so that an entry
+    point tells a user's mistake from medcap's own failure without catching ``ValueError``."""
+
+
+class CLIError(UserError):
     """A problem with the command line, reported as one clear message."""
+
+
+def stopped(prog: str, hint: str = "") -> int:
+    """Ctrl-C: one line on stderr, ``PROG: stopped (Ctrl-C)`` and ``hint``; returns 130."""
+    lead = "\n" if sys.stderr.isatty() else ""  # off the line the terminal echoed ^C on (or a prompt)
+    print(f"{lead}{prog}: stopped (Ctrl-C){'; ' + hint if hint else ''}", file=sys.stderr, flush=True)
+    return EXIT_STOPPED
 
 
 # ---- flag spellings

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from medcap._cmdline import CLIError
-from medcap._registry import RECIPES_ENV, config_names, recipes_dir, resolve_config, resolve_recipe
+from medcap._registry import CHECKPOINT_CONFIG, RECIPES_ENV, config_names, recipes_dir, resolve_config, resolve_recipe
 
 # torchrun options that would make torchrun treat our recipe path as something else.
 _REFUSED_TORCHRUN = {"module": "-m/--module", "no_python": "--no-python", "run_path": "--run-path"}
@@ -73,8 +73,11 @@ def build_run_command(argv: Sequence[str]) -> List[str]:
         else:
             overrides.append(arg)
         i += 1
+    if config is None and recipe.stem == "generate" and any(o.startswith("vision_checkpoint=") for o in overrides):
+        config = CHECKPOINT_CONFIG  # the model, LLM, tokenizer and dtype the checkpoint records
     if config is None:
-        raise CLIError(f"--config CONFIG is required after the recipe; medcap's configs are {config_names()}")
+        raise CLIError(f"--config CONFIG is required after the recipe (generate: or vision_checkpoint=CKPT, a "
+                       f"checkpoint that records its model); medcap's configs are {config_names()}")
     cmd = [str(recipe), "--config", str(resolve_config(config)), *overrides]
     if opts:
         return [sys.executable, "-m", "torch.distributed.run", *opts, *cmd]

@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Tuple
 from medcap._cmdline import CLIError
 
 RECIPES_ENV = "MEDCAP_RECIPES_DIR"
+# `medcap run generate vision_checkpoint=CKPT` without --config: the model comes from the checkpoint
+CHECKPOINT_CONFIG = "checkpoint/generate"
 CONFIG_SUFFIXES = (".yaml", ".yml")
 
 
@@ -50,7 +52,9 @@ RECIPES: Dict[str, Recipe] = {
     "full_finetune_distributed": Recipe(
         "full_finetune_distributed.py", ("tiny/full_finetune_distributed", "llama3_1/8B_full")
     ),
-    "generate": Recipe("generate.py", ("tiny/generate", "custom_generation_config", "demo/generate")),
+    "generate": Recipe(
+        "generate.py", ("tiny/generate", "custom_generation_config", "demo/generate", CHECKPOINT_CONFIG)
+    ),
 }
 
 

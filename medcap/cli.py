@@ -2,24 +2,26 @@
 
     medcap run [--dry-run] [torchrun options] RECIPE --config CONFIG [key=value ...]
     medcap ls | cp | cat | validate ...        medcap validate-data | demo | rescore | report ...
-    medcap caption | chat | serve ...
+    medcap caption | chat | serve | export ...
 
 Each subcommand lives in the module that does its work, imported only when it runs
 (``_COMMANDS``), so one command's imports (torch) never slow down another or its
 ``--help``: ``run`` in ``medcap._launch``, ``ls``/``cp``/``cat``/``validate`` in
 ``medcap._config_commands``, the others in their packages. Recipe and config names are
-resolved by ``medcap._registry``; the conventions every command shares (``CLIError``,
-``--snake_case`` spellings, a quiet closed pipe) are in ``medcap._cmdline``. Nothing
+resolved by ``medcap._registry``; the conventions every command shares (``UserError`` and
+``CLIError`` in one line with exit 2, Ctrl-C in one line with exit 130, ``--snake_case``
+spellings, a quiet closed pipe) are in ``medcap._cmdline``. Nothing
 below this module imports it; it re-exports the names scripts import from it.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from medcap._cmdline import CLIError, accept_snake_case, quiet_broken_pipe
+from medcap._cmdline import EXIT_USER_ERROR, CLIError, UserError, accept_snake_case, quiet_broken_pipe, stopped
 from medcap._launch import build_run_command, run
 from medcap._registry import resolve_config, resolve_recipe
 
@@ -57,13 +59,15 @@ commands:
   report RESULTS_DIR...
                  one table of every checkpoint's benchmark scores, as CSV, Markdown and PNG
                  (medcap report -h)
-  caption IMAGE_OR_FOLDER... --checkpoint VISION_CKPT [--question "..."] [--llm DIR] [--out F.jsonl|.csv]
+  caption IMAGE_OR_FOLDER... --checkpoint CKPT [--question "..."] [--llm DIR] [--out F.jsonl|.csv]
                  caption images (or answer a question about each) with a trained model
                  (medcap caption -h)
-  chat IMAGE --checkpoint VISION_CKPT [--llm DIR]
+  chat IMAGE --checkpoint CKPT [--llm DIR]
                  talk about one image, several turns; q quits (medcap chat -h)
-  serve (--demo DIR | --config CONFIG [key=value ...]) [--host H] [--port P]
+  serve (--checkpoint CKPT | --demo DIR | --config CONFIG [key=value ...]) [--host H] [--port P]
                  an OpenAI-compatible API and a web page for a trained model (medcap serve -h)
+  export CHECKPOINT --out DIR [--include-llm] [--results RESULTS_DIR]
+                 a Hugging Face model folder that transformers loads alone (medcap export -h)
 """
 
 
@@ -93,6 +97,7 @@ _COMMANDS: Dict[str, Union[Callable[[List[str]], int], Tuple[str, str]]] = {
     "caption": ("medcap._caption", "caption_main"),
     "chat": ("medcap._caption", "chat_main"),
     "serve": ("medcap.serve", "serve_main"),
+    "export": ("medcap.export", "export_main"),
 }
 
 
@@ -133,9 +138,13 @@ def _main(argv: List[str]) -> int:
         if isinstance(target, tuple):
             return _dispatch(command, *target, rest)
         return target(rest)
-    except CLIError as e:
+    except UserError as e:  # CLIError, and any refusal a subcommand left to this line
+        if os.environ.get("MEDCAP_DEBUG"):  # the traceback, for a bug report
+            raise
         print(f"medcap {command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return stopped(f"medcap {command}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -3,7 +3,8 @@ production module imports this one (tests/test_architecture.py checks).
 
 Everything is made on the spot, offline, in the real file formats: a tiktoken
 ``tokenizer.model`` with remapped special tokens, an HF folder of a
-Llama-3.1-architecture model (``config.json`` + safetensors), synthetic images,
+Llama-3.1-architecture model (``config.json`` + safetensors), a vision checkpoint that
+describes its model as training's do (``make_described_checkpoint``), synthetic images,
 sharegpt JSON in the reference's layout, and VQA-RAD / OmniMedVQA folder layouts
 with the real sets' quirks, and small copies of the field's benchmarks' download
 layouts (SLAKE, PathVQA / VQA-RAD parquet, PMC-VQA). It is also the command that makes the assets the tiny
@@ -195,6 +196,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     info = make_tiny_training_assets(args.out_dir, samples=args.samples, bad=args.bad, seed=args.seed)
     print(f"tiny assets in {info['assets_dir']}; pass: {' '.join(info['overrides'])}")
     return 0
+
+
+def make_described_checkpoint(path: str | Path, llm: Dict[str, Any], *, seed: int = 0, num_image_tokens: int = 4,
+                              tune: Optional[Any] = None) -> Dict[str, Any]:
+    """A ``.safetensors`` vision checkpoint of a tiny model on ``llm`` (what :func:`make_tiny_llm`
+    returns) that records its model as the training recipe's checkpoints do; ``tune(model)``
+    may change the weights first. Returns ``path`` and the config ``sections`` it records."""
+    import torch
+
+    from medcap.models import load_llama_weights, medcap_tiny, save_vision_checkpoint
+    from medcap.training import describe_model
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model_cfg = {"_component_": "medcap.models.medcap_tiny", **llm["model_kwargs"],
+                 "num_image_tokens": num_image_tokens}
+    torch.manual_seed(seed)
+    model = medcap_tiny(**{k: v for k, v in model_cfg.items() if k != "_component_"})
+    load_llama_weights(model, llm["checkpoint_dir"], llm["checkpoint_files"])
+    if tune is not None:
+        tune(model)
+    checkpointer = {"checkpoint_dir": llm["checkpoint_dir"], "checkpoint_files": llm["checkpoint_files"],
+                    "model_type": "LLAMA3"}
+    tokenizer = {"_component_": "medcap.models.llama3_tokenizer", "path": llm["tokenizer_path"],
+                 "special_tokens_path": llm["special_tokens_path"], "max_seq_len": None}
+    training = {"recipe": "full_finetune_single_device", "dataset": {"source": "train.json"}, "epochs": 1,
+                "batch_size": 2, "seed": seed}
+    desc = describe_model(model, model_cfg=model_cfg, checkpointer=checkpointer, tokenizer=tokenizer, dtype="fp32",
+                          checkpoint_dir=path.parent, training=training)
+    save_vision_checkpoint(model, path, metadata={**desc, "recipe": "full_finetune_single_device", "global_step": 7})
+    return {"path": str(path), "model": model,
+            "sections": {"model": model_cfg, "checkpointer": checkpointer, "tokenizer": tokenizer}}
 
 
 # ---- evaluation set layouts

@@ -52,6 +52,7 @@ from medcap.data import SkipLog
 from medcap.models import load_model, save_vision_checkpoint
 from medcap.training import (
     RECIPE_STATE_FILE,
+    DiskFullError,
     StopSignals,
     TrainConfig,
     TrainForward,
@@ -60,6 +61,7 @@ from medcap.training import (
     capture_rng_state,
     check_vision_start,
     count_label_tokens,
+    describe_model,
     init_distributed_env,
     load_recipe_state,
     open_run_folder,
@@ -70,6 +72,7 @@ from medcap.training import (
     setup_data,
     setup_dataset,
     shard_frozen_decoder,
+    training_summary,
 )
 
 log = logging.getLogger("medcap.training")
@@ -363,24 +366,39 @@ class FullFinetuneRecipe:
         self._last_save_time, self._last_save_step = time.monotonic(), self.global_step
         if not self._env.is_main:
             return None
-        if epoch is None:
-            path = self._write_weights(name, epoch=self.epoch, step_in_epoch=self.step_in_epoch)
-        else:
-            path = self._write_weights(name, epoch=epoch, completed_epochs=epoch + 1)
-        # the state is written last: a crash in between leaves the previous pair consistent
-        save_recipe_state(self.cfg.checkpoint_dir / RECIPE_STATE_FILE, state)
+        resumable = (self.cfg.checkpoint_dir / RECIPE_STATE_FILE).is_file()
+        try:
+            if epoch is None:
+                path = self._write_weights(name, epoch=self.epoch, step_in_epoch=self.step_in_epoch)
+            else:
+                path = self._write_weights(name, epoch=epoch, completed_epochs=epoch + 1)
+            # the state is written last: a crash in between leaves the previous pair consistent
+            save_recipe_state(self.cfg.checkpoint_dir / RECIPE_STATE_FILE, state)
+        except DiskFullError as e:  # one line that says how to go on: from the last state, if there is one
+            raise e.advising(
+                "free some space and run the same command with resume_from_checkpoint=auto: it continues from the "
+                f"last complete {RECIPE_STATE_FILE}" if resumable else
+                "free some space and run the same command with overwrite=True (no resumable state was saved yet)"
+            ) from e
         log.info("saved %s and %s (global step %d)", path, RECIPE_STATE_FILE, self.global_step)
         return path
 
     def _write_weights(self, name: str, **meta: Any) -> Path:
         path = self.cfg.checkpoint_dir / f"{name}{self.cfg.checkpoint_suffix}"
-        # llm_dir: the LLM these weights were trained against (`medcap caption` finds it there)
+        # llm_dir: the LLM these weights were trained against; the description: everything it takes
+        # to use the checkpoint alone (the model, LLM, tokenizer, transform, prompt, dtype, training)
         metadata = dict(meta, vision=self.cfg.vision, recipe=self.name, global_step=self.global_step,
-                        llm_dir=str(Path(self.cfg.checkpointer.checkpoint_dir).resolve()))
+                        llm_dir=str(Path(self.cfg.checkpointer.checkpoint_dir).resolve()), **self._description())
         save_vision_checkpoint(self._model, path, metadata=metadata)
         if name == "meta_model_last":
             self._last_written_step = self.global_step
         return path
+
+    def _description(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        training = training_summary(cfg, recipe=self.name, seed=self.seed, world_size=self._env.world_size)
+        return describe_model(self._model, model_cfg=cfg.model, checkpointer=cfg.checkpointer, tokenizer=cfg.tokenizer,
+                              dtype=cfg.dtype, checkpoint_dir=cfg.checkpoint_dir, training=training)
 
     def _write_last_weights(self) -> None:
         """Leave meta_model_last holding the latest weights."""
@@ -419,7 +437,7 @@ class FullFinetuneRecipe:
         env, vision = self._env, self._model.vision
         self._sampler.check_resumable(state["sampler"])
         if state["gradient_accumulation_steps"] != self.cfg.gradient_accumulation_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot resume exactly: gradient_accumulation_steps was {state['gradient_accumulation_steps']}, "
                 f"now {self.cfg.gradient_accumulation_steps}"
             )
@@ -429,7 +447,7 @@ class FullFinetuneRecipe:
         self._optimizer.load_state_dict(state["optimizer"])
         if self._lr_scheduler is not None:
             if state.get("lr_scheduler") is None:
-                raise ValueError("the stopped run had no lr_scheduler; remove lr_scheduler to resume it")
+                raise ConfigError("the stopped run had no lr_scheduler; remove lr_scheduler to resume it")
             self._lr_scheduler.load_state_dict(state["lr_scheduler"])
             self._optimizer.sync_lr()
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
@@ -462,9 +480,10 @@ class FullFinetuneRecipe:
         merged = self._merged_skip_log()
         summary = merged.summary()
         if self._env.is_main:
-            log.info("%s", summary)
-            if merged.count:
-                print(summary, file=sys.stderr)
+            if merged.count:  # said once: on stderr as it stands (several lines), not logged as well
+                print(summary, file=sys.stderr, flush=True)
+            else:
+                log.info("%s", summary)
             self._metric_logger.log_dict({"bad_samples": float(merged.count)}, step=self.global_step)
         return {
             "global_step": self.global_step,

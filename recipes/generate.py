@@ -14,6 +14,12 @@ Under ``medcap run --nproc_per_node N generate ...`` every suite's questions are
 out over the N processes (one per device); rank 0 writes exactly the files one process
 writes. What only several processes do is marked ``# distributed:`` below.
 
+``backend=vllm`` (from ``.venv-vllm/bin/medcap``, made by ``make vllm``): medcap still
+builds every prompt and its embeddings, reads and writes every file; vLLM's server, a
+child process started in ``setup`` and stopped in ``cleanup``, does the decoding, over
+``tensor_parallel_size`` GPUs. Greedy files are the native engine's, so a run stopped
+under one backend finishes under the other.
+
 The run, in the order of this file:
 
 1. ``__init__``: the config, typed and checked (every key, value and file) before
@@ -23,8 +29,9 @@ The run, in the order of this file:
    ``checkpointer``, the trained vision side from ``vision_checkpoint``, everything
    frozen); the generation engine (batches of ``batch_size`` with a KV cache sized to
    each batch, greedy at ``temperature=0``, else top-k sampling with one seeded stream
-   per row; ``enable_kv_cache=False`` is the reference's slow path); the image loader;
-   the identity of what the results depend on, recorded beside each results file.
+   per row; ``enable_kv_cache=False`` is the reference's slow path; or vLLM's); the
+   image loader; the identity of what the results depend on, recorded beside each
+   results file.
 3. ``run``: the single-shot mode, then each suite switched on (``test_metrics``,
    ``test_vqarad``, ``test_omnimedvqa``, ``test_slake`` ...), in ``run_suite``:
    a. its items, read from the data set (``suite.read``);
@@ -36,7 +43,7 @@ The run, in the order of this file:
       before the next batch starts (``plan.write``);
    e. the final file, in item order (``finish``);
    f. the scores, computed from the rows on disk (``suite.score``), and the report.
-4. ``cleanup``: the process group left.
+4. ``cleanup``: vLLM's server stopped (also after an error or Ctrl-C), the process group left.
 
 The files are the reference's, in ``output_dir``; ``ckpt`` in their names is the
 vision checkpoint's file name up to its first dot.
@@ -45,6 +52,7 @@ vision checkpoint's file name up to its first dot.
 import dataclasses
 import logging
 import os
+import shlex
 import sys
 import time
 from datetime import timedelta
@@ -55,11 +63,12 @@ import torch
 from omegaconf import DictConfig
 from torchtune import config
 
-from medcap.config import FREE_TEXT, GenerateConfig, from_config, plain, run_recipe, save_resolved
+from medcap.config import FREE_TEXT, ConfigError, GenerateConfig, from_config, plain, run_recipe, save_resolved
 from medcap.eval import (
     BenchmarkSuite,
     CaptionSuite,
     ImageLoader,
+    JudgeClient,
     OmniMedVQASuite,
     Ranks,
     SuiteRun,
@@ -73,7 +82,7 @@ from medcap.eval import (
     results_lock,
     resume_plan,
 )
-from medcap.generation import GenerationEngine, prompt_text
+from medcap.generation import GenerationEngine, VllmEngine, VllmError, prompt_text
 from medcap.models import MedcapModel, load_model
 
 log = logging.getLogger("medcap.generate")
@@ -100,13 +109,26 @@ class GenerateRecipe:
         self.device = self._setup_device(self.cfg.device)
         self.seed = self.cfg.seed if self.cfg.seed is not None else 0
         torch.manual_seed(self.seed)
+        self.judge = self._setup_judge(self.cfg)  # reached before anything heavy
 
-    @staticmethod
-    def _setup_ranks(device: str) -> Ranks:
+    def _setup_judge(self, cfg: GenerateConfig) -> Optional[JudgeClient]:
+        """The LLM judge of open answers (``judge_endpoint``), checked to answer; None when off."""
+        if cfg.judge_endpoint is None:
+            return None
+        judge = JudgeClient(cfg.judge_endpoint, cfg.judge_model, max_tokens=cfg.judge_max_tokens)
+        if self.ranks.rank == 0:
+            judge.check()
+            log.info("judge: %s at %s", cfg.judge_model, cfg.judge_endpoint)
+        return judge
+
+    def _setup_ranks(self, device: str) -> Ranks:
         """distributed: torchrun's processes; each suite's questions are shared out over them."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
             return Ranks()
+        if self.cfg.backend == "vllm":
+            raise ConfigError("backend=vllm runs one vLLM server, which spreads over GPUs itself "
+                              "(tensor_parallel_size=N, or vllm_args=\"--data-parallel-size N\"): run it without --nproc_per_node")
         import torch.distributed as dist
 
         gpu = str(device).startswith("cuda") and torch.cuda.is_available()
@@ -150,19 +172,29 @@ class GenerateRecipe:
             tokenizer=self.tokenizer, vision_checkpoint=vision_checkpoint,
         )
 
-    def _setup_engine(self, cfg: GenerateConfig) -> GenerationEngine:
+    def _setup_engine(self, cfg: GenerateConfig) -> Union[GenerationEngine, VllmEngine]:
+        sampling = dict(batch_size=cfg.batch_size, temperature=float(cfg.temperature or 0.0), top_k=cfg.top_k,
+                        seed=self.seed, chunk_size=cfg.chunk_size or 4 * cfg.batch_size)
+        if cfg.backend == "vllm":
+            # medcap keeps the prompts, embeddings, files and scores; vLLM's server decodes.
+            return VllmEngine.start(
+                self.model, self.tokenizer, cfg.checkpointer.checkpoint_dir, dtype=cfg.dtype, python=cfg.vllm_python,
+                url=cfg.vllm_url, tensor_parallel_size=cfg.tensor_parallel_size,
+                extra_args=shlex.split(cfg.vllm_args or ""), **sampling,
+            )
         if not cfg.enable_kv_cache:
             log.warning("enable_kv_cache=False: the reference's slow path (one sample at a time, full recompute per token)")
-        return GenerationEngine(
-            self.model, self.tokenizer, batch_size=cfg.batch_size, temperature=float(cfg.temperature or 0.0),
-            top_k=cfg.top_k, seed=self.seed, use_cache=cfg.enable_kv_cache, compile=cfg.compile,
-            chunk_size=cfg.chunk_size or 4 * cfg.batch_size,
-        )
+        return GenerationEngine(self.model, self.tokenizer, use_cache=cfg.enable_kv_cache, compile=cfg.compile,
+                                **sampling)
 
     def _identity(self, cfg: GenerateConfig) -> Dict[str, Any]:
         """What the results depend on, recorded beside each results file (and
-        fingerprinting the description caches): a change means new rows."""
-        return {
+        fingerprinting the description caches): a change means new rows.
+
+        The backend is part of it only when sampling: vLLM draws from other random streams
+        than ours. Greedy rows are the same argmax of the same model's logits under both (the
+        vLLM lane checks it file by file), so a greedy run continues under either backend."""
+        identity = {
             "vision_checkpoint": file_identity(cfg.vision_checkpoint) if cfg.vision_checkpoint else None,
             "llm": folder_identity(cfg.checkpointer.checkpoint_dir, cfg.checkpointer.checkpoint_files),
             "model": str(cfg.model.get("_component_", "")),
@@ -173,6 +205,10 @@ class GenerateRecipe:
             "dataset_max_seq_len": cfg.dataset_max_seq_len,
             "max_new_tokens": cfg.max_new_tokens,
         }
+        greedy = float(cfg.temperature or 0.0) <= 0 or cfg.top_k == 1
+        if cfg.backend != "native" and not greedy:
+            identity["backend"] = cfg.backend
+        return identity
 
     # ---- run
 
@@ -215,7 +251,8 @@ class GenerateRecipe:
                                    scoring=cfg.vqa_scoring, include_modality_key=cfg.omnimedvqa_include_modality_key,
                                    file_order=cfg.omnimedvqa_file_order)
         # the field's benchmarks: SLAKE, PathVQA, VQA-RAD (HF), PMC-VQA, your questions
-        return BenchmarkSuite(run, name, **vqa, scoring=cfg.vqa_scoring, q_lang=cfg.q_lang)
+        return BenchmarkSuite(run, name, **vqa, scoring=cfg.vqa_scoring, q_lang=cfg.q_lang, pmcvqa_file=cfg.pmcvqa_file,
+                              judge=self.judge, judge_concurrency=cfg.judge_concurrency)
 
     def run_suite(self, suite, run: SuiteRun) -> Dict[str, Any]:
         """One suite, in the steps every suite takes (3a-f of the module docstring)."""
@@ -251,6 +288,10 @@ class GenerateRecipe:
     # ---- cleanup
 
     def cleanup(self) -> None:
+        """Safe after a failed setup: stops what was started."""
+        engine = getattr(self, "engine", None)
+        if isinstance(engine, VllmEngine):  # vLLM's server, a child process, stops with the run
+            engine.close()
         if self.ranks.world > 1:  # distributed: leave the process group
             import torch.distributed as dist
 
@@ -270,15 +311,20 @@ def _show_rows(results: Dict[str, Any], n: int = 2) -> None:
 
 def main(cfg: DictConfig) -> Dict[str, Any]:
     recipe = GenerateRecipe(cfg)  # every key, value and path checked: nothing is loaded yet
-    recipe.setup()
     try:
+        recipe.setup()
         return recipe.run()
     finally:
-        recipe.cleanup()
+        recipe.cleanup()  # also after an error or Ctrl-C: vLLM's server never outlives the run
 
 
 def recipe_main(argv: Optional[List[str]] = None) -> int:
-    return run_recipe(main, argv, free_text=FREE_TEXT)
+    try:
+        return run_recipe(main, argv, free_text=FREE_TEXT,
+                          on_stop="the results rows made so far are kept: the same command continues from them")
+    except VllmError as e:  # vLLM's server did not start or answer: one line, naming its log
+        print(f"medcap run: error: {e}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Session-wide fixtures any test area may use: a tiny HF-format Llama with its
-tokenizer, a builder of tiny fused models loaded from it, ``one_thread``, and the
-real Llama 3 tokenizer (``llama3_tokenizer``, from the ``quicktok-v1`` test extra)."""
+tokenizer, a builder of tiny fused models loaded from it, ``one_thread``, the real
+Llama 3 tokenizer (``llama3_tokenizer``, from the ``quicktok-v1`` test extra), and a
+disk that fills up (``full_disk``)."""
 
 from __future__ import annotations
 
@@ -117,3 +118,54 @@ def llama3_tokenizer(llama3_tokenizer_path):
     from medcap.models import llama3_tokenizer as load
 
     return load(llama3_tokenizer_path)
+
+
+# ---- a full disk, faked at the system call
+
+
+class FullDisk:
+    """``os.write`` to a file whose name matches ``fill(pattern)`` behaves as on a disk that
+    fills up: after ``let_through`` such writes, one writes half its bytes (a short write,
+    as the last free blocks go), and every later one raises ENOSPC, until ``free()``.
+    medcap writes its results, caches, locks and atomic files through ``os.write``."""
+
+    def __init__(self, monkeypatch):
+        import os
+
+        self._write, self.pattern, self.hits = os.write, None, 0
+        monkeypatch.setattr(os, "write", self.write)
+
+    def fill(self, pattern: str, let_through: int = 0) -> "FullDisk":
+        import re
+
+        self.pattern, self.left, self.short_done, self.hits = re.compile(pattern), let_through, False, 0
+        return self
+
+    def free(self) -> None:
+        self.pattern = None
+
+    def write(self, fd, data):
+        import errno
+        import os
+
+        if self.pattern is not None:
+            try:
+                name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                name = ""
+            if self.pattern.search(name):
+                if self.left > 0:
+                    self.left -= 1
+                    return self._write(fd, data)
+                self.hits += 1
+                if not self.short_done and len(data) > 1:
+                    self.short_done = True
+                    return self._write(fd, bytes(data[: len(data) // 2]))
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return self._write(fd, data)
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """``full_disk.fill(pattern, let_through=0)`` ... ``full_disk.free()``: see ``FullDisk``."""
+    return FullDisk(monkeypatch)

@@ -115,10 +115,21 @@ def test_chat_two_turns_then_q(tiny_llm, world, engine):
 
 
 def test_no_llm_anywhere_is_one_line_before_loading(world):
-    res = _medcap("caption", world["folder"], "--checkpoint", world["pt"])
+    res = _medcap("caption", world["folder"], "--checkpoint", world["pt"], "--config", "custom_generation_config")
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines()[-1].startswith("medcap caption: error: which LLM? give --llm")
+    assert res.stderr.strip().splitlines()[-1] == ("medcap caption: error: the LLM folder "
+                                                   "'./models/llama3/Meta-Llama-3.1-8B-Instruct/' is not a folder "
+                                                   "(give --llm LLAMA_DIR or set $MEDCAP_LLM)")
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("kind", ["pt", "st"])
+def test_a_checkpoint_that_records_no_model_needs_a_config_in_one_line(world, kind):
+    """The reference's .pt and a .safetensors that names only its LLM folder: the error says which config to pass."""
+    res = _medcap("caption", world["folder"], "--checkpoint", world[kind])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("medcap caption: error: ") and "pass --config custom_generation_config" in last
 
 
 def test_missing_image_named(world):

@@ -76,10 +76,18 @@ def test_output_into_a_closed_pipe_is_quiet(fake_recipes, argv):
     assert res.returncode == (0 if argv[0] == "run" else 141)  # a dry run prints to stderr only
 
 
-def test_pyproject_lists_every_medcap_package():
+def test_pyproject_lists_every_medcap_package_and_every_folder_of_configs():
+    """Every package, and every folder of configs as a data-only package whose YAML ships
+    (unlisted, setuptools would warn 'Package would be ignored' once per folder)."""
     import tomllib
 
     repo = REPO_RECIPES.parent
-    listed = set(tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    setuptools = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
     folders = {".".join(p.parent.relative_to(repo).parts) for p in (repo / "medcap").rglob("__init__.py")}
-    assert listed == folders | {"medcap._recipes"}
+    configs = {".".join(("medcap._recipes",) + d.relative_to(repo / "recipes").parts)
+               for d in [repo / "recipes" / "configs", *(repo / "recipes" / "configs").rglob("*")] if d.is_dir()}
+    assert {"medcap._recipes.configs", "medcap._recipes.configs.tiny"} <= configs  # the walk found them
+    # medcap.export.hf: the model folder's own code, shipped for `medcap export` to copy (no __init__)
+    assert listed == folders | {"medcap._recipes", "medcap.export.hf"} | configs
+    assert setuptools["package-data"] == {c: ["*.yaml"] for c in configs}

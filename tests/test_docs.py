@@ -36,6 +36,7 @@ def _shell_commands(block: str) -> List[str]:
             continue
         for k, v in SHELL_VARS.items():
             line = line.replace(f"${k}", v)
+        line = re.sub(r"^\.venv-vllm/bin/medcap ", "medcap ", line)  # the vLLM environment's medcap: same command
         out.append(line)
     return out
 

@@ -162,6 +162,7 @@ def test_a_non_editable_install_runs_a_recipe_from_another_directory(tmp_path):
     assert pip.returncode == 0, pip.stderr[-3000:]
     assert (site / "medcap" / "_recipes" / "generate.py").is_file()
     assert (site / "medcap" / "_recipes" / "configs" / "tiny" / "generate.yaml").is_file()
+    assert (site / "medcap" / "export" / "hf" / "modeling_medcap.py").is_file()  # what medcap export copies out
     assert not (site / "recipes").exists()
 
     elsewhere = tmp_path / "elsewhere"

@@ -6,12 +6,13 @@ In order:
 * ``LockedError`` and ``exclusive_lock(path, what)``: an advisory ``flock`` on a small
   lock file for the ``with`` block; the kernel releases it when the process dies
   (``kill -9`` included), so a stale lock never blocks a restart, and a second process
-  is refused at once with the holder's PID;
+  is refused at once with the holder's PID; the file is removed when the block ends;
 * ``atomic_write`` (and its ``_bytes`` / ``_text`` forms): a temporary file in the same
   folder, fsynced, then ``os.replace``d in, with the umask's permissions;
+  ``append_durably``: bytes appended and fsynced, or none of them;
   ``remove_stale_tmp``: what a killed writer left;
-* ``is_disk_full`` and ``disk_errors``: a full disk, however a library words it, as one
-  ``OSError(ENOSPC)`` naming the folder and its free space.
+* ``DiskFullError``, ``is_disk_full`` and ``disk_errors``: a full disk, however a library
+  words it, as one line naming the file, its folder and the free space.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 # ---- One writer at a time
 
@@ -43,21 +44,17 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-@contextlib.contextmanager
-def exclusive_lock(path: Union[str, Path], what: str, hint: str = "") -> Iterator[Path]:
-    """Hold an exclusive lock on ``path`` (created if needed) for the ``with`` block.
-
-    ``what`` names the thing protected in the refusal message ("the results file X"),
-    ``hint`` says how to proceed. The lock file holds the holder's PID; it is left in
-    place on exit (removing it would race with a process that has just opened it).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o666)
-    try:
+def _open_locked(path: Path, what: str, hint: str) -> int:
+    """A descriptor of ``path`` holding its flock. A holder removes the file when it is done
+    (``exclusive_lock``), so a lock won on a file already removed is a lock on nothing:
+    it is dropped and the path opened again (the file must still be the one locked)."""
+    while True:
+        with disk_errors(path.parent, what=path.name):
+            fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
             holder = _read_pid(path)
@@ -67,11 +64,45 @@ def exclusive_lock(path: Union[str, Path], what: str, hint: str = "") -> Iterato
                 + (f"; {hint}" if hint else "; two runs must not write the same files"),
                 holder,
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)  # removed (and maybe made again) by the holder that just finished
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Union[str, Path], what: str, hint: str = "") -> Iterator[Path]:
+    """Hold an exclusive lock on ``path`` (created if needed) for the ``with`` block.
+
+    ``what`` names the thing protected in the refusal message ("the results file X"),
+    ``hint`` says how to proceed. The lock file holds the holder's PID while it is held,
+    and is removed at the end of the block, before the lock is released: a process that
+    opened it meanwhile finds, once it has the lock, that the path is gone, and starts
+    over on a new file (``_open_locked``). Only a killed process leaves it behind, and
+    the next run takes it over.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _open_locked(path, what, hint)
+    try:
+        with disk_errors(path.parent, what=path.name):
+            os.ftruncate(fd, 0)
+            write_all(fd, f"{os.getpid()}\n".encode("ascii"))
         yield path
     finally:
-        os.close(fd)  # closing the descriptor releases the flock
+        try:
+            if _same_file(fd, path):
+                os.unlink(path)  # still locked: nobody can hold a lock on it any more
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
 
 
 # ---- Atomic writes and their leftovers
@@ -152,7 +183,15 @@ def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> Path:
 
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> Path:
     """``data`` into ``path`` through :func:`atomic_write`."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+    def write(tmp: str) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+        try:
+            write_all(fd, data)
+        finally:
+            os.close(fd)
+
+    return atomic_write(path, write)
 
 
 def atomic_write_text(path: Union[str, Path], text: str) -> Path:
@@ -160,12 +199,44 @@ def atomic_write_text(path: Union[str, Path], text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def remove_stale_tmp(folder: Union[str, Path], recursive: bool = False) -> List[Path]:
+def write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until all of ``data`` is written (it may write less: a signal, a nearly full disk)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def append_durably(path: Union[str, Path], data: bytes, *, create: bool = False) -> None:
+    """Append ``data`` to ``path`` and fsync it. If that fails (a full disk: one
+    ``DiskFullError``), the file is cut back to its length before (removed, if this call
+    made it), so it never ends in part of ``data``. Without ``create``, a missing file
+    is a ``FileNotFoundError``."""
+    path = Path(path)
+    made = create and not path.exists()
+    with disk_errors(path.parent, what=path.name):
+        fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | (os.O_CREAT if create else 0), 0o666)
+        try:
+            before = os.fstat(fd).st_size
+            try:
+                write_all(fd, data)
+                os.fsync(fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, before)
+                    if made:
+                        os.unlink(path)  # as it was: absent
+                raise
+        finally:
+            os.close(fd)
+
+
+def remove_stale_tmp(folder: Union[str, Path], recursive: bool = False, prefixes: Sequence[str] = ()) -> List[Path]:
     """Delete the temporary files of interrupted ``atomic_write`` calls in ``folder``.
 
-    Only names of atomic_write's own pattern (``.NAME.XXXXXXXX.tmp``) are touched.
-    Call it when a run starts, holding the folder's lock: a live writer's temporary
-    file in the same folder would be removed too. Returns the paths removed.
+    Only names of atomic_write's own pattern (``.NAME.XXXXXXXX.tmp``) are touched, and
+    with ``prefixes`` only those whose NAME starts with one of them. Call it holding the
+    lock of what it removes: a live writer's temporary file would be removed too.
+    Returns the paths removed.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -173,6 +244,8 @@ def remove_stale_tmp(folder: Union[str, Path], recursive: bool = False) -> List[
     found = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
     removed = []
     for p in sorted(found):
+        if prefixes and not p.name[1:].startswith(tuple(prefixes)):
+            continue
         if _is_tmp_name(p.name) and p.is_file() and not p.is_symlink():
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
@@ -188,6 +261,23 @@ _ENOSPC_TEXT = re.compile(
 # torch.save's C++ writer drops the errno: "file write failed" / "unexpected pos N vs M"
 _TORCH_WRITE_FAILED = re.compile(r"file write failed|unexpected pos \d+ vs \d+", re.I)
 _NEARLY_FULL = 64 * 2**20
+
+
+class DiskFullError(OSError):
+    """A full disk or quota, as one line (``str(e)``): the file, its folder, the free space,
+    what to do (``advising`` replaces that), the library's own words if they add any."""
+
+    HINT = "free some space and run the same command again"
+
+    def __init__(self, where: str, said: str = "", hint: str = HINT):
+        self.where, self.said, self.hint = where, said, hint
+        super().__init__(errno.ENOSPC, f"{where}: {hint}{said}")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def advising(self, hint: str) -> "DiskFullError":
+        return DiskFullError(self.where, self.said, hint)
 
 
 def _free_bytes(folder: Path) -> Optional[int]:
@@ -232,16 +322,18 @@ def is_disk_full(e: BaseException, folder: Union[str, Path, None] = None) -> boo
 @contextlib.contextmanager
 def disk_errors(folder: Union[str, Path], what: str = "") -> Iterator[None]:
     """Turn a full disk raised by any library (OSError ENOSPC, safetensors' text,
-    torch.save's RuntimeError) into one ``OSError(ENOSPC)`` naming the folder and its free space."""
+    torch.save's RuntimeError) into one ``DiskFullError`` naming the file, the folder and
+    its free space; the library's own words are added when they say more than ENOSPC."""
     try:
         yield
+    except DiskFullError:
+        raise
     except Exception as e:
         if not is_disk_full(e, folder):
             raise
         folder = Path(folder)
         thing = f" writing {what}" if what else ""
-        raise OSError(
-            errno.ENOSPC,
-            f"no space left on device{thing} in {folder} ({_human(_free_bytes(folder))} free): "
-            f"free some space or write elsewhere (original error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-        ) from e
+        plain = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        said = "" if plain else f" ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        where = f"no space left on device{thing} in {folder} ({_human(_free_bytes(folder))} free)"
+        raise DiskFullError(where, said) from e

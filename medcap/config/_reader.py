@@ -7,8 +7,8 @@ unknown key names the closest valid one, the class's ``LEGACY`` keys are mapped,
 value is converted to its field's type and bounded, naming the key on error); the
 checks that need no weights (``check_component``, ``resolve``, ``must_exist``); then
 ``schema_for`` and ``validate`` (``medcap validate``) and ``run_recipe``, every recipe's
-entry point (``medcap run: error: ...`` and exit status 2; the traceback with
-``MEDCAP_DEBUG=1``).
+entry point (``medcap run: error: ...`` and exit status 2, Ctrl-C one line and 130; the
+traceback with ``MEDCAP_DEBUG=1``).
 
 The recipes' configs are in ``_train`` and ``_generate``; the rationale in docs/internals.md.
 """
@@ -27,6 +27,8 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from medcap._cmdline import EXIT_USER_ERROR, UserError, stopped
+
 log = logging.getLogger("medcap.config")
 
 DEBUG_ENV = "MEDCAP_DEBUG"
@@ -41,7 +43,7 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 
 # ---- Errors
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A problem with the user's config or command line: reported as one line."""
 
 
@@ -321,10 +323,12 @@ def validate(recipe: str, cfg) -> Any:
 
 
 def _user_errors() -> Tuple[type, ...]:
-    """Errors that mean "the user's input is wrong", not "medcap is broken"."""
-    from medcap._io import LockedError
+    """Errors that mean "the user's input is wrong" (or their disk is full), not "medcap is broken"."""
+    from medcap._io import DiskFullError, LockedError
 
-    errors: List[type] = [ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, LockedError]
+    # UserError: ConfigError, and the refusals of the library (a results folder holding another run's files)
+    errors: List[type] = [UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+                          LockedError, DiskFullError]
     try:
         from medcap.data import BadSample
 
@@ -335,8 +339,9 @@ def _user_errors() -> Tuple[type, ...]:
 
 
 def run_recipe(main: Callable[[Any], Any], argv: Optional[Sequence[str]] = None, *, free_text: Iterable[str] = (),
-               prog: str = "medcap run") -> int:
-    """A recipe's entry point: parse, run ``main(cfg)``, report user errors in one line."""
+               prog: str = "medcap run", on_stop: str = "") -> int:
+    """A recipe's entry point: parse, run ``main(cfg)``, report user errors in one line (exit
+    status 2) and a Ctrl-C in one line (``on_stop``: what the user can do next; exit status 130)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from medcap._io import quiet_library_noise
 
@@ -350,4 +355,8 @@ def run_recipe(main: Callable[[Any], Any], argv: Optional[Sequence[str]] = None,
             raise
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
         print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        return stopped(prog, on_stop)

@@ -9,8 +9,8 @@ present, + PMC-OA -> ``textplus_pmcoa_train.json``; + PMC-Patients ->
 ``convert_main``, which also runs SLAKE and PathVQA (``_convert_vqa``).
 
 Input layouts and the fields read from each source: datasets/README.md (section 6 of
-reference-behavior.md). Records with a missing image or an empty text are skipped and
-counted; a missing textplus source is reported and left out; a missing input of
+reference-behavior.md). Records with a missing image, an empty text or a lone surrogate
+(named) are skipped and counted; a missing textplus source is reported and left out; a missing input of
 ``pmcoa``/``vqarad`` (or of every textplus source), or a field no record has, is an error.
 """
 
@@ -68,7 +68,7 @@ def pmcoa_records(conv: Converter, pmcoa_dir: Path) -> List[Dict[str, Any]]:
     path = _need(pmcoa_dir / "train.jsonl", "PMC-OA index")
     items = read_jsonl(path, conv.skipped.setdefault("PMC-OA", Counter()))
     pairs = _pairs("PMC-OA", path, items, "image", "caption")
-    return conv.records("PMC-OA", pairs, pmcoa_dir / PMCOA_IMAGES, len(items))
+    return conv.records("PMC-OA", pairs, pmcoa_dir / PMCOA_IMAGES, len(items), origin=path)
 
 
 def convert_pmcoa(data_dir, save_dir, conv: Converter) -> Dict[str, int]:
@@ -88,7 +88,7 @@ def convert_vqarad(data_dir, save_dir, conv: Converter) -> Dict[str, int]:
             continue
         items = read_json_list(path)
         pairs = _pairs(f"VQA-RAD {split}", path, items, "image_name", "text")
-        recs = conv.records(f"VQA-RAD {split}", pairs, images, len(items))
+        recs = conv.records(f"VQA-RAD {split}", pairs, images, len(items), origin=path)
         write_records(Path(save_dir) / f"vqarad_{split}.json", recs)
         out[f"vqarad_{split}.json"] = len(recs)
     if not out:
@@ -109,20 +109,21 @@ def _pmcvqa(conv: Converter, root: Path) -> List[Dict[str, Any]]:
     path = _need(root / "train_text.json", "PMC-VQA-text index")
     items = read_json_list(path)
     pairs = _pairs("PMC-VQA-text", path, items, "Figure_path", "text")
-    return conv.records("PMC-VQA-text", pairs, root / "images", len(items))
+    return conv.records("PMC-VQA-text", pairs, root / "images", len(items), origin=path)
 
 
 def _rocov2(conv: Converter, root: Path) -> List[Dict[str, Any]]:
-    rows = read_csv(_need(root / "train_captions.csv", "ROCOv2 captions"), ["ID", "Caption"])
+    path = _need(root / "train_captions.csv", "ROCOv2 captions")
+    rows = read_csv(path, ["ID", "Caption"])
     pairs = ((f"{r['ID']}.jpg", r["Caption"]) for r in rows)
-    return conv.records("ROCOv2", pairs, root / "train", len(rows))
+    return conv.records("ROCOv2", pairs, root / "train", len(rows), origin=path)
 
 
 def _med60k(conv: Converter, root: Path) -> List[Dict[str, Any]]:
     path = _need(root / "train_text_med60k.json", "LLaVA-Med-60K-IM-text index")
     items = read_json_list(path)
     pairs = _pairs("LLaVA-Med-60K-IM-text", path, items, "image", "text")
-    return conv.records("LLaVA-Med-60K-IM-text", pairs, root / "images_med60k" / "images", len(items))
+    return conv.records("LLaVA-Med-60K-IM-text", pairs, root / "images_med60k" / "images", len(items), origin=path)
 
 
 def _pubmedvision(conv: Converter, root: Path) -> List[Dict[str, Any]]:
@@ -142,7 +143,7 @@ def _pubmedvision(conv: Converter, root: Path) -> List[Dict[str, Any]]:
                 by_name[os.path.basename(im)] = text
     # Only the files present (the reference filtered diagrams out of the folder beforehand).
     present = sorted(f for f in os.listdir(image_dir) if f in by_name)
-    return conv.records("PubMedVision", ((f, by_name[f]) for f in present), image_dir, len(present))
+    return conv.records("PubMedVision", ((f, by_name[f]) for f in present), image_dir, len(present), origin=path)
 
 
 def _medicat(conv: Converter, root: Path) -> List[Dict[str, Any]]:
@@ -162,11 +163,12 @@ def _medicat(conv: Converter, root: Path) -> List[Dict[str, Any]]:
                 text = text + " " + " ".join(str(r) for r in refs)
             yield name, text
 
-    return conv.records("MedICaT", pairs(), root / "release" / "figures", len(items))
+    return conv.records("MedICaT", pairs(), root / "release" / "figures", len(items), origin=path)
 
 
 def _patients(conv: Converter, root: Path) -> List[Dict[str, Any]]:
-    rows = read_csv(_need(root / "PMC-Patients.csv", "PMC-Patients table"), ["file_path", "patient"])
+    table = _need(root / "PMC-Patients.csv", "PMC-Patients table")
+    rows = read_csv(table, ["file_path", "patient"])
     image_dir = _need(root / "images_patients" / "images", "PMC-Patients image folder")
     summaries: Dict[str, List[str]] = {}
     for r in rows:
@@ -182,7 +184,7 @@ def _patients(conv: Converter, root: Path) -> List[Dict[str, Any]]:
             no_summary += 1
             continue
         pairs.extend((f, t) for t in texts)  # one sample per image and per case of its article
-    recs = conv.records("PMC-Patients", pairs, image_dir, len(pairs))
+    recs = conv.records("PMC-Patients", pairs, image_dir, len(pairs), origin=table)
     if no_summary:
         conv.skipped.setdefault("PMC-Patients", Counter())["image without case summary"] += no_summary
         print(f"PMC-Patients: {no_summary} images have no case summary in the table; skipped", file=sys.stderr)

@@ -10,8 +10,8 @@ be absent, not both) and ``convert_pathvqa`` (``path-vqa/data/{train,validation}
 one is written once to ``{save_dir}/pathvqa_images/``, named by a digest of its bytes).
 
 Skipped and counted per split, like the other sources: no image name, an empty question
-or answer, a missing image, image bytes absent or not an image, and SLAKE questions in
-another language than ``--q-lang``.
+or answer, text holding a lone surrogate (named), a missing image, image bytes absent or
+not an image, and SLAKE questions in another language than ``--q-lang``.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def convert_slake(data_dir, save_dir, conv: Converter, q_lang: str = "en") -> Di
         skipped = conv.skipped.setdefault(source, Counter())
         recs = []
         with progress(len(items), source, "rec", enabled=conv.progress) as bar:
-            for r in items:
+            for k, r in enumerate(items):
                 r = r if isinstance(r, dict) else {}
                 image, question, answer = r.get("img_name"), clean_text(r.get("question")), clean_text(_text(r.get("answer")))
                 if q_lang != "all" and r.get("q_lang") != q_lang:
@@ -100,6 +100,8 @@ def convert_slake(data_dir, save_dir, conv: Converter, q_lang: str = "en") -> Di
                     skipped["no image name"] += 1
                 elif question is None or answer is None:
                     skipped["empty text"] += 1
+                elif conv.unstorable(source, f"{path} item {k}", image=image, question=question, answer=answer):
+                    pass
                 elif not (images / image).is_file():
                     skipped["missing image"] += 1
                 else:
@@ -143,7 +145,7 @@ def convert_pathvqa(data_dir, save_dir, conv: Converter) -> Dict[str, int]:
         recs: List[Dict[str, Any]] = []
         with progress(None, source, "rec", enabled=conv.progress) as bar:
             for f in files:
-                recs.extend(_parquet_records(f, source, image_dir, skipped, written, bar))
+                recs.extend(_parquet_records(f, source, image_dir, conv, written, bar))
         _report(source, len(recs), skipped)
         write_records(Path(save_dir) / f"pathvqa_{split}.json", recs)
         out[f"pathvqa_{split}.json"] = len(recs)
@@ -152,10 +154,11 @@ def convert_pathvqa(data_dir, save_dir, conv: Converter) -> Dict[str, int]:
     return out
 
 
-def _parquet_records(path: Path, source: str, image_dir: Path, skipped: Counter, written: Dict[str, str],
+def _parquet_records(path: Path, source: str, image_dir: Path, conv: Converter, written: Dict[str, str],
                      bar) -> List[Dict[str, Any]]:
     """The records of one PathVQA parquet file, each image stored once (``written``: digest -> name)."""
     questions, answers, column = vqa_parquet_columns(path, source)
+    skipped = conv.skipped.setdefault(source, Counter())
     recs: List[Dict[str, Any]] = []
     for row in range(len(questions)):
         bar.update(1)
@@ -164,6 +167,8 @@ def _parquet_records(path: Path, source: str, image_dir: Path, skipped: Counter,
         blob = cell.get("bytes") if isinstance(cell, dict) else None
         if question is None or answer is None:
             skipped["empty text"] += 1
+            continue
+        if conv.unstorable(source, f"{path} row {row}", question=question, answer=answer):
             continue
         if not blob:
             skipped["missing image"] += 1

@@ -3,10 +3,12 @@
 
 In order: the record's constants (50 placeholders, the caption instructions);
 ``MissingInput`` and ``MissingField`` (a missing input, a source whose records all
-lack a field) and ``require_fields``; ``clean_text``; ``Converter`` (records and
-what it skipped, per source, reported through ``medcap._io.progress``); the readers
+lack a field) and ``require_fields``; ``clean_text`` and ``lone_surrogate``; ``Converter``
+(records and what it skipped, per source, reported through ``medcap._io.progress``; a
+row holding text no UTF-8 file can store is skipped and named); the readers
 ``read_json_list``, ``read_jsonl`` (invalid lines counted, the first few named),
-``read_csv``; ``write_records`` (one JSON list, written atomically).
+``read_csv``; ``write_records`` (one JSON list, written atomically, each ``meta`` ``dir=``
+made relative to the file's folder so that a converted data set can be moved).
 
 The sources themselves: ``_convert`` (captions: PMC-OA, VQA-RAD, the textplus set,
 and the command) and ``_convert_vqa`` (SLAKE, PathVQA).
@@ -84,6 +86,18 @@ def clean_text(text: Any) -> Optional[str]:
     return text or None
 
 
+def lone_surrogate(value: Any) -> Optional[str]:
+    """Where text holds a lone UTF-16 surrogate (a broken ``\\u`` escape in its source),
+    which no UTF-8 file can store: ``"\\udc80 at character 5"``; None when it holds none."""
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"\\u{ord(value[e.start]):04x} at character {e.start}"
+    return None
+
+
 class _Folder:
     """``exists(rel)`` for many files of one folder, listing each directory once."""
 
@@ -118,6 +132,21 @@ class Converter:
         self.warnings.append(msg)
         print(f"WARNING: {msg}", file=sys.stderr)
 
+    def unstorable(self, source: str, where: str, **values: Any) -> bool:
+        """Whether a value of a row holds a lone surrogate: the row is then skipped,
+        counted under "lone surrogate" and named (``where``: its file and position; the
+        first few of each source), as ``validate-data`` and training name such a record."""
+        for name, value in values.items():
+            found = lone_surrogate(value)
+            if found:
+                skipped = self.skipped.setdefault(source, Counter())
+                skipped["lone surrogate"] += 1
+                if skipped["lone surrogate"] <= _NAMED_BAD_LINES:
+                    print(f"WARNING: {source}: {where}: the {name} holds a lone surrogate {found} (a broken \\u "
+                          "escape), which no UTF-8 file can store; skipped", file=sys.stderr)
+                return True
+        return False
+
     def human_value(self) -> str:
         marker = PLACEHOLDER_CHAR * NUM_PLACEHOLDERS
         if self.instruction == "none":
@@ -126,13 +155,15 @@ class Converter:
             return marker + "\n\n" + CAPTION_INSTRUCTIONS[0]
         return marker + "\n\n" + self.rng.choice(CAPTION_INSTRUCTIONS)
 
-    def records(self, source: str, pairs: Iterable[Tuple[Any, Any]], image_dir: Path, total: Optional[int] = None):
+    def records(self, source: str, pairs: Iterable[Tuple[Any, Any]], image_dir: Path, total: Optional[int] = None,
+                origin: Optional[Path] = None):
         """``pairs`` of (image path relative to ``image_dir``, text) -> records.
 
         Each record: a human turn of 50 ``①`` (plus a blank line and a caption request
         with ``--instruction random|fixed``), a gpt turn with the text (``①`` rewritten to
-        ``(1)``), ``image`` relative to ``meta``'s ``dir=``, written as an absolute path so
-        that the file works from any working directory.
+        ``(1)``), ``image`` relative to ``meta``'s ``dir=`` (absolute here; ``write_records``
+        writes it relative to the output file). ``origin``: the file the pairs come from,
+        named with a skipped row's position.
         """
         if not image_dir.is_dir():
             raise MissingInput(f"{source}: image folder not found: {image_dir}")
@@ -141,13 +172,15 @@ class Converter:
         meta = f"dir={image_dir.resolve()}"
         out = []
         with progress(total, source, "rec", enabled=self.progress) as bar:
-            for image, text in pairs:
+            for k, (image, text) in enumerate(pairs):
                 value = self.human_value()  # drawn for every input row, so choices do not depend on what is skipped
                 text = clean_text(text)
                 if not isinstance(image, str) or not image:
                     skipped["no image name"] += 1
                 elif text is None:
                     skipped["empty text"] += 1
+                elif self.unstorable(source, f"{origin or source} item {k}", image=image, text=text):
+                    pass
                 elif not folder.exists(image):
                     skipped["missing image"] += 1
                 else:
@@ -208,14 +241,34 @@ def read_csv(path: Path, columns: Sequence[str]) -> List[Dict[str, str]]:
         return list(reader)
 
 
+def relative_meta(meta: str, folder: Path) -> str:
+    """``meta`` with an absolute ``dir=`` rewritten relative to ``folder`` (the JSON file's):
+    medcap's reader resolves it against the file's folder, so file and images move together."""
+    parts = []
+    for part in meta.split(";"):
+        key, eq, value = part.partition("=")
+        if key.strip() == "dir" and eq and os.path.isabs(value.strip()):
+            part = "dir=" + Path(os.path.relpath(value.strip(), folder)).as_posix()
+        parts.append(part)
+    return ";".join(parts)
+
+
 def write_records(path: Path, records: List[Dict[str, Any]]) -> Path:
-    """One JSON list, one record per line (readable, grep-able), written atomically."""
+    """One JSON list, one record per line (readable, grep-able), written atomically; each
+    ``meta`` ``dir=`` relative to ``path``'s folder (``relative_meta``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = path.parent.resolve()
+
+    def line(r: Dict[str, Any]) -> str:
+        if isinstance(r.get("meta"), str):
+            r = {**r, "meta": relative_meta(r["meta"], folder)}
+        return json.dumps(r, ensure_ascii=False)
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write("[\n")
             for k, r in enumerate(records):
-                f.write(("," if k else "") + json.dumps(r, ensure_ascii=False) + "\n")
+                f.write(("," if k else "") + line(r) + "\n")
             f.write("]\n")
 
     atomic_write(path, write)

@@ -14,7 +14,10 @@ The demo's LM must learn from text alone what an instruction-tuned LLM already k
 3. **choose** - the reference's scoring chat: "Question / Our answer / A. B. C. D.
    / respond with only the letter" -> the letter of the option our answer names.
 
-Saved in Hugging Face format, so the demo's configs load it as they load Llama-3.1-8B.
+The findings are drawn from every combination, those the world holds out from vision
+training included: the LM knows every caption as text, so what the demo's unseen test
+half measures is the vision side's part. Saved in Hugging Face format, so the demo's
+configs load it as they load Llama-3.1-8B.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Stages (a finished one is skipped; ``--force`` redoes everything):
 
 =====================  =====================================================================
-world                  synthetic images, captions, OmniMedVQA-layout questions (train/test)
+world                  images, captions, questions (train/test); some combinations kept out of train
 tokenizer              byte-level BPE learnt on the demo's text, written in tiktoken format
 lm                     text-only pretraining of a tiny Llama-3.1 LM, saved in HF format
 train                  ``medcap run full_finetune_single_device --config demo/train``
@@ -11,7 +11,7 @@ eval_trained_captions  ``medcap run generate --config demo/generate test_metrics
 eval_trained_vqa       ``medcap run generate --config demo/generate test_omnimedvqa=True``
 eval_control_captions  the same two with ``vision_checkpoint=null``: an untrained vision side
 eval_control_vqa
-report                 ``summary.json`` and ``report.png``
+report                 ``summary.json`` and ``report.png``: seen and unseen combinations apart
 =====================  =====================================================================
 
 Every stage's command line is stored in ``summary.json`` (append ``key=value`` to rerun).
@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         "override to one recipe stage (e.g. train.optimizer.lr=3e-3).",
     )
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage in about a minute")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes: a smoke run of every stage in about a minute (it meets no target, and says why)")
     p.add_argument("--force", action="store_true", help="redo every stage, even those already done")
     p.add_argument("--stage", choices=STAGES, help="run only this stage (always redone)")
     p.add_argument("--from", dest="start", choices=STAGES, help="redo this stage and every later one")

@@ -7,9 +7,12 @@ darker than its surroundings). A fixed grammar turns these attributes into a
 caption, so the caption is fully determined by the pixels, and multiple-choice
 questions about one attribute each are fully determined by the caption.
 
-Everything is deterministic given the seed: image ``i`` of a split is drawn
-from its own generator seeded by ``(seed, split, i)``, so the train and test
-splits never share an image and a re-run rebuilds the same files.
+Whole combinations are held out (``held_out_combinations``): a few (modality,
+kind, location) triples never occur in the training split, though each of their
+pairs does; half of the test split shows them ("unseen"), half shows triples
+training saw ("seen"), always on new images. Everything is deterministic given
+the seed: image ``i`` of a split is drawn from its own generator seeded by
+``(seed, split, i)``, so a re-run rebuilds the same files.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Collection, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -290,6 +293,41 @@ def render(f: Finding, rng: np.random.Generator, size: int = 64) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
+# ---- held-out combinations
+
+HELD_OUT_ATTRIBUTES: Tuple[str, ...] = ("modality", "kind", "location")
+Triple = Tuple[str, str, str]  # (modality key, kind, location)
+
+
+def held_out_combinations(seed: int = 0, per_modality: int = 2) -> Tuple[Triple, ...]:
+    """The (modality, kind, location) triples vision training never sees.
+
+    ``per_modality`` (0, 1 or 2) triples per modality, laid out so that no kind,
+    location, (modality, kind), (modality, location) or (kind, location) pair goes
+    missing from training: a modality's held-out triples differ in kind and in
+    location, every (kind, location) pair is held out at most once, and every kind
+    and location equally often. A held-out triple is thus a new *combination* of
+    parts each seen many times. The seed permutes kinds, locations and modalities,
+    so each seed holds out other triples.
+    """
+    if per_modality not in (0, 1, 2):
+        raise ValueError(f"held_out_per_modality must be 0, 1 or 2, got {per_modality}")
+    rng = np.random.default_rng([seed, 23])
+    kinds = [KINDS[i] for i in rng.permutation(len(KINDS))]
+    locs = [LOCATIONS[i] for i in rng.permutation(len(LOCATIONS))]
+    mods = [MODALITY_KEYS[i] for i in rng.permutation(len(MODALITY_KEYS))]
+    out: List[Triple] = []
+    for m, key in enumerate(mods):
+        a, b = m % 4, m // 4
+        # j = 0: kind a, location a + 2b; j = 1: kind a + 2, location a + 2b + 3. Over the
+        # 8 modalities the pairs (kind, location - kind) cover all 16 once, the
+        # differences {0, 2} with j = 0 and {1, 3} with j = 1.
+        for j in range(per_modality):
+            k = (a + 2 * j) % 4
+            out.append((key, kinds[k], locs[(k + 2 * b + j) % 4]))
+    return tuple(sorted(out, key=lambda t: (MODALITY_KEYS.index(t[0]), t[1], t[2])))
+
+
 # ---- splits
 
 
@@ -307,6 +345,17 @@ def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLIT_SEEDS[split], index])
 
 
+def _draw(rng: np.random.Generator, modality: str, held_out: Collection[Triple], unseen: bool) -> Finding:
+    """A finding of ``modality`` whose (modality, kind, location) is held out
+    (``unseen``) or not, uniform over the allowed triples, size and intensity."""
+    pairs = [(k, loc) for k in KINDS for loc in LOCATIONS if ((modality, k, loc) in held_out) == unseen]
+    if not pairs:
+        raise ValueError(f"no {'held-out' if unseen else 'seen'} combination of {modality!r} to draw")
+    kind, loc = pairs[rng.integers(len(pairs))]
+    size = str(SIZES[rng.integers(len(SIZES))])
+    return Finding(modality, kind, loc, size, str(INTENSITIES[rng.integers(len(INTENSITIES))]))
+
+
 def make_split(
     root: str | Path,
     split: str,
@@ -316,14 +365,18 @@ def make_split(
     seed: int = 0,
     image_size: int = 64,
     modalities: Sequence[str] = MODALITY_KEYS,
+    held_out: Collection[Triple] = (),
     on_image: Optional[Callable[[], None]] = None,
 ) -> List[Dict]:
     """Draw ``n`` images of ``split`` ("train" or "test") into ``root/image_dir/``.
 
-    Modalities are balanced (image ``i`` has modality ``i % len(modalities)``);
+    Modalities are balanced (image ``i`` has modality ``i % len(modalities)``). The
+    ``held_out`` triples never occur in "train"; in "test", when there are any, every
+    other run of ``len(modalities)`` images shows them (image ``i`` is unseen when
+    ``(i // len(modalities)) % 2 == 1``), the rest shows seen ones.
     ``on_image`` is called after each image (progress).
-    Returns one record per image: ``image`` (path relative to ``root``),
-    ``caption`` and the finding's attributes.
+    Returns one record per image: ``image`` (path relative to ``root``), ``caption``,
+    the finding's attributes and ``combination`` ("seen" or "unseen").
     """
     from PIL import Image
 
@@ -332,17 +385,19 @@ def make_split(
     bad = [m for m in modalities if m not in MODALITY_KEYS]
     if bad:
         raise ValueError(f"unknown modalities {bad}; choose from {list(MODALITY_KEYS)}")
+    held = frozenset(held_out)
     out = Path(root)
     img_dir = out / image_dir
     img_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(n):
         rng = _image_rng(seed, split, i)
-        f = sample_finding(rng, modalities)
-        f = Finding(modalities[i % len(modalities)], f.kind, f.location, f.size, f.intensity)
+        unseen = bool(held) and split == "test" and (i // len(modalities)) % 2 == 1
+        f = _draw(rng, modalities[i % len(modalities)], held, unseen)
         rel = f"{image_dir}/{split}_{i:05d}.png"
         Image.fromarray(render(f, rng, image_size), "RGB").save(out / rel)
-        records.append({"image": rel, "caption": caption(f), **asdict(f)})
+        records.append({"image": rel, "caption": caption(f), **asdict(f),
+                        "combination": "unseen" if unseen else "seen"})
         if on_image is not None:
             on_image()
     return records
@@ -412,20 +467,23 @@ def write_world(out_dir: str | Path, settings) -> Dict[str, str]:
       ``test.json`` (sharegpt captions, for ``test_metrics``) and
       ``OmniMedVQA/QA_information/Open-access/MedcapDemo.json`` (questions, for
       ``test_omnimedvqa`` with ``dataset_source`` = ``out_dir``);
-    * ``world.json``: the attributes of every image, for the report.
+    * ``world.json``: the attributes of every image (and whether its combination was
+      held out from training), and the held-out triples, for the report.
 
-    Every path in these files is relative to the file's folder, so ``out_dir`` can be moved.
+    The training split never shows a held-out (modality, kind, location) triple
+    (``held_out_combinations`` with ``settings.held_out_per_modality``); the test
+    split shows them in half of its images. Every path in these files is relative to the file's folder, so ``out_dir`` can be moved.
     """
     out = Path(out_dir)
     n_ph = settings.num_image_tokens
     from medcap._io import progress
 
+    held = held_out_combinations(settings.seed, settings.held_out_per_modality)
     bar = progress(settings.n_train + settings.n_test, "world: drawing images", "img")
-    train = make_split(out, "train", settings.n_train, seed=settings.seed, image_size=settings.image_size,
-                       image_dir="images/train", on_image=lambda: bar.update(1))
+    common = dict(seed=settings.seed, image_size=settings.image_size, held_out=held, on_image=lambda: bar.update(1))
+    train = make_split(out, "train", settings.n_train, image_dir="images/train", **common)
     omni = out / "OmniMedVQA"
-    test = make_split(omni, "test", settings.n_test, seed=settings.seed, image_size=settings.image_size,
-                      image_dir=f"Images/{DATASET_NAME}", on_image=lambda: bar.update(1))
+    test = make_split(omni, "test", settings.n_test, image_dir=f"Images/{DATASET_NAME}", **common)
     bar.close()
     paths = {
         "train": write_json(out / "train.json", sharegpt_records(train, ".", n_ph)),
@@ -435,6 +493,7 @@ def write_world(out_dir: str | Path, settings) -> Dict[str, str]:
             omnimedvqa_questions(test, seed=settings.seed, per_image=settings.questions_per_image,
                                  shuffle_options=bool(settings.shuffle_options)),
         ),
-        "world": write_json(out / "world.json", {"train": train, "test": test}),
+        "world": write_json(out / "world.json", {"held_out_attributes": list(HELD_OUT_ATTRIBUTES),
+                                                 "held_out": [list(t) for t in held], "train": train, "test": test}),
     }
     return {k: str(v) for k, v in paths.items()}

@@ -6,8 +6,9 @@ rows on disk).
 Modules: ``_run`` (the context and the steps), ``_results`` (results files and their
 records), ``_protocol`` (the two-step VQA protocol), ``_choices`` (a choice read as a
 letter), one module per suite (``_captions``, ``_vqarad``, ``_omnimedvqa``,
-``_benchmarks`` with ``_benchmark_readers`` and ``_benchmark_scores``), and the
-commands ``_judge``, ``_rescore``, ``_report``.
+``_benchmarks`` with ``_benchmark_readers`` and ``_benchmark_scores``), the peers'
+scoring conventions (``_conventions``), the LLM judge over HTTP (``_llm_judge``), and
+the commands ``_judge``, ``_rescore``, ``_report``.
 
 Names are imported when first used, so ``tools/judge.py --help`` and
 ``medcap rescore -h`` start without loading torch.
@@ -56,6 +57,7 @@ _EXPORTS = {
     "rescore_main": "_rescore",
     "report_main": "_report",
     "judge_main": "_judge",
+    "JudgeClient": "_llm_judge",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -6,8 +6,8 @@ suite              layout under ``dataset_source``                         file 
 test_slake         ``Slake1.0/test.json`` + ``Slake1.0/imgs/<img_name>``      ``slake``
 test_pathvqa       ``path-vqa/data/test-*.parquet`` (image bytes inside)   ``pathvqa``
 test_vqarad_hf     ``vqa-rad/data/test-*.parquet``                         ``vqaradhf``
-test_pmcvqa        ``PMC-VQA/test_clean.csv`` (or ``test.csv``) + ``images/``  ``pmcvqa``
-                   (or ``figures/``)
+test_pmcvqa        ``PMC-VQA/test_2.csv`` (or ``test_clean.csv``, ``test.csv``)   ``pmcvqa``
+                   + ``images/`` (or ``figures/``)
 test_questions     ``dataset_source`` is the JSONL file itself             ``questions``
 =================  ======================================================  ==========
 
@@ -35,6 +35,8 @@ from medcap.eval._benchmark_scores import answer_kind
 from medcap.eval._run import OPTION_LETTERS, EvalItem, read_question_list, text_of, unique_keys
 
 SLAKE_LANGUAGES = ("en", "zh", "all")
+# PMC-VQA's question files, in the order pmcvqa_file=auto looks for them: MedEvalKit scores test_2.csv
+PMCVQA_FILES = ("test_2.csv", "test_clean.csv", "test.csv")
 MAX_EXAMPLES = 20
 
 Report = Dict[str, Any]
@@ -61,7 +63,8 @@ def _extra(question: str, answer: str, kind: str, qid: str, options: Optional[Di
 
 
 def read_slake(dataset_source: str | Path, *, q_lang: str = "en") -> Tuple[List[EvalItem], Report]:
-    """SLAKE's test questions in file order: ``q_lang`` en (default), zh or all."""
+    """SLAKE's test questions in file order: ``q_lang`` en (the set LLaVA-Med's table
+    scores), zh, or all (English and Chinese: MedEvalKit's, and the suite's default)."""
     if q_lang not in SLAKE_LANGUAGES:
         raise ValueError(f"q_lang must be one of {list(SLAKE_LANGUAGES)}, got {q_lang!r}")
     root = Path(dataset_source) / "Slake1.0"
@@ -173,17 +176,28 @@ def _choice_text(value: str, letter: str) -> str:
     return v
 
 
-def read_pmcvqa(dataset_source: str | Path) -> Tuple[List[EvalItem], Report]:
-    """PMC-VQA's test questions: ``test_clean.csv`` (else ``test.csv``), multiple choice.
-    The answer is ``Answer_label``'s option when given, else ``Answer`` (a letter or the
+def pmcvqa_questions_file(dataset_source: str | Path, file: str = "auto") -> Path:
+    """The PMC-VQA questions file: ``file`` under ``PMC-VQA/``, or with ``auto`` the first of
+    ``PMCVQA_FILES`` there (``test_2.csv``: the set MedEvalKit's table scores)."""
+    root = Path(dataset_source) / "PMC-VQA"
+    names = PMCVQA_FILES if file == "auto" else (file,)
+    path = next((root / n for n in names if (root / n).is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"PMC-VQA questions not found: {' or '.join(repr(str(root / n)) for n in names)} "
+                                f"(pmcvqa_file={file}; test_clean.csv or test.csv also serve; "
+                                f"dataset_source={str(dataset_source)!r})")
+    return path
+
+
+def read_pmcvqa(dataset_source: str | Path, *, file: str = "auto") -> Tuple[List[EvalItem], Report]:
+    """PMC-VQA's test questions, multiple choice, from ``pmcvqa_questions_file``. The
+    answer is ``Answer_label``'s option when given, else ``Answer`` (a letter or the
     option text)."""
     root = Path(dataset_source) / "PMC-VQA"
-    path = next((root / n for n in ("test_clean.csv", "test.csv") if (root / n).is_file()), None)
-    if path is None:
-        raise FileNotFoundError(f"PMC-VQA questions not found: {str(root / 'test_clean.csv')!r} or test.csv "
-                                f"(dataset_source={str(dataset_source)!r})")
+    path = pmcvqa_questions_file(dataset_source, file)
     image_dir = next((root / n for n in ("images", "figures") if (root / n).is_dir()), root / "images")
-    report = {**_new_report(path), "image_dir": str(image_dir)}
+    report = {**_new_report(path), "image_dir": str(image_dir), "file": path.name,
+              "comparable_with": "MedEvalKit's PMC-VQA" if path.name == "test_2.csv" else None}
     items: List[EvalItem] = []
     with open(path, encoding="utf-8-sig", newline="") as fh:
         for i, r in enumerate(csv.DictReader(fh)):
@@ -287,7 +301,7 @@ BENCHMARKS = {
 PREFIX_TITLES = {b.prefix: b.title for b in BENCHMARKS.values()}
 
 
-def read_benchmark(suite: str, dataset_source: str | Path, *, q_lang: str = "en"):
+def read_benchmark(suite: str, dataset_source: str | Path, *, q_lang: str = "en", pmcvqa_file: str = "auto"):
     """``(items, report, parquet images or None)`` of one suite."""
     if suite == "test_slake":
         return (*read_slake(dataset_source, q_lang=q_lang), None)
@@ -296,7 +310,7 @@ def read_benchmark(suite: str, dataset_source: str | Path, *, q_lang: str = "en"
     if suite == "test_vqarad_hf":
         return read_hf_parquet(dataset_source, "vqa-rad", "vqaradhf")
     if suite == "test_pmcvqa":
-        return (*read_pmcvqa(dataset_source), None)
+        return (*read_pmcvqa(dataset_source, file=pmcvqa_file), None)
     if suite == "test_questions":
         return (*read_questions(dataset_source), None)
     raise ValueError(f"unknown benchmark suite {suite!r}; one of {sorted(BENCHMARKS)}")

@@ -1,15 +1,19 @@
-"""The field's VQA scores (SLAKE, PathVQA, VQA-RAD (HF), PMC-VQA, your questions), per row
-and per file, computed from the rows on disk.
+"""medcap's own VQA scores (SLAKE, PathVQA, VQA-RAD (HF), PMC-VQA, your questions), per
+row and per file, computed from the rows on disk. The peers' own conventions beside
+them are ``_conventions``'s; ``datasets/README.md`` says which number compares with
+which published table.
 
-Each rule re-implements a published evaluation (docs/internals.md, "the field's VQA
-scores"; checked by hand in ``tests/eval/test_benchmark_scores.py``):
+medcap's own rules: they start from MedEvalKit's and differ where its rule misreads a
+reply (why, rule by rule: docs/internals.md and datasets/README.md; checked by hand in
+``tests/eval/test_benchmark_scores.py``; the peers' own rules are in ``_conventions``):
 
-* **closed** questions: MedEvalKit's yes/no and equality rules (``closed_correct``);
-* **open** questions: ``exact_match``, LLaVA-Med's ``token_recall``, ``token_f1``;
-* **choice** questions: the letter in ``predict`` against the answer's option.
+* **closed**: lower-cased, cut after the last answer marker; yes/no by "exactly one of
+  yes/no occurs", other closed answers by equality (``closed_correct``);
+* **open**: ``exact_match``, ``token_recall``, ``token_f1`` (repeats clipped);
+* **choice**: the letter in ``predict`` against the answer's option.
 
-``correct`` is 1/0 per row; **overall** is right answers over all scored questions
-(``summarize``). Rows without a reference answer are not scored.
+``correct`` is 1/0 per row; **overall** is right answers over all scored questions,
+without an LLM judge (``summarize``). Rows without a reference answer are not scored.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ ANSWER_MARKERS = ("**answer**:", "**answer**", "*answer*:", "**answer:**", "answ
                   "答案:", "final answer", "final answer is")
 ROW_SCORE_COLUMNS = ("correct", "exact_match", "token_recall", "token_f1")
 HEADLINE = "overall"
-CONVENTION = ("overall = MedEvalKit's total accuracy (closed: yes/no read from the reply; open: exact match; "
-              "choice: the mapped letter), micro over questions")
+CONVENTION = ("overall = medcap's rules (closed: yes/no read from the lower-cased reply; open: exact match; "
+              "choice: the mapped letter), micro over questions, no judge")
 
 
 def answer_kind(answer: str) -> str:

@@ -29,7 +29,7 @@ import torch
 
 from medcap._io import progress as progress_bar
 from medcap.data import BadSample
-from medcap.eval._results import CsvJournal
+from medcap.eval._results import CsvJournal, ResultsRefused
 from medcap.eval._run import OPTION_LETTERS
 from medcap.generation import prompt_tokens_from_text, question_from_instruction
 
@@ -53,8 +53,10 @@ def row_options(row: Dict[str, str]) -> Dict[str, str]:
 
 def letter_prompt(question: str, generated: str, options: Dict[str, str]) -> str:
     """The reference's mapping question, character for character: A and B, and when
-    C or D is given, the C and D lines both (an absent one left empty)."""
-    text = f"Question: {question}\nOur answer: {generated}\nA. {options.get('A', '')}\nB. {options.get('B', '')}\n"
+    C or D is given, the C and D lines both (an absent one left empty). The question is
+    stripped, as the reference's is: it reads the question back from the answer prompt,
+    whose turns the chat template trims."""
+    text = f"Question: {question.strip()}\nOur answer: {generated}\nA. {options.get('A', '')}\nB. {options.get('B', '')}\n"
     if options.get("C", "") != "" or options.get("D", "") != "":
         text += f"C. {options.get('C', '')}\nD. {options.get('D', '')}\n"
     return text + "\n" + LETTER_INSTRUCTION
@@ -82,7 +84,7 @@ def open_scoring(partial: Path, rows: Sequence[Dict[str, str]], raw_path: Path, 
     """The scoring's partial file (the rows scored so far), checked against the rows it scores."""
     journal = CsvJournal(None, list(rows[0]) + list(SCORE_COLUMNS), partial=partial, bom=True)
     if len(journal) > len(rows) or any(a.get(c) != b.get(c) for a, b in zip(journal.rows(), rows) for c in compare):
-        raise ValueError(f"{partial} does not match {raw_path}; move it away to score again")
+        raise ResultsRefused(f"{partial} does not match {raw_path}; move it away to score again")
     return journal
 
 

@@ -7,8 +7,12 @@ most 200 new tokens (docs/internals.md has the reference's settings).
 * ``chat``: an interactive prompt (``q`` quits); the conversation is kept.
 * ``eval_vqa``: each row of a raw VQA file judged right or wrong (the reference's
   prompt; a reply containing ``right`` scores 1), written as judged to
-  ``{RAW}-70B_{bit}bit-{round(accuracy, 5)}.csv`` with the reference's columns; a
+  ``{RAW}-70B_{bit}bit-{np.round(accuracy, 5)}.csv`` with the reference's columns; a
   stopped run continues from its partial file; progress through ``medcap._io.progress``.
+
+``--endpoint URL --judge-model NAME`` judges with any OpenAI-compatible server instead
+(``medcap serve``, vLLM, a hosted model: ``_llm_judge.JudgeClient``), with the same
+prompt, rule and file.
 
 In this file, in order: the judge's settings and prompt, ``Judge`` (the model),
 ``eval_vqa``, ``chat_loop``, and the command line (``judge_main``).
@@ -196,6 +200,9 @@ def judge_main(argv: Optional[Sequence[str]] = None, judge_factory=None) -> int:
     p.add_argument("--model-path", default=DEFAULT_JUDGE_PATH, help=f"local HF model folder (default {DEFAULT_JUDGE_PATH})")
     p.add_argument("--bit", type=int, default=4, choices=list(BITS), help="4 or 8: bitsandbytes; 16/32: unquantised")
     p.add_argument("--max-new-tokens", type=int, default=JUDGE_MAX_NEW_TOKENS)
+    p.add_argument("--endpoint", default=None, help="judge with an OpenAI-compatible server at this base URL "
+                   "(e.g. http://127.0.0.1:8000/v1) instead of loading --model-path; needs --judge-model")
+    p.add_argument("--judge-model", default=None, help="the model name the --endpoint serves")
     p.add_argument("--no-progress", action="store_true")
     from medcap._cmdline import accept_snake_case  # the older --snake_case spellings still work
 
@@ -204,9 +211,26 @@ def judge_main(argv: Optional[Sequence[str]] = None, judge_factory=None) -> int:
         p.error("--exp eval_vqa needs --csv-path")
     if args.exp == "eval_vqa" and not Path(args.csv_path).is_file():
         p.error(f"--csv-path {args.csv_path!r} does not exist")
-    judge = (judge_factory or Judge)(args.model_path, args.bit, args.max_new_tokens)
+    if args.endpoint:
+        judge = _http_judge(p, args)
+    else:
+        judge = (judge_factory or Judge)(args.model_path, args.bit, args.max_new_tokens)
     if args.exp == "chat":
         chat_loop(judge.chat)
     else:
         eval_vqa(judge.chat, args.csv_path, args.bit, progress=not args.no_progress)
     return 0
+
+
+def _http_judge(parser: argparse.ArgumentParser, args):
+    """The judge behind an OpenAI-compatible endpoint (``_llm_judge.JudgeClient``), checked to answer."""
+    from medcap.eval._llm_judge import JudgeClient, JudgeError
+
+    if not args.judge_model:
+        parser.error("--endpoint needs --judge-model (the model name the endpoint serves)")
+    try:
+        judge = JudgeClient(args.endpoint, args.judge_model, max_tokens=args.max_new_tokens)
+        judge.check()
+    except JudgeError as e:
+        parser.error(str(e))
+    return judge

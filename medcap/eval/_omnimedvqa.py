@@ -10,8 +10,9 @@ In this file, in the order of a run:
   ``make_rows`` (the two-step protocol, ``_protocol``), ``score``, ``report``;
   ``run_test_omnimedvqa`` runs it whole;
 * the scores: each answer mapped to an option letter (``_choices``), macro accuracy
-  over modalities, the scored ``{raw}-{round(acc, 4)}.csv`` (``{raw}-loglik-...`` for
-  ``vqa_scoring=loglik``) and its per-modality CSV, JSON and PNG.
+  over modalities, the scored ``{raw}-{np.round(acc, 4)}.csv`` (``{raw}-loglik-...`` for
+  ``vqa_scoring=loglik``; the peers' cells of ``_conventions`` beside medcap's) and its
+  per-modality breakdown: ``modality-{scored}.csv``, ``{scored}-modality.json`` and ``.png``.
 
 Files: ``omnimedvqa-{vqa_type}-raw-{ckpt}-{idx}_{chunk}.csv`` (image, instruction,
 output, generated, options, modality_type, question_id; UTF-8 with BOM; ``{idx}_{chunk}``
@@ -30,8 +31,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from medcap._io import atomic_write_text
+from medcap._io import atomic_write, atomic_write_text
 from medcap.eval._choices import SCORING_METHODS, open_scoring, score_choices
+from medcap.eval._conventions import CHOICE_COLUMNS, headlines, row_cells
 from medcap.eval._protocol import TwoStepVQA, check_vqa_type
 from medcap.eval._results import accuracy_name, read_csv_rows, write_csv_atomic
 from medcap.eval._run import (
@@ -60,6 +62,7 @@ OMNIMEDVQA_MODALITIES: Tuple[str, ...] = (
 )
 OMNIMEDVQA_EXTRA_COLUMNS = ("option_A", "option_B", "option_C", "option_D", "modality_type", "question_id")
 FILE_ORDERS = ("sorted", "listdir")
+MODALITY_PREFIX = "modality-"  # the per-modality breakdown CSV: modality-{scored file name}
 MIN_CHUNK = 50
 
 # ---- The questions
@@ -241,6 +244,11 @@ class OmniMedVQASuite:
         """The accuracy per modality, printed."""
         if "scored_path" in result:
             print_modality_report(result["accuracy"], result["per_modality"], title=Path(result["scored_path"]).name)
+            peers = result["conventions"]
+            parts = [f"{name} {peers[name]['overall' if name == 'medevalkit' else 'accuracy']:.4f}"
+                     for name in ("medevalkit", "huatuo") if name in peers and peers[name].get("n")]
+            if parts:
+                print("OmniMedVQA [peers, micro, on the free answer]: " + "; ".join(parts), flush=True)
 
 
 def run_test_omnimedvqa(engine, run: SuiteRun, **settings) -> Dict[str, Any]:
@@ -265,8 +273,8 @@ def _warn_if_other_selection(raw_path: Path, rows: Sequence[Dict[str, str]], ite
 def score_omnimedvqa(engine, raw_path: str | Path, *, method: str = "letter",
                      image_loader: Optional[Callable[[str], torch.Tensor]] = None, progress: bool = True,
                      questions: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
-    """Score a raw OmniMedVQA file; writes ``{raw}-{round(acc, 4)}.csv`` (``{raw}-loglik-...``
-    for ``loglik``) and the per-modality CSV, JSON and PNG beside it. Resumable
+    """Score a raw OmniMedVQA file; writes ``{raw}-{np.round(acc, 4)}.csv`` (``{raw}-loglik-...``
+    for ``loglik``) and the per-modality breakdown (CSV, JSON, PNG) beside it. Resumable
     through ``{raw}-scored.partial.csv``. ``questions`` maps question ids to the
     questions the rows were made from. Returns a summary dict."""
     if method not in SCORING_METHODS:
@@ -282,12 +290,15 @@ def score_omnimedvqa(engine, raw_path: str | Path, *, method: str = "letter",
     if method == "loglik" and image_loader is None:
         raise ValueError("loglik scoring needs an image_loader")
     score_choices(engine, rows, journal, method, progress=progress, questions=questions, image_loader=image_loader)
-    scored = journal.rows()
+    scored = [{**r, **{c: v for c, v in row_cells(r, "omnimedvqa").items() if c in CHOICE_COLUMNS}} for r in journal.rows()]
     acc, per = accuracy_by_modality(scored)
     final = raw_path.with_name(f"{raw_path.stem}{tag}-{accuracy_name(acc)}.csv")
-    journal.finish(final)
+    write_csv_atomic(final, list(journal.rows()[0]) + list(CHOICE_COLUMNS), scored, bom=True)
+    journal.path.unlink()
     outputs = save_modality_report(final, acc, per, method=method)
-    return {"accuracy": acc, "per_modality": per, "rows": len(scored), "scored_path": str(final), **outputs}
+    conventions = {"medcap": {"macro": acc}, **headlines(scored, "omnimedvqa")}
+    return {"accuracy": acc, "per_modality": per, "rows": len(scored), "scored_path": str(final),
+            "conventions": conventions, **outputs}
 
 
 def score_file(engine, raw_path: str | Path, *, method: str = "letter",
@@ -328,12 +339,18 @@ def print_modality_report(acc: float, per: Dict[str, Dict[str, float]], title: s
     print("\n".join(lines), flush=True)
 
 
+def modality_csv_path(scored_path: Path) -> Path:
+    """The per-modality breakdown of a scored file: ``modality-{scored}.csv``, named so that a
+    glob for scored files (``omnimedvqa-*-raw-CKPT-0_1-*.csv``) never picks it up."""
+    return scored_path.with_name(f"{MODALITY_PREFIX}{scored_path.name}")
+
+
 def save_modality_report(scored_path: Path, acc: float, per: Dict[str, Dict[str, float]], *, method: str) -> Dict[str, str]:
-    """``{scored}-modality.csv`` / ``.json`` / ``.png`` next to the scored file."""
+    """``modality-{scored}.csv`` and ``{scored}-modality.json`` / ``.png`` next to the scored file."""
     # Built by name: with_suffix would take ".4567-modality" for the suffix.
     stem = scored_path.stem + "-modality"
     csv_path = write_csv_atomic(
-        scored_path.with_name(stem + ".csv"),
+        modality_csv_path(scored_path),
         ["modality_type", "n", "correct", "accuracy"],
         [{"modality_type": g, "n": p["n"], "correct": p["correct"], "accuracy": f"{p['accuracy']:.6f}"} for g, p in per.items()],
     )
@@ -366,6 +383,8 @@ def draw_modality_chart(path: Path, acc: float, per: Dict[str, Dict[str, float]]
     ax.set_title(title, fontsize=9)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))  # a full disk: one line
+    finally:
+        plt.close(fig)
     return path

@@ -108,7 +108,9 @@ def description_budget(engine, vqa_type: str, question: str, *, max_seq_len: int
     in the reference's text form (``reference_text``) encoded as plain text with BOS
     and EOS; ``n_question`` the question encoded with BOS and EOS. For ``cond_desc``
     the skeleton holds the conditional prompt; a ``_no_image`` twin budgets as its
-    image counterpart (step 1 is the same)."""
+    image counterpart (step 1 is the same). A budget of zero or less is 1: the
+    reference's generation makes its first token from the prompt before it counts
+    the budget, so it always describes with at least one token."""
     msgs = description_messages(vqa_type, question)
     if msgs is None:
         return 0
@@ -116,7 +118,7 @@ def description_budget(engine, vqa_type: str, question: str, *, max_seq_len: int
     tok = engine.tokenizer
     n_skeleton = len(tok.encode(reference_text(skeleton, engine.num_image_tokens), add_bos=True, add_eos=True))
     n_question = len(tok.encode(str(question), add_bos=True, add_eos=True))
-    return max(0, min(int(max_seq_len) - (n_skeleton + n_question + BUDGET_SPARE), int(max_new_tokens)))
+    return max(1, min(int(max_seq_len) - (n_skeleton + n_question + BUDGET_SPARE), int(max_new_tokens)))
 
 
 # ---- One VQA results file's rows

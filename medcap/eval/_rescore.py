@@ -1,14 +1,17 @@
 """``medcap rescore FILE...``: every score recomputed from the rows on disk, no model.
 
-Prints, per file, each score the file states (its name, its ``correct`` column, the
-file beside it) next to the score recomputed from its rows, and the field's other
-conventions from the same rows (the table is in README, "Rescore"):
+Prints, per file, each score the file states (its name, its cells, the summary or
+breakdown beside it) next to the score recomputed from its rows, under medcap's rules
+and each peer's convention (``_conventions``; the header names them and the judge);
+every row's cells are recomputed too (``_rescore_rows``). Kinds of file (README has
+the whole table): OmniMedVQA scored and raw files (``letter_*``, ``medevalkit_overall``,
+``huatuo_*``, ``nearest_*``, ``loglik_*``), the per-modality breakdown
+(``modality-{scored}.csv``), judged files (``-70B_``), caption metrics
+(``metrics-raw-CKPT``), and the field's benchmarks (medcap's ``overall``,
+``medevalkit[+judge]_*``, ``llava_med_*``, ``huatuo_accuracy``).
 
-* OmniMedVQA scored and raw files: ``letter_*`` (the reference's macro accuracy, and
-  micro), ``nearest_*`` (the free answer's most similar option), ``loglik_*``;
-* judged files (``-70B_``): ``judge_accuracy``;
-* ``metrics-raw-CKPT``: the seven caption metrics, against ``metrics-CKPT.csv``;
-* the field's benchmarks: ``overall``, closed, open and choice scores (``_benchmark_scores``).
+A stated number that differs, or any row whose cells differ (the first few are named by
+id), makes the command exit 1.
 
 In this file, in order: the nearest-option rule, one ``rescore_*`` per kind of file,
 ``rescore`` (which tells the kind from the columns and the name), and the command.
@@ -27,8 +30,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from medcap.eval._results import read_csv_rows
+from medcap.eval._rescore_rows import Differences, check_benchmark_rows, check_breakdown, check_choice_rows, check_summary
+from medcap.eval._rescore_rows import summary_beside
 
 TOLERANCE = 1e-6
+CONVENTIONS_NAMED = "medcap (own rules), medevalkit, llava_med, huatuo"
+BREAKDOWN_PREFIX = "modality-"
 
 
 def _options(row: Dict[str, str]) -> Dict[str, str]:
@@ -37,8 +44,9 @@ def _options(row: Dict[str, str]) -> Dict[str, str]:
 
 def nearest_option(answer: str, options: Dict[str, str]) -> str:
     """The letter of the option most similar to ``answer`` (difflib's ratio over the
-    lower-cased texts); ties go to the later option, as ``>=`` does in HuatuoGPT-Vision's
-    matching. Empty options are not candidates; empty when no option is given."""
+    lower-cased texts), ties to the later option: the last step of HuatuoGPT-Vision's
+    matching alone (its whole rule, letter then text then this, is ``huatuo``). Empty
+    options are not candidates; empty when no option is given."""
     best, best_ratio = "", -1.0
     for letter, text in options.items():
         if text == "":
@@ -68,27 +76,40 @@ def _stated_accuracy(path: Path) -> Optional[float]:
 
 def rescore_omnimedvqa(path: Path, rows: List[Dict[str, str]]) -> Dict[str, Any]:
     from medcap.eval._choices import is_correct
+    from medcap.eval._conventions import headlines
+    from medcap.eval._omnimedvqa import accuracy_by_modality
 
     out: Dict[str, Any] = {"file": str(path), "kind": "omnimedvqa", "rows": len(rows), "scores": OrderedDict()}
-    scores = out["scores"]
+    scores, diff = out["scores"], Differences()
     nearest = [is_correct(nearest_option(r.get("generated", ""), _options(r)), _options(r), r.get("output", "")) for r in rows]
+    loglik = _loglik_letters(rows) if "predict" in rows[0] else None
+    mine = check_choice_rows(rows, diff, loglik)
     if "predict" in rows[0]:
-        letters = [is_correct(r.get("predict", ""), _options(r), r.get("output", "")) for r in rows]
+        letters = [int(r["correct"]) for r in mine]
         column = [int(r.get("correct") or 0) for r in rows]
         stated = _macro_micro(rows, column)
-        mine = _macro_micro(rows, letters)
+        recomputed = _macro_micro(rows, letters)
         name_acc = _stated_accuracy(path)
-        loglik = _loglik_letters(rows)
         kind = "loglik" if loglik is not None else "letter"
-        scores[f"{kind}_macro"] = {"file": name_acc if name_acc is not None else stated["macro"], "recomputed": mine["macro"]}
-        scores[f"{kind}_micro"] = {"file": stated["micro"], "recomputed": mine["micro"]}
+        scores[f"{kind}_macro"] = {"file": name_acc if name_acc is not None else stated["macro"],
+                                   "recomputed": recomputed["macro"]}
+        scores[f"{kind}_micro"] = {"file": stated["micro"], "recomputed": recomputed["micro"]}
         scores["correct_column_agrees"] = {"file": sum(column), "recomputed": sum(letters)}
         if loglik is not None:
             by_scores = _macro_micro(rows, [is_correct(L, _options(r), r.get("output", "")) for r, L in zip(rows, loglik)])
             scores["loglik_argmax_macro"] = {"file": None, "recomputed": by_scores["macro"]}
+        macro, per = accuracy_by_modality(mine)
+        out["breakdown"] = check_breakdown(path, per, macro, diff)
+    conventions = headlines(mine, "omnimedvqa")
+    scores["medevalkit_overall"] = {"file": None, "recomputed": conventions["medevalkit"]["overall"]}
+    huatuo = _macro_micro(mine, [int(r["huatuo_correct"] or 0) for r in mine])
+    scores["huatuo_accuracy"] = {"file": None, "recomputed": huatuo["micro"]}
+    scores["huatuo_macro"] = {"file": None, "recomputed": huatuo["macro"]}
     nm = _macro_micro(rows, nearest)
     scores["nearest_macro"] = {"file": None, "recomputed": nm["macro"]}
     scores["nearest_micro"] = {"file": None, "recomputed": nm["micro"]}
+    out.update(conventions={"medcap": {"macro": scores.get("letter_macro", {}).get("recomputed")}, **conventions},
+               judge="off", row_differences=diff.as_dict())
     return out
 
 
@@ -129,49 +150,50 @@ def rescore_metrics(path: Path, rows: List[Dict[str, str]]) -> Dict[str, Any]:
     return {"file": str(path), "kind": "captioning", "rows": len(rows), "metrics_file": str(metrics_file),
             "scores": {k: {"file": stated.get(k), "recomputed": v} for k, v in mine.items()}}
 
-_SUMMARY_KEYS = (("closed", "accuracy"), ("open", "exact_match"), ("open", "token_recall"), ("open", "token_f1"),
-                 ("choice", "accuracy"))
-
 
 def rescore_benchmark(path: Path, rows: List[Dict[str, str]], stated_overall: Optional[float]) -> Dict[str, Any]:
-    """A benchmark file (rows with ``answer_type``): every score recomputed from the rows,
-    next to what the file's name, its ``correct`` column and its summary state. A raw
-    file's choice rows are read by the nearest option (no model)."""
-    from medcap.eval._benchmark_scores import HEADLINE, row_scores, summarize
+    """A benchmark file (rows with ``answer_type``): every cell and score recomputed from the
+    rows, next to what the file's name, its cells and its summary state. A raw file's
+    choice rows are read by the nearest option (no model)."""
+    from medcap.eval._benchmark_scores import HEADLINE, summarize
+    from medcap.eval._conventions import headlines
 
-    scored = "correct" in rows[0]
+    suite, scored, diff = path.name.split("-", 1)[0], "correct" in rows[0], Differences()
+    if not scored:
+        rows = [{**r, "predict": nearest_option(r.get("generated", ""), _options(r)) if r.get("answer_type") == "choice"
+                 else ""} for r in rows]
+    mine_rows = check_benchmark_rows(rows, suite, diff)
+    mine = summarize(mine_rows)
+    judged = any(r.get("judge_verdict", "") != "" for r in rows)
+    conventions = headlines(mine_rows, suite, judged=judged)
+    stated = summary_beside(path)
+    scores: Dict[str, Any] = OrderedDict()
     if scored:
-        mine = summarize(rows)
-        column = [int(r["correct"]) for r in rows if r.get("correct", "") != ""]
-    else:
-        letters = [nearest_option(r.get("generated", ""), _options(r)) if r.get("answer_type") == "choice" else ""
-                   for r in rows]
-        mine = summarize([{**r, "predict": L} for r, L in zip(rows, letters)])
-    stated = _summary_beside(path)
-    scores: Dict[str, Any] = {}
-    if scored:
-        scores[HEADLINE] = {"file": stated_overall if stated_overall is not None else stated.get(HEADLINE),
+        scores[HEADLINE] = {"file": stated_overall if stated_overall is not None else stated.get("scores", {}).get(HEADLINE),
                             "recomputed": mine[HEADLINE]}
-        scores["correct_column_agrees"] = {"file": sum(column), "recomputed": sum(
-            s["correct"] for s in (row_scores(r) for r in rows) if s is not None)}
+        scores["correct_column_agrees"] = {"file": sum(int(r["correct"]) for r in rows if r.get("correct", "") != ""),
+                                           "recomputed": sum(int(r["correct"]) for r in mine_rows if r["correct"] != "")}
     else:
-        scores[f"{HEADLINE} (nearest option)" if any(r.get("answer_type") == "choice" for r in rows) else HEADLINE] = {
-            "file": None, "recomputed": mine[HEADLINE]}
-    for kind, name in _SUMMARY_KEYS:
-        if kind in mine:
-            scores[f"{kind}_{name}"] = {"file": stated.get(kind, {}).get(name) if scored else None,
-                                        "recomputed": mine[kind][name]}
-    return {"file": str(path), "kind": "benchmark" + ("" if scored else " (raw)"), "rows": len(rows), "scores": scores}
+        choice = any(r.get("answer_type") == "choice" for r in rows)
+        scores[f"{HEADLINE} (nearest option)" if choice else HEADLINE] = {"file": None, "recomputed": mine[HEADLINE]}
+    check_summary(scores, mine, conventions, stated, scored)
+    judge = stated.get("judge", "off") if scored else "off"
+    if judged and judge == "off":
+        judge = "on (no summary beside the file names it)"
+    return {"file": str(path), "kind": "benchmark" + ("" if scored else " (raw)"), "rows": len(rows), "scores": scores,
+            "conventions": {"medcap": {"overall": mine[HEADLINE]}, **conventions}, "judge": judge,
+            "row_differences": diff.as_dict()}
 
 
-def _summary_beside(path: Path) -> Dict[str, Any]:
-    """The ``-summary.json`` of a raw file or of its scored file (``{raw}-{acc}.csv``)."""
-    stem = re.sub(r"-(\d+(\.\d+)?(e-?\d+)?|nan)$", "", path.stem)
-    p = path.with_name(stem + "-summary.json")
-    try:
-        return json.loads(p.read_text(encoding="utf-8")).get("scores", {}) if p.is_file() else {}
-    except ValueError:
-        return {}
+def rescore_breakdown(path: Path) -> Dict[str, Any]:
+    """A per-modality breakdown: said to be one, and checked against the scored file it sums up."""
+    scored = path.with_name(path.name[len(BREAKDOWN_PREFIX):]) if path.name.startswith(BREAKDOWN_PREFIX) else \
+        path.with_name(path.name[: -len("-modality.csv")] + ".csv")
+    note = f"a per-modality breakdown of {scored.name}"
+    if not scored.is_file():
+        return {"file": str(path), "kind": "breakdown", "rows": 0, "scores": {}, "note": note + " (not found beside it)"}
+    result = rescore_omnimedvqa(scored, read_csv_rows(scored))
+    return {**result, "file": str(path), "kind": "breakdown", "note": note + ": checked with it"}
 
 
 def rescore(path: str | Path) -> Dict[str, Any]:
@@ -183,6 +205,8 @@ def rescore(path: str | Path) -> Dict[str, Any]:
     if not rows:
         return {"file": str(path), "kind": "empty", "rows": 0, "scores": {}}
     cols = set(rows[0])
+    if {"modality_type", "n", "correct", "accuracy"} <= cols and "output" not in cols:
+        return rescore_breakdown(path)
     if "-70B_" in path.name and {"instruction", "generated"} <= cols and "output" not in cols:
         return rescore_judged(path, rows)
     if {"answer_type", "output", "generated"} <= cols:  # SLAKE, PathVQA, VQA-RAD (HF), PMC-VQA, questions
@@ -191,8 +215,10 @@ def rescore(path: str | Path) -> Dict[str, Any]:
         return rescore_omnimedvqa(path, rows)
     if path.name.startswith("metrics-raw-") and {"output", "generated"} <= cols:
         return rescore_metrics(path, rows)
-    return {"file": str(path), "kind": "unscored", "rows": len(rows), "scores": {},
-            "note": "no score can be computed from these rows without a model (judge VQA-RAD files with tools/judge.py)"}
+    what = ("VQA-RAD's closed answers are scored by an LLM judge: judge this file with tools/judge.py --exp eval_vqa"
+            if path.name.startswith("vqarad-") and {"instruction", "output", "generated"} <= cols
+            else "not a results file medcap scores (columns: " + ", ".join(sorted(cols)[:8]) + ")")
+    return {"file": str(path), "kind": "unscored", "rows": len(rows), "scores": {}, "note": what}
 
 
 def _fmt(v: Any) -> str:
@@ -213,20 +239,41 @@ def _agrees(entry: Dict[str, Any]) -> Optional[bool]:
     return abs(float(a) - float(b)) <= max(TOLERANCE, 0.5e-4 + 1e-12)
 
 
+def _judge_text(judge: Any) -> str:
+    if not judge or judge == "off":
+        return "judge: off"
+    return f"judge: {judge.get('model')} at {judge.get('endpoint')}" if isinstance(judge, dict) else f"judge: {judge}"
+
+
+def agrees(result: Dict[str, Any]) -> bool:
+    """Every stated score agrees and no row's cells differ."""
+    rows_ok = result.get("row_differences", {}).get("count", 0) == 0
+    return rows_ok and all(_agrees(e) is not False for e in result["scores"].values())
+
+
 def print_report(result: Dict[str, Any]) -> bool:
-    """Prints one file's table; returns False when a stated score disagrees."""
+    """Prints one file's table; returns False when a stated score or a row's cell disagrees."""
     print(f"{result['file']}  ({result['kind']}, {result['rows']} rows)")
+    if "conventions" in result:
+        print(f"  conventions: {CONVENTIONS_NAMED}; {_judge_text(result.get('judge'))}")
     if result.get("note"):
         print(f"  {result['note']}")
-    ok = True
     if result["scores"]:
-        print(f"  {'score':<24s} {'file':>12s} {'recomputed':>12s}")
+        print(f"  {'score':<28s} {'file':>12s} {'recomputed':>12s}")
     for name, entry in result["scores"].items():
         agree = _agrees(entry)
-        ok &= agree is not False
         mark = "" if agree is None else ("  ok" if agree else "  DIFFERS")
-        print(f"  {name:<24s} {_fmt(entry.get('file')):>12s} {_fmt(entry.get('recomputed')):>12s}{mark}")
-    return ok
+        print(f"  {name:<28s} {_fmt(entry.get('file')):>12s} {_fmt(entry.get('recomputed')):>12s}{mark}")
+    diff = result.get("row_differences")
+    if diff is not None:
+        if diff["count"] == 0:
+            print("  every row's cells: ok")
+        else:
+            print(f"  cells that differ: {diff['count']} (DIFFERS); the first:")
+            for d in diff["first"]:
+                where = f"row {d['row']} (id {d['id']})" if d["row"] is not None else str(d["id"])
+                print(f"    {where}: {d['column']} is {d['file']!r} in the file, {d['recomputed']!r} recomputed")
+    return agrees(result)
 
 
 def rescore_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -235,7 +282,8 @@ def rescore_main(argv: Optional[Sequence[str]] = None) -> int:
         description="Recompute every score of results files from their rows (no model needed), "
         "next to the numbers the files state, with the field's other scoring conventions.",
     )
-    p.add_argument("files", nargs="+", help="results CSV files (scored or raw OmniMedVQA, judged VQA, metrics-raw)")
+    p.add_argument("files", nargs="+", help="results CSV files: scored or raw benchmark and OmniMedVQA files, "
+                   "per-modality breakdowns, judged VQA, metrics-raw")
     p.add_argument("--json", action="store_true", help="print one JSON object per file instead of tables")
     args = p.parse_args(argv)
     ok = True
@@ -247,7 +295,7 @@ def rescore_main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         if args.json:
             print(json.dumps(result, default=lambda v: None))
-            ok &= all(_agrees(e) is not False for e in result["scores"].values())
+            ok &= agrees(result)
         else:
             ok &= print_report(result)
     return 0 if ok else 1

@@ -12,8 +12,9 @@ In this file, in order:
 * ``JsonlCache``: a key -> value file appended line by line, fingerprinted with
   what produced its values (the VQA descriptions);
 * the record beside a results file (``{raw}.run.json``: the identity of the model
-  and settings, a digest of the questions), the files a suite keeps, and
-  ``results_lock`` (one writer per results file).
+  and settings, a digest of the questions), the files a suite keeps,
+  ``results_lock`` (one writer per results file) and ``ResultsRefused`` (files this
+  run must not touch: one line for the user, exit status 2).
 
 Why each rule exists: ``docs/internals.md`` (evaluation, results files).
 """
@@ -30,7 +31,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from medcap._io import atomic_write_bytes, atomic_write_text, exclusive_lock
+from medcap._cmdline import UserError
+from medcap._io import append_durably, atomic_write_bytes, atomic_write_text, disk_errors, exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,15 @@ BOM = "\ufeff"
 
 
 def accuracy_name(acc: float, places: int = 4) -> str:
-    """An accuracy as the reference writes it in file names: ``round(acc, places)``."""
-    return f"{round(float(acc), places)}"
+    """An accuracy as the reference writes it in file names: rounded as numpy rounds
+    (``np.round(acc, places)``: the value scaled by ``10**places``, rounded half to even
+    as a binary double, scaled back), which differs from Python's ``round`` when the
+    scaled value lands on a half (93/160 -> 0.5812 here, 0.5813 by ``round``)."""
+    acc = float(acc)
+    if not math.isfinite(acc):
+        return f"{acc}"
+    scale = 10.0 ** places
+    return f"{round(acc * scale) / scale}"  # round(x) of a float: half to even on the exact double, as rint
 
 
 def cell(value: Any) -> str:
@@ -174,10 +183,7 @@ class CsvJournal:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.readonly and (not self.path.exists() or self.path.stat().st_size == 0):
-            with open(self.path, "wb") as f:
-                f.write(header.encode("utf-8"))
-                f.flush()
-                os.fsync(f.fileno())
+            append_durably(self.path, header.encode("utf-8"), create=True)  # on a full disk: empty, or absent
             _fsync_dir(self.path.parent)
             return
         data = self.path.read_bytes()
@@ -186,9 +192,9 @@ class CsvJournal:
             if hb.startswith(data) and self.readonly:
                 return
             if hb.startswith(data):  # killed while writing the header
-                self.path.write_bytes(hb)
+                atomic_write_bytes(self.path, hb)
                 return
-            raise ValueError(
+            raise ResultsRefused(
                 f"{self.path} exists but its header is not {self.columns}; it belongs to another "
                 "kind of run. Move it away (or use another output_dir) and run again."
             )
@@ -254,18 +260,13 @@ class CsvJournal:
         if not new:
             return
         data = "".join(_format([r[c] for c in self.columns]) for r in new).encode("utf-8")
-        try:  # no O_CREAT: a journal removed under a running job is an error, never recreated headless
-            fd = os.open(str(self.path), os.O_WRONLY | os.O_APPEND)
+        try:  # not created: a journal removed under a running job is an error, never recreated headless
+            append_durably(self.path, data)  # whole rows or none, even on a full disk
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"{self.path} vanished while this run was writing it (removed by another process or a user); "
                 "nothing more is written to it. Run the command again to start that file anew."
             ) from None
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         self._rows.extend(new)
 
     def finish(self, final_path: Optional[str | Path] = None) -> Path:
@@ -273,7 +274,8 @@ class CsvJournal:
         final = Path(final_path) if final_path is not None else self.final_path
         if final is None:
             raise ValueError("no final path to rename the journal to")
-        os.replace(self.path, final)
+        with disk_errors(final.parent, what=final.name):
+            os.replace(self.path, final)
         _fsync_dir(final.parent)
         return final
 
@@ -335,11 +337,8 @@ class JsonlCache:
         if not items:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "ab") as f:
-            for k, v in items.items():
-                f.write((json.dumps({"key": k, "value": v}, ensure_ascii=False) + "\n").encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
+        lines = "".join(json.dumps({"key": k, "value": v}, ensure_ascii=False) + "\n" for k, v in items.items())
+        append_durably(self.path, lines.encode("utf-8"), create=True)  # whole lines or none, even on a full disk
         self.data.update(items)
 
 
@@ -353,6 +352,8 @@ def file_identity(path: str | Path) -> Dict[str, Any]:
     size, first and last 4 MiB (all of it when smaller). Trained weights differ
     everywhere, so another checkpoint under the same name is told apart."""
     path = Path(path)
+    if path.is_dir():  # a model folder (medcap export's): its files' identities
+        return folder_identity(path)
     size = path.stat().st_size
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
@@ -407,7 +408,7 @@ def read_record(path: Path) -> Optional[Dict[str, Any]]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is unreadable ({e}); move it away (and the results beside it) to start over") from None
+        raise ResultsRefused(f"{path} is unreadable ({e}); move it away (and the results beside it) to start over") from None
 
 
 def write_record(path: Path, record: Dict[str, Any]) -> None:
@@ -425,6 +426,12 @@ def _differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -
     return out
 
 
+class ResultsRefused(UserError, ValueError):
+    """The output folder holds results this run must not touch (another model's, another
+    kind of run's, unreadable ones); the message names what to move. A user's refusal,
+    reported in one line (``medcap run: error: ...``, exit status 2)."""
+
+
 def refuse_another_run(what: Path, record: Dict[str, Any], identity: Dict[str, Any], digest: str,
                        raw_path: Path) -> None:
     """A file made by another model, other settings or another question set is never reused:
@@ -434,7 +441,7 @@ def refuse_another_run(what: Path, record: Dict[str, Any], identity: Dict[str, A
         diffs.append("the questions (data set, chunk or filters) differ")
     if diffs:
         names = ", ".join(str(p) for p in outputs_of(raw_path) if p.exists())
-        raise ValueError(
+        raise ResultsRefused(
             f"{what} was made by another model or with other settings ({'; '.join(diffs[:6])}). "
             f"Its rows are not reused: move {names} away, or pass overwrite=True to start afresh."
         )

@@ -28,10 +28,11 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import torch
 
-from medcap._io import atomic_write_text, progress as progress_bar
+from medcap._io import atomic_write_text, progress as progress_bar, remove_stale_tmp
 from medcap.data import BadSample, image_transform, load_image
 from medcap.eval._results import (
     CsvJournal,
+    ResultsRefused,
     cell,
     clear_outputs,
     items_digest,
@@ -297,8 +298,8 @@ def resume_plan(suite, items: Sequence[EvalItem], run: SuiteRun) -> Plan:
             return plan
     elif partial.exists() or rank_files(raw_path):  # a run stopped half-way: is it this one?
         if record is None:
-            raise ValueError(f"{partial} has no record of what made it ({run_record_path(raw_path)} is missing): "
-                             "move it away, or pass overwrite=True to start afresh")
+            raise ResultsRefused(f"{partial} has no record of what made it ({run_record_path(raw_path)} is missing): "
+                                 "move it away, or pass overwrite=True to start afresh")
         refuse_another_run(partial, record, plan.identity, plan.digest, raw_path)
     ranks.barrier()  # every rank has looked at the folder before any rank writes to it
     _open_journal(plan, keyed_rows)
@@ -324,10 +325,14 @@ def _finished_file(plan: Plan, record: Optional[Dict[str, Any]]):
     left_out = dict(record.get("left_out", {}))
     if not left_out:
         log.info("%s is complete (%d rows): not generated again", raw_path, len(rows))
+        leftover = plan.run.ranks.partial(raw_path)
+        if plan.run.ranks.rank == 0 and leftover.exists():  # stopped between the final file and this clean-up
+            log.info("removing %s: its rows are all in %s", leftover, raw_path.name)
+            leftover.unlink()
         return rows, []
     keys = [it.key for it in plan.items if it.key not in left_out]
     if len(keys) != len(rows):
-        raise ValueError(f"{raw_path} holds {len(rows)} rows, its record says {len(keys)}; move it away to start over")
+        raise ResultsRefused(f"{raw_path} holds {len(rows)} rows, its record says {len(keys)}; move it away to start over")
     log.info("%s: %d item(s) were left out (unreadable images); trying them again", raw_path, len(left_out))
     return None, list(zip(keys, rows))
 
@@ -335,6 +340,9 @@ def _finished_file(plan: Plan, record: Optional[Dict[str, Any]]):
 def _open_journal(plan: Plan, keyed_rows: List[Tuple[str, Dict[str, str]]]) -> None:
     """This rank's partial file, repaired after a crash; rank 0 records the run beside it."""
     ranks = plan.run.ranks
+    if ranks.rank == 0:  # first: a partial file is never without the record that says what made it
+        write_record(run_record_path(plan.raw_path), {"identity": plan.identity, "items_digest": plan.digest,
+                                                        "items": len(plan.items), "complete": False, "left_out": {}})
     plan.journal = CsvJournal(plan.raw_path, [KEY_COLUMN] + plan.columns, bom=True, partial=ranks.partial(plan.raw_path))
     damage = plan.journal.damage_report()
     if damage:
@@ -343,9 +351,6 @@ def _open_journal(plan: Plan, keyed_rows: List[Tuple[str, Dict[str, str]]]) -> N
         # Rows on disk are the items in order, less those left out: give them their keys back.
         plan.journal.append({KEY_COLUMN: k, **r} for k, r in keyed_rows)
     ranks.barrier()  # every rank has repaired its own partial (and rank 0 seeded its own) before rows are counted
-    if ranks.rank == 0:
-        write_record(run_record_path(plan.raw_path), {"identity": plan.identity, "items_digest": plan.digest,
-                                                        "items": len(plan.items), "complete": False, "left_out": {}})
 
 
 def pending_batches(plan: Plan, engine) -> Iterator[Batch]:
@@ -417,16 +422,20 @@ def _write_final_file(plan: Plan) -> None:
     plan.left_out = {k: v for k, v in plan.left_out.items() if k not in done}
     ordered = [{c: done[it.key][c] for c in plan.columns} for it in plan.items if it.key in done]
     if raw_path.exists() and not plan.existed:
-        raise ValueError(f"{raw_path} appeared while this run was making it (another process wrote it); "
-                         f"it is left as it is and this run's rows stay in {plan.journal.path}")
-    write_csv_atomic(raw_path, plan.columns, ordered, bom=True)
+        raise ResultsRefused(f"{raw_path} appeared while this run was making it (another process wrote it); "
+                             f"it is left as it is and this run's rows stay in {plan.journal.path}")
+    # The record first, then the final file: should either write fail (a full disk), the
+    # next run finds the partial file and its record, and makes the final file again.
     write_record(run_record_path(raw_path), {"identity": plan.identity, "items_digest": plan.digest,
                                               "items": len(plan.items), "complete": not plan.left_out,
                                               "left_out": plan.left_out})
+    write_csv_atomic(raw_path, plan.columns, ordered, bom=True)
     plan.journal.path.unlink()
     for f in rank_files(raw_path):
         if not f.name.startswith(f"{raw_path.stem}.descriptions."):
             f.unlink()
+    # a rank killed mid-write left its temporary file; every rank now waits at the barrier
+    remove_stale_tmp(raw_path.parent, prefixes=(f"{raw_path.stem}.", f"{raw_path.stem}-"))
 
 
 def _rows_on_disk(plan: Plan) -> Dict[str, Dict[str, str]]:
@@ -447,7 +456,7 @@ def _rows_by_key(rows: Sequence[Dict[str, str]], path: Path, by_key: Mapping[str
     for r in rows:
         it = by_key.get(r[KEY_COLUMN])
         if it is None or ("output" in r and r["output"] != cell(it.answer)) or ("image" in r and r["image"] != cell(it.image)):
-            raise ValueError(
+            raise ResultsRefused(
                 f"{path} does not belong to this run: its row for key {r[KEY_COLUMN]!r} "
                 f"({r.get('image')!r} / {r.get('output')!r}) matches no question of this run. "
                 "Move it away (or pass overwrite=True) to start over."

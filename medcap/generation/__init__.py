@@ -7,7 +7,9 @@ token, one random stream per row), ``_static`` (gpt-fast style ``prefill``,
 ``_continuous`` (the continuous batcher: a finished row's slot is refilled at once),
 ``_score`` (options scored by log-likelihood), ``_engine`` (``GenerationEngine``, which
 the evaluation, ``medcap caption`` and the server call; ``engine.open(cache_len)``
-takes requests at any time, for a server).
+takes requests at any time, for a server); the vLLM backend: ``_vllm`` (the embeddings
+sent and the client), ``_vllm_server`` (vLLM's server as a child process),
+``_vllm_engine`` (``VllmEngine``: the same interface, vLLM decoding).
 """
 
 from medcap.generation._continuous import ContinuousBatcher
@@ -22,10 +24,14 @@ from medcap.generation._prompt import (
     question_messages,
 )
 from medcap.generation._static import generate
+from medcap.generation._vllm import VllmError
+from medcap.generation._vllm_engine import VllmEngine
 
 __all__ = [
     "ContinuousBatcher",
     "GenerationEngine",
+    "VllmEngine",
+    "VllmError",
     "build_prompt",
     "clean_text",
     "decode_text",

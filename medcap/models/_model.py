@@ -60,6 +60,8 @@ class ImageTower(nn.Module):
         )
         self.output_dim = output_dim
         self.image_size = int(self.trunk.patch_embed.img_size[0])
+        # how to build it again (recorded in checkpoints; medcap export's model code builds it from this)
+        self.timm_spec = {"timm_model": model_name, "timm_kwargs": dict(timm_kwargs), "output_dim": int(output_dim)}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # images: [n, 3, H, W] -> [n, output_dim]

@@ -2,8 +2,9 @@
 chosen by the file's suffix:
 
 * ``.safetensors`` (medcap's): flat keys ``visual.*`` and ``projector.*``; a JSON of
-  metadata (sizes, image-token count, source, medcap version) in the safetensors
-  header, which decides, and a copy beside the file as ``<name>.json`` for people;
+  metadata (sizes, image-token count, source, medcap version, and from training the
+  model's description) in the safetensors header, which decides, and a copy beside the
+  file as ``<name>.json`` for people; a folder ``medcap export`` wrote holds one;
 * ``.pt`` / ``.pth``: the reference's ``torch.save({'visual': ..., 'projector': ...})``.
 
 In order: what is saved or loaded into (a model or its encoder, their sizes); saving
@@ -30,17 +31,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from medcap._io import atomic_write
+from medcap._io import EXPORT_CONFIG, EXPORT_VISION, HEADER_KEY, atomic_write
 
 log = logging.getLogger("medcap.models")
 
 VisionState = Dict[str, Dict[str, torch.Tensor]]
 
 FORMAT_NAME = "medcap-vision"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the metadata may describe the model (medcap.training._describe)
 SAFETENSORS_SUFFIXES = (".safetensors",)
 LEGACY_SUFFIXES = (".pt", ".pth")
-_HEADER_KEY = "medcap"  # safetensors header metadata key holding our JSON
+_HEADER_KEY = HEADER_KEY  # safetensors header metadata key holding our JSON
 _PARTS = ("visual", "projector")
 
 
@@ -330,8 +331,15 @@ def load_vision_checkpoint(path: Union[str, Path]) -> Tuple[VisionState, Dict[st
 
     Returns ``({"visual": state_dict, "projector": state_dict}, metadata)``; the
     metadata holds what the file stored plus the sizes readable from the tensors.
+    ``path`` may be a folder ``medcap export`` wrote (its ``vision.safetensors`` is read).
     """
     path = Path(path)
+    if path.is_dir():  # a folder `medcap export` wrote: its vision file is a checkpoint of this format
+        for name in (EXPORT_CONFIG, EXPORT_VISION):
+            if not (path / name).is_file():
+                raise FileNotFoundError(
+                    f"{str(path / name)!r} is missing: {str(path)!r} is not a complete medcap export")
+        path = path / EXPORT_VISION
     if not path.is_file():
         raise FileNotFoundError(f"vision checkpoint not found: {str(path)!r}")
     suffix = path.suffix.lower()

@@ -7,17 +7,18 @@
 
 In order: ``ServeState`` (the loaded model; ``prepare`` turns a checked request into a
 worker ``Job``), the life of a queued job (``queue_job``, ``follow_job``, ``TextStream``),
-the door (the API key, ``BodyLimit``), ``create_app`` and its routes, the event stream.
-Every failure a client can cause is an :class:`APIError` answered as 4xx JSON; the worker
-thread never sees an unchecked request (``_request`` checks it). Image decoding runs in
-the thread pool, not on the event loop, so one large image does not stall other clients.
+the door (the API key, the content type, ``BodyLimit``), ``create_app`` and its routes,
+the event stream. Every failure a client can cause is an :class:`APIError` answered as
+4xx JSON; the worker thread never sees an unchecked request (``_request`` checks it).
+Image decoding runs in the thread pool, not on the event loop, so one large image does
+not stall other clients. ``_access.AccessLog`` writes each request's log line and answers
+an unexpected exception; the CORS policy allows no origin (``_no_cross_origin``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import secrets
 import time
 import uuid
@@ -26,10 +27,17 @@ from typing import Any, AsyncIterator, Dict, List, Optional
 
 from fastapi import Request  # at module level: FastAPI reads the handlers' annotations from here
 
-from medcap.serve._request import APIError, ChatRequest, Limits, load_image_bytes, parse_chat_request
+from medcap.serve._access import AccessLog, note
+from medcap.serve._request import (
+    APIError,
+    ChatRequest,
+    Limits,
+    check_content_type,
+    load_image_bytes,
+    parse_chat_request,
+)
 from medcap.serve._worker import BatchWorker, Job, QueueFull
 
-log = logging.getLogger("medcap.serve")
 RETRY_AFTER_S = "2"
 _POLL_S = 0.25  # how often a waiting request checks its client and its deadline
 
@@ -49,7 +57,7 @@ class ServeState:
     """The loaded model and everything a request is checked against."""
 
     def __init__(self, engine, *, limits: Limits, model_name: str, cache_len: int, default_max_tokens: int,
-                 api_key: Optional[str] = None, examples: Optional[List[str]] = None):
+                 api_key: Optional[str] = None, examples: Optional[List[str]] = None, worker_class=BatchWorker):
         from medcap.data import image_transform
 
         self.engine = engine
@@ -62,8 +70,10 @@ class ServeState:
         self.examples = list(examples or [])
         self.image_size = int(engine.model.vision.visual.image_size)
         self.transform = image_transform(self.image_size)
-        self.worker = BatchWorker(engine, cache_len=self.cache_len, queue_size=limits.queue_size)
+        # BatchWorker drives medcap's engine; _vllm_worker.VllmWorker forwards to vLLM (--backend vllm)
+        self.worker = worker_class(engine, cache_len=self.cache_len, queue_size=limits.queue_size)
         self.created = int(time.time())
+        self.access_counts: Dict[str, int] = {}  # kept by the access log: "cut" by a shutdown
 
     def prepare(self, req: ChatRequest) -> Prepared:
         """Image decoded and preprocessed, prompt built, budget checked (blocking: run in a thread)."""
@@ -239,20 +249,30 @@ class _TooLarge(Exception):
 # ---- the app and its routes
 
 
-def create_app(state: ServeState, *, page: bool = True):
+def create_app(state: ServeState, *, page: bool = True, access_log: bool = True):
     """The FastAPI app (the worker is started and stopped with it)."""
     from fastapi import FastAPI
 
     app = FastAPI(title="medcap", lifespan=_lifespan(state), docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(APIError, _api_error)
-    app.add_exception_handler(Exception, _unexpected)
     app.include_router(_routes(state))
     app.add_middleware(BodyLimit, limit=state.limits.max_body_bytes)
+    app.add_middleware(AccessLog, enabled=access_log, counts=state.access_counts)  # outside the body limit
+    _no_cross_origin(app)
     if page:
         from medcap.serve._page import mount_page
 
         app = mount_page(app, state)
     return app
+
+
+def _no_cross_origin(app) -> None:
+    """No origin is allowed to read answers: a CORS policy with an empty origin list, which
+    also stops the page (Gradio, which allows localhost origins with credentials unless its
+    parent app has a ``CORSMiddleware``) from answering cross-origin requests."""
+    from starlette.middleware.cors import CORSMiddleware
+
+    app.add_middleware(CORSMiddleware, allow_origins=[])
 
 
 def _lifespan(state: ServeState):
@@ -269,17 +289,11 @@ def _lifespan(state: ServeState):
     return lifespan
 
 
-async def _api_error(_request, e: APIError):
+async def _api_error(request, e: APIError):
     from fastapi.responses import JSONResponse
 
+    note(request, error=e.message)
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-
-async def _unexpected(_request, e: Exception):
-    from fastapi.responses import JSONResponse
-
-    log.exception("unexpected error")
-    return JSONResponse(APIError(500, f"internal error: {type(e).__name__}").body(), status_code=500)
 
 
 def _routes(state: ServeState):
@@ -303,9 +317,11 @@ def _routes(state: ServeState):
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         _auth(state, request)
+        check_content_type(request.headers.get("content-type"))
         req = parse_chat_request(await request.body(), state.limits, state.model_name)
         prepared = await run_in_threadpool(state.prepare, req)
         job = prepared.job
+        note(request, usage=lambda: (len(job.prompt), len(job.tokens)))
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         job.each_token = req.stream
         changed = queue_job(state, job)  # before answering 200, so a full queue is a 503 for streams too
@@ -315,6 +331,7 @@ def _routes(state: ServeState):
         async for _ in follow_job(state, job, changed, is_gone=request.is_disconnected):
             pass
         if not job.done:  # the client left
+            note(request, error="the client disconnected while its answer was made")
             return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
         return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": state.text(job.tokens)},

@@ -1,14 +1,17 @@
 """The web page (Gradio, mounted at ``/`` on the API's server).
 
-Upload an image (PNG, JPEG or DICOM) or pick a demo example, press Caption, ask
-questions in a chat that keeps the conversation, and see the image as the model
-sees it (after resize and centre crop). The page calls the same code as the API
+Upload an image (PNG, JPEG or DICOM) or pick a demo example: the image shows at once
+as the model sees it (after resize and centre crop); press Caption, ask questions in a
+chat that keeps the conversation. The page calls the same code as the API
 (``ServeState.prepare`` and the batching worker), with the file's bytes as they
 were uploaded, so its answer for an image equals the API's for the same bytes.
+What a user got wrong (no image yet, a file that is no image) is a message on the
+page, not a traceback in the server's log.
 
-    ask          one conversation about an uploaded file -> (answer, image as seen)
-    build_page   the Gradio page: upload, caption, chat, the image as the model sees it
-    mount_page   the page at ``/`` of the API's app (behind the API key, when one is set)
+    ask, as_seen  one conversation about an uploaded file -> (answer, image as seen);
+                  the uploaded file as the model sees it
+    build_page    the Gradio page: upload, caption, chat, the image as the model sees it
+    mount_page    the page at ``/`` of the API's app (behind the API key, when one is set)
 """
 
 from __future__ import annotations
@@ -29,13 +32,28 @@ def _suffix(path: str) -> str:
     return {".jpeg": ".jpg", ".dicom": ".dcm"}.get(s, s if s in UPLOAD_TYPES else "")
 
 
-def ask(state, image_path: str, messages: List[Dict[str, str]]) -> Tuple[str, Any]:
-    """(answer, image as the model sees it) for ``messages`` about the uploaded file;
-    the errors a client can cause come back as ``APIError``."""
+def _read_upload(state, image_path: str) -> bytes:
     if os.path.getsize(image_path) > state.limits.max_body_bytes:
         raise APIError(413, f"the file is over this server's limit of {state.limits.max_body_bytes:,} bytes")
     with open(image_path, "rb") as f:
-        data = f.read()
+        return f.read()
+
+
+def as_seen(state, image_path: str) -> Any:
+    """The uploaded file as the model sees it (a PIL image), decoded as a request's
+    image is; ``APIError`` when it is not an image the server takes."""
+    from medcap.data import resize_center_crop
+    from medcap.serve._request import load_image_bytes
+
+    pil = load_image_bytes(_read_upload(state, image_path), _suffix(image_path),
+                           max_pixels=state.limits.max_image_pixels)
+    return resize_center_crop(pil, state.image_size)
+
+
+def ask(state, image_path: str, messages: List[Dict[str, str]]) -> Tuple[str, Any]:
+    """(answer, image as the model sees it) for ``messages`` about the uploaded file;
+    the errors a client can cause come back as ``APIError``."""
+    data = _read_upload(state, image_path)
     req = ChatRequest(messages, (data, _suffix(image_path)), None, None, None, None, False, False)
     prepared = state.prepare(req)
     job = prepared.job
@@ -54,6 +72,20 @@ def ask(state, image_path: str, messages: List[Dict[str, str]]) -> Tuple[str, An
     return state.text(job.tokens), prepared.seen_image
 
 
+def _header(model_name: str) -> str:
+    named = "" if model_name == "medcap" else f": `{model_name}`"  # not "medcap: medcap"
+    return (f"## medcap{named}\nUpload an image (PNG, JPEG or DICOM), caption it, or ask about it; "
+            "the chat keeps the conversation until a new image is uploaded.")
+
+
+def _refusal(message: str):
+    """A message box on the page for what the user got wrong; the server's log stays quiet
+    (Gradio prints a traceback for every other exception)."""
+    import gradio as gr
+
+    return gr.Error(message, print_exception=False)
+
+
 def build_page(state):
     import gradio as gr
 
@@ -61,16 +93,15 @@ def build_page(state):
 
     def caption(path: Optional[str]):
         if not path:
-            raise gr.Error("upload an image first")
+            raise _refusal("upload an image first")
         try:
-            text, seen = ask(state, path, question_messages(None))
+            return ask(state, path, question_messages(None))  # (text, image as seen)
         except APIError as e:
-            raise gr.Error(e.message) from None
-        return text, seen
+            raise _refusal(e.message) from None
 
     def chat(path: Optional[str], question: str, history: List[Dict[str, str]], convo: List[Dict[str, str]]):
         if not path:
-            raise gr.Error("upload an image first")
+            raise _refusal("upload an image first")
         question = (question or "").strip()
         if not question:
             return "", history, convo, gr.skip()
@@ -78,22 +109,28 @@ def build_page(state):
         try:
             answer, seen = ask(state, path, convo + turn)
         except APIError as e:
-            raise gr.Error(e.message) from None
+            raise _refusal(e.message) from None
         convo = convo + turn + [{"role": "assistant", "content": clean_text(answer)}]
         history = history + [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         return "", history, convo, seen
 
-    def new_image(_path):
-        return [], [], None, ""  # a new image starts a new conversation
+    def new_image(path: Optional[str]):
+        seen = None  # a new image starts a new conversation, and shows as the model will see it
+        if path:
+            try:
+                seen = as_seen(state, path)
+            except APIError as e:
+                gr.Warning(e.message)
+        return [], [], seen, ""
 
     with gr.Blocks(title="medcap", analytics_enabled=False) as page:
-        gr.Markdown(f"## medcap: `{state.model_name}`\nUpload an image (PNG, JPEG or DICOM), caption it, "
-                    "or ask about it; the chat keeps the conversation until a new image is uploaded.")
+        gr.Markdown(_header(state.model_name))
         with gr.Row():
             with gr.Column():
                 image = gr.File(label="Image", file_types=UPLOAD_TYPES, type="filepath", elem_id="medcap-image")
                 if state.examples:
-                    gr.Examples(examples=[[p] for p in state.examples], inputs=[image], label="Demo examples")
+                    gr.Examples(examples=[[p] for p in state.examples], inputs=[image], label="Demo examples",
+                                elem_id="medcap-examples")
                 caption_btn = gr.Button("Caption", variant="primary", elem_id="medcap-caption-btn")
                 caption_out = gr.Textbox(label="Caption", interactive=False, elem_id="medcap-caption")
                 seen = gr.Image(label="As the model sees it", interactive=False, type="pil", elem_id="medcap-seen")

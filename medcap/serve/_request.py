@@ -2,17 +2,20 @@
 
     ChatCompletionRequest   OpenAI's request, as pydantic models: its field names, types and
                             limits (unknown fields are ignored, as OpenAI's clients send many)
+    check_content_type      JSON only (415 otherwise): a page elsewhere cannot post a "simple"
+                            cross-origin request (text/plain, forms) to a loopback server
+    check_json_depth        nesting deeper than ``MAX_JSON_DEPTH``, found by scanning the bytes
+                            (no recursion) before ``json.loads`` recurses into it
     parse_chat_request      the body's JSON checked against them, then against this server:
-                            the model it serves, its token limit, one image in a user turn
+                            the model it serves, its token limit, the seed's range, one image
     decode_data_url         the one image: a base64 ``data:`` URL only (the server fetches
                             nothing and never opens a path a client names)
     load_image_bytes        its bytes through medcap's image loader (size in pixels checked)
 
 Each refusal is a 4xx in OpenAI's error format whose message says where and what is
 wrong. The route reads the body and validates it here instead of declaring the model as
-its parameter: FastAPI would then refuse JSON sent under another content type (``curl
--d``), answer a malformed body before the API key is checked, and turn a body cut off at
-``--max-body-bytes`` into a 400.
+its parameter: FastAPI would then answer a malformed body before the API key is checked,
+and turn a body cut off at ``--max-body-bytes`` into a 400.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import base64
 import binascii
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
@@ -73,6 +77,10 @@ class Limits:
     max_tokens: int = 1024  # the most new tokens one request may ask for
     queue_size: int = 256  # requests waiting for a slot before 503
     request_timeout_s: float = 300.0
+
+
+MAX_JSON_DEPTH = 64  # OpenAI's requests nest 5 deep (messages, a message, its parts, a part, image_url)
+MAX_SEED = 2**64 - 1  # the range torch.Generator.manual_seed takes without wrapping
 
 
 def _need(cond: bool, message: str, param: Optional[str] = None) -> None:
@@ -175,8 +183,50 @@ class ChatRequest:
     include_usage: bool
 
 
+def check_content_type(value: Optional[str]) -> None:
+    """``application/json``, optionally ``; charset=utf-8``; anything else is a 415."""
+    media, _, params = (value or "").partition(";")
+    charset = ""
+    for param in params.split(";"):
+        key, _, val = param.partition("=")
+        if key.strip().lower() == "charset":
+            charset = val.strip().strip('"').lower()
+    if media.strip().lower() != "application/json" or charset not in ("", "utf-8", "utf8"):
+        shown = repr(value[:60]) if value else "none"
+        raise APIError(415, f"the body must be JSON sent as 'Content-Type: application/json' (got {shown}); "
+                       "with curl: -H 'Content-Type: application/json'", code="unsupported_media_type")
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_CHUNK = 1 << 20
+
+
+def check_json_depth(raw: bytes, limit: int = MAX_JSON_DEPTH) -> None:
+    """400 when the JSON in ``raw`` nests deeper than ``limit``: strings dropped (brackets
+    inside them do not count), then the running depth over the brackets left, in numpy,
+    a megabyte at a time."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return  # cannot nest deeper than the brackets it holds
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    if len(brackets) <= limit:
+        return
+    import numpy as np
+
+    step = np.zeros(256, dtype=np.int8)
+    step[list(b"[{")], step[list(b"]}")] = 1, -1
+    depth = 0
+    for start in range(0, len(brackets), _CHUNK):
+        chunk = np.frombuffer(brackets, dtype=np.uint8, count=min(_CHUNK, len(brackets) - start), offset=start)
+        running = np.cumsum(step[chunk], dtype=np.int64) + depth
+        if int(running.max()) > limit:
+            raise APIError(400, f"the request body nests JSON deeper than {limit} levels")
+        depth = int(running[-1])
+
+
 def parse_chat_request(raw: bytes, limits: Limits, model_name: str) -> ChatRequest:
     """Check the body of ``POST /v1/chat/completions``."""
+    check_json_depth(raw)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -188,6 +238,8 @@ def parse_chat_request(raw: bytes, limits: Limits, model_name: str) -> ChatReque
     if req.model is not None and req.model != model_name:
         raise APIError(404, f"model {req.model!r} is not served here; this server serves {model_name!r}",
                        param="model", code="model_not_found")
+    _need(req.seed is None or 0 <= req.seed <= MAX_SEED, "seed must be an integer from 0 to 2**64-1 "
+          f"({MAX_SEED}), got {_short(req.seed)}", "seed")
     max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
     _need(max_tokens is None or max_tokens <= limits.max_tokens,
           f"max_tokens must be between 1 and {limits.max_tokens} (this server's limit), got {max_tokens}", "max_tokens")
@@ -195,6 +247,11 @@ def parse_chat_request(raw: bytes, limits: Limits, model_name: str) -> ChatReque
     temperature = None if req.temperature is None else float(req.temperature)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return ChatRequest(messages, image, max_tokens, temperature, req.top_k, req.seed, bool(req.stream), include_usage)
+
+
+def _short(value: Any) -> str:
+    shown = str(value)
+    return shown if len(shown) <= 40 else f"{shown[:20]}...({len(shown)} characters)"
 
 
 def _refusal(error: ValidationError) -> APIError:

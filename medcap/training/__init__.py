@@ -7,10 +7,11 @@ which runs the loop and calls these; nothing here calls back into a recipe):
 * ``_dist``: the process world (one process or torchrun's ranks, FSDP2, collectives);
 * ``_start``: the checkpoint folder (lock, resume or refuse) and the vision tower's start;
 * ``_state``: the resumable state file and the random generators in it;
+* ``_describe``: what a checkpoint records so that it can be used alone;
 * ``_signals``: the stop on SIGINT/SIGTERM at a step boundary.
 
-``TrainConfig`` (``medcap.config``) and ``progress`` (``medcap._io``) are exported here
-too, for the recipe. Names are resolved on first use (PEP 562), so that
+``TrainConfig`` (``medcap.config``), ``progress`` and ``DiskFullError`` (``medcap._io``)
+are exported here too, for the recipe. Names are resolved on first use (PEP 562), so that
 ``TrainConfig`` (and with it a config's key check) loads without torch.
 """
 
@@ -22,8 +23,9 @@ from medcap import lazy_attrs
 
 _EXPORTS = {
     "medcap.config": ["TrainConfig"],
-    "medcap._io": ["progress"],
+    "medcap._io": ["DiskFullError", "progress"],
     "medcap.training._data": ["ResumableBatchSampler", "setup_data", "setup_dataset"],
+    "medcap.training._describe": ["describe_model", "training_summary"],
     "medcap.training._dist": ["init_distributed_env", "peak_memory_gib", "shard_frozen_decoder"],
     "medcap.training._loss": ["LabelTokenCrossEntropy", "TrainForward", "count_label_tokens"],
     "medcap.training._optim": ["build_lr_scheduler", "build_optimizer"],
@@ -43,9 +45,10 @@ __all__ = sorted(_WHERE)
 __getattr__, __dir__ = lazy_attrs(__name__, _WHERE)
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
-    from medcap._io import progress  # noqa: F401
+    from medcap._io import DiskFullError, progress  # noqa: F401
     from medcap.config import TrainConfig  # noqa: F401
     from medcap.training._data import ResumableBatchSampler, setup_data, setup_dataset  # noqa: F401
+    from medcap.training._describe import describe_model, training_summary  # noqa: F401
     from medcap.training._dist import init_distributed_env, peak_memory_gib, shard_frozen_decoder  # noqa: F401
     from medcap.training._loss import LabelTokenCrossEntropy, TrainForward, count_label_tokens  # noqa: F401
     from medcap.training._optim import build_lr_scheduler, build_optimizer  # noqa: F401

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchtune import config as tt_config
 
 from medcap._io import progress
+from medcap.config import ConfigError
 from medcap.data import CROSS_ENTROPY_IGNORE_IDX, BadSample, collate_image_chat
 from medcap.models import MedcapModel
 from medcap.training._dist import DistEnv
@@ -170,7 +171,7 @@ class ResumableBatchSampler(Sampler[List[int]]):
             if k in state and state[k] != now[k]
         ]
         if diffs:
-            raise ValueError(
+            raise ConfigError(
                 "cannot resume exactly: the data order differs from the stopped run's ("
                 + "; ".join(diffs)
                 + "). Keep seed, shuffle, dataset, batch_size x number of processes and "

@@ -24,6 +24,8 @@ from omegaconf import DictConfig
 from torch import nn
 from torchtune import config as tt_config
 
+from medcap.config import ConfigError
+
 log = logging.getLogger("medcap.training")
 
 
@@ -131,7 +133,7 @@ class InBackwardOptimizer:
 
 def _check_kind(state: Dict[str, Any], kind: str) -> None:
     if state.get("kind") != kind:
-        raise ValueError(
+        raise ConfigError(
             f"the saved optimizer state is of kind {state.get('kind')!r} but this run uses {kind!r}: "
             "optimizer_in_bwd must be the same as in the stopped run"
         )

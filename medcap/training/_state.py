@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from medcap._io import atomic_write
+from medcap.config import ConfigError
 
 RECIPE_STATE_FILE = "recipe_state.pt"
 STATE_FORMAT_VERSION = 1
@@ -80,9 +81,9 @@ def load_recipe_state(path: Union[str, Path]) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{str(path)!r} is not a readable recipe state ({type(e).__name__}: {e})") from e
+        raise ConfigError(f"{str(path)!r} is not a readable recipe state ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or state.get("format_version") != STATE_FORMAT_VERSION:
-        raise ValueError(
+        raise ConfigError(
             f"{str(path)!r} is not a medcap recipe state of version {STATE_FORMAT_VERSION} "
             f"(found {state.get('format_version') if isinstance(state, dict) else type(state).__name__})"
         )

@@ -39,6 +39,9 @@ def test_gpu_bench_dry_run_on_cpu():
     assert out["dry_run"] is True and out["device"] == "cpu"
     _check(out, (1, 16, 64))
     assert out["summary"]["training_8b_config_peak_memory_gb"] is None  # measured on CUDA only
+    peer = out["summary"]["vllm_peer"]  # the vLLM backend's peer: measured where .venv-vllm exists, else why not
+    assert set(peer["native"]["decode_tokens_per_s"]) == {"1", "2"} and peer["native"]["omnimedvqa_projected_hours"] > 0
+    assert peer["vllm_available"] == ("vllm" in peer) and (peer["vllm_available"] or out["vllm_peer"]["vllm"]["reason"])
 
 
 @pytest.mark.gpu

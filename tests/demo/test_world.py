@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +207,88 @@ def test_a_moved_world_still_loads(tmp_path, monkeypatch):
         assert p.resolve().is_relative_to(new.resolve()) and p.is_file(), p
     # the captions' and the questions' images are the same five held-out files
     assert {p.resolve() for p in images[6:11]} == {p.resolve() for p in images[11:]}
+
+
+# ---- held-out combinations
+
+# The caption grammar read back independently of the package: opening phrase -> modality.
+PHRASES = {
+    "CT scan": "CT(Computed Tomography)", "Chest X-ray": "X-Ray", "MRI scan": "MR (Mag-netic Resonance Imaging)",
+    "Ultrasound image": "ultrasound", "Dermoscopy image": "Dermoscopy", "Fundus photography": "Fundus Photography",
+    "OCT scan": "OCT (Optical Coherence Tomography", "Microscopy image": "Microscopy Images",
+}
+CAPTION_RE = re.compile(r"^(.+) showing a (small|large) (bright|dark) (nodule|cyst|mass|calcification) "
+                        r"in the (upper left|upper right|lower left|lower right) region\.$")
+
+
+def _triples_of(sharegpt_file: Path) -> list:
+    """(modality, kind, location) of every record's caption, parsed from the file's text."""
+    out = []
+    for r in json.loads(sharegpt_file.read_text()):
+        m = CAPTION_RE.match(r["conversations"][1]["value"])
+        assert m, r["conversations"][1]["value"]
+        out.append((PHRASES[m.group(1)], m.group(4), m.group(5)))
+    return out
+
+
+def test_held_out_triples_are_new_combinations_of_seen_parts():
+    from medcap.demo._world import held_out_combinations
+
+    held = held_out_combinations(0)
+    assert len(held) == 16 and len(set(held)) == 16
+    for mod in MODALITY_KEYS:  # two per modality, differing in kind and in location
+        mine = [t for t in held if t[0] == mod]
+        assert len(mine) == 2 and mine[0][1] != mine[1][1] and mine[0][2] != mine[1][2]
+    pairs = [(k, loc) for _, k, loc in held]
+    assert sorted(pairs) == sorted((k, loc) for k in KINDS for loc in LOCATIONS)  # every pair held out once
+    assert held_out_combinations(1) != held and held_out_combinations(0) == held
+    assert held_out_combinations(0, 0) == () and len(held_out_combinations(0, 1)) == 8
+    with pytest.raises(ValueError, match="held_out_per_modality"):
+        held_out_combinations(0, 3)
+
+
+@pytest.fixture(scope="module")
+def big_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("big_world")
+    write_world(out, _settings(n_train=600, n_test=64, image_size=16, questions_per_image=5))
+    return out
+
+
+def test_held_out_combinations_never_reach_vision_training(big_world):
+    """Recounted from the files: no training caption shows a held-out triple, though every
+    pair of their attributes occurs in training; the unseen test images are exactly those
+    of held-out triples, and their captions occur nowhere in training."""
+    meta = json.loads((big_world / "world.json").read_text())
+    held = {tuple(t) for t in meta["held_out"]}
+    assert meta["held_out_attributes"] == ["modality", "kind", "location"] and len(held) == 16
+    train = _triples_of(big_world / "train.json")
+    assert len(train) == 600 and not set(train) & held
+    for a, b in ((0, 1), (0, 2), (1, 2)):  # the parts of every held-out triple were seen, pair by pair
+        seen_pairs = {(t[a], t[b]) for t in train}
+        assert {(t[a], t[b]) for t in held} <= seen_pairs
+    test = _triples_of(big_world / "test.json")
+    records = json.loads((big_world / "test.json").read_text())
+    kinds = {r["image"]: r["combination"] for r in meta["test"]}
+    assert [kinds[r["image"]] for r in records] == ["unseen" if t in held else "seen" for t in test]
+    train_captions = {r["conversations"][1]["value"] for r in json.loads((big_world / "train.json").read_text())}
+    unseen_captions = {r["conversations"][1]["value"] for r, t in zip(records, test) if t in held}
+    assert unseen_captions and not unseen_captions & train_captions
+
+
+def test_test_split_halves(big_world):
+    """Half of the test images show seen combinations, half unseen, every modality in both;
+    the questions follow their images."""
+    meta = json.loads((big_world / "world.json").read_text())
+    halves = {s: [r for r in meta["test"] if r["combination"] == s] for s in ("seen", "unseen")}
+    assert len(halves["seen"]) == len(halves["unseen"]) == 32
+    for part in halves.values():
+        assert {r["modality"] for r in part} == set(MODALITY_KEYS)
+    qs = json.loads((big_world / "OmniMedVQA" / "QA_information" / "Open-access" / f"{DATASET_NAME}.json").read_text())
+    unseen_images = {r["image"] for r in halves["unseen"]}
+    assert sum(q["image_path"] in unseen_images for q in qs) == 32 * 5
+
+
+def test_no_held_out_setting_keeps_every_combination(tmp_path):
+    write_world(tmp_path, _settings(n_train=8, n_test=16, held_out_per_modality=0))
+    meta = json.loads((tmp_path / "world.json").read_text())
+    assert meta["held_out"] == [] and {r["combination"] for r in meta["test"]} == {"seen"}

@@ -116,7 +116,8 @@ def test_description_budget_leaves_room_for_the_answer_prompt(ev_tok, scripted):
         full = engine.prompt(answer_messages(vqa_type, "x" * budget, q), has_image=vqa_type == "no_cond_desc")
         assert len(full) <= 600 - 5
         assert description_budget(engine, vqa_type, q, max_seq_len=600, max_new_tokens=7) == 7
-        assert description_budget(engine, vqa_type, q, max_seq_len=20, max_new_tokens=7) == 0
+        # no room left: the reference still generates one token (its first comes before the budget)
+        assert description_budget(engine, vqa_type, q, max_seq_len=20, max_new_tokens=7) == 1
     # Both *_no_image twins budget exactly as their image counterparts (step 1 is the same).
     assert description_budget(engine, "cond_desc_no_image", q, max_seq_len=600, max_new_tokens=5000) == \
         description_budget(engine, "cond_desc", q, max_seq_len=600, max_new_tokens=5000)
@@ -217,6 +218,22 @@ def test_answers_with_carriage_returns_resume(scripted, fake_image_loader, tmp_p
     rows = run_vqa(engine, items, **args)
     assert len([k for c in engine.calls for k in c[3] if k.startswith("answer:")]) == len(items) - 2
     assert rows[0]["output"] == "left\nside" and rows[0]["generated"] == "line one\nline two\n"
+
+
+def test_a_killed_writers_temporary_files_are_removed_when_the_file_is_finished(scripted, fake_image_loader, tmp_path):
+    """A kill during an atomic write leaves ``.NAME.XXXXXXXX.tmp``; the run that finishes
+    the file removes those of its own files, and no other file's (another chunk may be
+    writing it in the same folder)."""
+    items = _items(tmp_path)
+    ours = [".raw.csv.abcdefgh.tmp", ".raw.left_out.rank1.json.k2_9xq0z.tmp", ".raw-0.0.csv.00000000.tmp"]
+    theirs = [".raw2.csv.abcdefgh.tmp", ".other.csv.abcdefgh.tmp", ".raw.csv.notours.tmp"]
+    for name in ours + theirs:
+        (tmp_path / name).write_text("x")
+    run_vqa(scripted(lambda text, key, budget: "a reply", batch_size=2), items, vqa_type="no_cond_desc",
+            raw_path=tmp_path / "raw.csv", image_loader=fake_image_loader, max_seq_len=500, max_new_tokens=20,
+            progress=False)
+    assert (tmp_path / "raw.csv").exists()
+    assert [n for n in ours + theirs if (tmp_path / n).exists()] == theirs
 
 
 @pytest.fixture(scope="module")

@@ -120,3 +120,22 @@ def test_both_steps_token_for_token(vqa_type, llama3_tokenizer, tmp_path):
         "<|start_header_id|>user<|end_header_id|>\n\nIs there a fracture?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
+
+
+@pytest.mark.parametrize("vqa_type", ["no_cond_desc", "cond_desc"])
+def test_a_description_budget_of_zero_or_less_still_generates_one_token(vqa_type, llama3_tokenizer, tmp_path):
+    """The reference's generation makes its first token from the prompt before it looks
+    at the budget: with no room left (budget 0) or less than none, it describes with one."""
+    image = tmp_path / "x.png"
+    image.write_bytes(b"png")
+    skeleton = {"no_cond_desc": 128, "cond_desc": 183}[vqa_type]
+    no_room = skeleton + 2 + 7 + 5  # the rule above gives exactly 0 here
+    for max_seq_len in (no_room, no_room - 30, no_room + 1):
+        engine = Recorder(llama3_tokenizer)
+        item = EvalItem(image="x.png", path=str(image), question="Is there a fracture?", answer="yes", key="q1")
+        run_vqa(engine, [item], vqa_type=vqa_type, raw_path=tmp_path / f"raw{max_seq_len}.csv",
+                image_loader=lambda p: torch.zeros(3, 8, 8), max_seq_len=max_seq_len, max_new_tokens=1000,
+                progress=False)
+        (_, tokens, _, budget), = [c for c in engine.calls if c[0] == "desc"]
+        assert tokens == DESCRIPTION_PROMPT[vqa_type]
+        assert budget == 1, (max_seq_len, budget)

@@ -244,3 +244,44 @@ def test_a_missing_layout_is_named_before_anything_loads(gen_assets, gen_config,
     cfg = gen_config(gen_assets, tmp_path / "out", dataset_source=str(tmp_path), **{suite: True})
     with pytest.raises(ConfigError, match=re.escape(words)):
         gen_recipe_module.GenerateRecipe(cfg)
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"judge_endpoint": "http://127.0.0.1:9/v1"}, "judge_endpoint needs judge_model"),
+    ({"judge_model": "gpt-4.1"}, "judge_model is set but judge_endpoint is null"),
+    ({"judge_endpoint": "127.0.0.1:8000", "judge_model": "m"}, "must be an http(s) URL"),
+    ({"judge_endpoint": "http://127.0.0.1:9/v1", "judge_model": "m", "test_slake": False, "test_pmcvqa": True},
+     "judge_endpoint judges the open answers of test_slake"),
+])
+def test_judge_settings_are_checked_before_anything_loads(gen_assets, gen_config, gen_recipe_module, bench_data, tmp_path,
+                                                          settings, words):
+    from medcap.config import ConfigError
+
+    cfg = gen_config(gen_assets, tmp_path, dataset_source=bench_data["root"], **{"test_slake": True, **settings})
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        gen_recipe_module.GenerateRecipe(cfg)
+
+
+def test_an_unreachable_judge_is_named_before_the_model_loads(gen_assets, gen_config, gen_recipe_module, bench_data,
+                                                               tmp_path, monkeypatch):
+    import socket
+
+    from medcap.config import ConfigError
+
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))  # bound, not listening
+    url = f"http://127.0.0.1:{port.getsockname()[1]}/v1"
+    cfg = gen_config(gen_assets, tmp_path, dataset_source=bench_data["root"], test_slake=True, judge_endpoint=url,
+                     judge_model="m")
+    monkeypatch.setattr(gen_recipe_module.GenerateRecipe, "setup", lambda self: pytest.fail("loaded before the check"))
+    with pytest.raises(ConfigError, match=re.escape(f"the judge at {url}/models cannot be reached")):
+        gen_recipe_module.GenerateRecipe(cfg)
+    port.close()
+
+
+def test_the_question_sets_default_to_medevalkits(gen_assets, gen_config, bench_data, tmp_path):
+    from medcap.config import GenerateConfig
+
+    assert (GenerateConfig.q_lang, GenerateConfig.pmcvqa_file) == ("all", "auto")
+    text = (Path(__file__).resolve().parents[2] / "recipes" / "configs" / "custom_generation_config.yaml").read_text()
+    assert re.search(r"^q_lang: all\b", text, re.M) and re.search(r"^pmcvqa_file: auto\b", text, re.M)

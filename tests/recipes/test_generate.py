@@ -63,7 +63,9 @@ def test_omnimedvqa_letter_scoring_then_loglik_rescore(gen_assets, gen_config, g
     assert report["missing_images"] == 1 and report["modality_key_instead_of_modality_type"] == 1
     out = res["test_omnimedvqa"]
     scored = read_csv_rows(out["scored_path"])
-    assert list(scored[0].keys()) == OMNI_RAW + ["predict_generated", "predict", "correct"]
+    # the peers' cells beside medcap's (issue #25: medevalkit's and huatuo's conventions per row)
+    assert list(scored[0].keys()) == OMNI_RAW + ["predict_generated", "predict", "correct", "medevalkit_correct",
+                                                 "huatuo_predict", "huatuo_correct"]
     acc = _recount(scored)
     assert out["accuracy"] == pytest.approx(acc)
     assert Path(out["scored_path"]).name == f"{raw.stem}-{round(acc, 4)}.csv"
@@ -73,8 +75,11 @@ def test_omnimedvqa_letter_scoring_then_loglik_rescore(gen_assets, gen_config, g
     again = rescore(out["scored_path"])["scores"]
     assert again["letter_macro"]["recomputed"] == pytest.approx(acc)
     assert again["letter_micro"]["recomputed"] == pytest.approx(sum(int(r["correct"]) for r in scored) / len(scored))
-    for suffix in (".csv", ".json", ".png"):
+    for suffix in (".json", ".png"):
         assert Path(out["scored_path"]).with_name(Path(out["scored_path"]).stem + "-modality" + suffix).is_file()
+    # the breakdown CSV is named so that a glob for scored files never matches it (issue #22 item 6)
+    assert Path(out["scored_path"]).with_name("modality-" + Path(out["scored_path"]).name).is_file()
+    assert [p.name for p in tmp_path.glob(f"{raw.stem}-*.csv")] == [Path(out["scored_path"]).name]
     assert "macro accuracy" in capsys.readouterr().out
 
     # Re-run with the raw file present: no generation, re-scored by log-likelihood.
@@ -176,10 +181,14 @@ def test_cuda_falls_back_to_cpu(gen_assets, gen_config, gen_recipe_module, tmp_p
 def test_documented_command_killed_and_restarted_ends_with_the_same_files(gen_assets, gen_config, gen_run, tmp_path):
     """`medcap run generate --config tiny/generate ...` killed with SIGKILL after a few
     rows, then started again, writes what an uninterrupted run writes."""
-    # chunk_size=1: each row reaches the disk on its own; 48 new tokens a row keep the rows
-    # slow enough that the kill lands mid-run on an idle machine too.
+    # chunk_size=1: each row reaches the disk on its own; 40 questions, so that the kill
+    # after the second row lands mid-run however fast the rows come.
+    from medcap.testing import make_vqarad_layout
+
+    datasets = tmp_path / "datasets"
+    n_items = len(make_vqarad_layout(datasets, n_images=20, image_size=36)["expected"])
     args = dict(test_vqarad="True", vqa_type="no_cond_desc", batch_size="1", chunk_size="1", max_new_tokens="48",
-                dataset_source=gen_assets["datasets"], vision_checkpoint=gen_assets["vision_checkpoint"])
+                dataset_source=str(datasets), vision_checkpoint=gen_assets["vision_checkpoint"])
     name = "vqarad-no_cond_desc-raw-meta_model_last.csv"
     ref_dir = tmp_path / "ref"
     gen_run(gen_config(gen_assets, ref_dir, **{k: (int(v) if v.isdigit() else v) for k, v in args.items()}))
@@ -205,7 +214,7 @@ def test_documented_command_killed_and_restarted_ends_with_the_same_files(gen_as
             os.killpg(proc.pid, signal.SIGKILL)
         proc.stderr.close()
     n_before = len(read_csv_rows(partial))
-    assert 2 <= n_before < len(gen_assets["vqarad"]["expected"]) and not (out / name).exists()
+    assert 2 <= n_before < n_items and not (out / name).exists()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming with" in done.stderr

@@ -78,16 +78,18 @@ class LiveServer:
 
 @pytest.fixture(scope="session")
 def start_server(serve_assets):
-    """``with start_server(*flags, page=False) as (server, state):`` a server of its own
-    (medcap serve's setup with more flags), stopped at the end of the block."""
+    """``with start_server(*flags, page=False, examples=None) as (server, state):`` a server
+    of its own (medcap serve's setup with more flags; ``examples``: the page's example
+    images, as ``--demo`` finds them), stopped at the end of the block."""
     import contextlib
 
     from medcap.serve._app import create_app
     from medcap.serve._main import build_state
 
     @contextlib.contextmanager
-    def start(*flags: str, page: bool = False):
+    def start(*flags: str, page: bool = False, examples=None):
         state = build_state(serve_args(serve_assets, *flags))
+        state.examples = list(examples or [])
         with LiveServer(create_app(state, page=page)) as server:
             yield server, state
 
@@ -122,3 +124,62 @@ def data_url():
 def image_message():
     """``image_message(url, question=None)`` -> one user message: the image, then the question."""
     return _image_message
+
+
+# ---- medcap serve's own connection handling (the cap, the timeouts), in a thread
+
+
+class GuardedServer:
+    """``app`` served as ``medcap serve`` serves it (``_connections``), on 127.0.0.1 in a
+    daemon thread; ``.guard`` counts what it closed."""
+
+    def __init__(self, app, limits, cap: int):
+        from medcap.serve._connections import make_server, open_listener
+
+        self.listener = open_listener("127.0.0.1", 0)
+        self.server, self.guard = make_server(app, self.listener, limits, cap)
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import asyncio
+
+        from medcap.serve._connections import run_server
+
+        asyncio.run(run_server(self.server, self.listener, self.guard))
+
+    def __enter__(self) -> "GuardedServer":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.listener.close()
+
+
+@pytest.fixture(scope="session")
+def start_guarded(serve_assets):
+    """``with start_guarded(*flags, cap=None) as (server, state):`` the tiny model behind
+    medcap serve's connection handling; ``flags`` are medcap serve's (``--header-timeout 1``)."""
+    import contextlib
+
+    from medcap.serve._app import create_app
+    from medcap.serve._connections import connection_limits
+    from medcap.serve._main import build_state
+
+    @contextlib.contextmanager
+    def start(*flags: str, cap=None):
+        args = serve_args(serve_assets, "--no-page", *flags)
+        limits = connection_limits(args)
+        state = build_state(args)
+        app = create_app(state, page=False, access_log=not args.no_access_log)
+        with GuardedServer(app, limits, cap or limits.max_connections) as server:
+            yield server, state
+
+    return start

@@ -102,7 +102,8 @@ def _pairs(records):
     return [(r["image"], r["conversations"][1]["value"]) for r in records]
 
 
-def _check_format(records, instruction="none"):
+def _check_format(records, folder: Path, instruction="none"):
+    """The reference's record layout; ``meta``'s ``dir=`` relative to ``folder`` (the JSON file's)."""
     for r in records:
         assert set(r) == {"conversations", "image", "meta"}
         human, gpt = r["conversations"]
@@ -114,8 +115,8 @@ def _check_format(records, instruction="none"):
             assert head == PH * 50 and sep and tail in CAPTION_INSTRUCTIONS
         assert PH not in gpt["value"]
         d = r["meta"].split("=", 1)[1]
-        assert r["meta"].startswith("dir=") and os.path.isabs(d)
-        assert (Path(d) / r["image"]).is_file()
+        assert r["meta"].startswith("dir=") and not os.path.isabs(d)
+        assert (folder / d / r["image"]).is_file()
 
 
 def test_pmcoa(tmp_path, capsys):
@@ -123,7 +124,8 @@ def test_pmcoa(tmp_path, capsys):
     assert convert_main(["--dataset", "pmcoa", "--data-dir", str(tmp_path), "--save-dir", str(tmp_path / "out"), "--no-progress"]) == 0
     report = json.loads(capsys.readouterr().out)
     recs = _load(tmp_path / "out" / "pmcoa_train.json")
-    _check_format(recs)
+    _check_format(recs, tmp_path / "out")
+    assert recs[0]["meta"] == "dir=../pmc_oa/caption_T060_filtered_top4_sep_v0_subfigures"  # by hand
     assert _pairs(recs) == [("a.jpg", "Panel (1) shows a mass."), ("b.jpg", "CT of the chest.")]
     assert report["written"] == {"pmcoa_train.json": 2}
     assert report["skipped"] == {"PMC-OA": {"missing image": 1}}
@@ -136,7 +138,7 @@ def test_vqarad_with_instructions(tmp_path, capsys, instruction):
             "--instruction", instruction, "--no-progress"]
     assert convert_main(args) == 0
     train, test = _load(tmp_path / "out" / "vqarad_train.json"), _load(tmp_path / "out" / "vqarad_test.json")
-    _check_format(train + test, instruction)
+    _check_format(train + test, tmp_path / "out", instruction)
     assert _pairs(train) == [("synpic1.jpg", "an axial CT")] and _pairs(test) == [("synpic2.jpg", "a chest x-ray")]
     if instruction == "fixed":
         assert train[0]["conversations"][0]["value"].endswith(CAPTION_INSTRUCTIONS[0])
@@ -164,7 +166,7 @@ def test_textplus_chain(tmp_path, capsys):
     assert _pairs(t) == base
     assert _pairs(tp) == base + medicat + pmcoa
     assert _pairs(tpp) == base + medicat + pmcoa + patients
-    _check_format(tpp)
+    _check_format(tpp, out)
     assert report["written"] == {"textplus_train.json": 5, "textplus_pmcoa_train.json": 8,
                                  "textplus_pmcoa_patients_train.json": 12}
     assert report["skipped"]["ROCOv2"] == {"missing image": 1}
@@ -220,6 +222,40 @@ def test_old_flag_spellings_still_work(tmp_path, capsys):
                          "--no_progress"]) == 0  # fmt: skip
     assert json.loads(capsys.readouterr().out)["written"] == {"pmcoa_train.json": 2}
     assert (tmp_path / "old" / "pmcoa_train.json").is_file()
+
+
+def test_a_record_with_a_lone_surrogate_is_skipped_and_named(tmp_path, capsys):
+    """A broken \\u escape (a lone surrogate) cannot be written to a UTF-8 file: the record is
+    skipped, counted and named, as validate-data and training do; the rest is converted."""
+    make_pmcoa(tmp_path)
+    index = tmp_path / "pmc_oa" / "train.jsonl"
+    # written by hand: json.dumps would not make the broken escape
+    index.write_text(index.read_text() + '{"image": "b.jpg", "caption": "cut \\ud83d here"}\n', encoding="utf-8")
+    assert convert_main(["--dataset", "pmcoa", "--data-dir", str(tmp_path), "--save-dir", str(tmp_path / "out"),
+                         "--no-progress"]) == 0  # fmt: skip
+    cap = capsys.readouterr()
+    report = json.loads(cap.out)
+    assert report["skipped"] == {"PMC-OA": {"missing image": 1, "lone surrogate": 1}}
+    assert report["written"] == {"pmcoa_train.json": 2}
+    assert f"PMC-OA: {index} item 3: the text holds a lone surrogate \\ud83d at character 4" in cap.err
+    assert _pairs(_load(tmp_path / "out" / "pmcoa_train.json")) == [("a.jpg", "Panel (1) shows a mass."),
+                                                                    ("b.jpg", "CT of the chest.")]
+
+
+def test_a_converted_data_set_moved_with_its_images_still_loads(tmp_path, monkeypatch):
+    """meta's dir= is relative to the JSON file: the loader finds the images after the
+    whole tree moved, from any working folder."""
+    from medcap.data import parse_record, read_index
+
+    make_vqarad(tmp_path / "a")
+    assert convert_main(["--dataset", "vqarad", "--data-dir", str(tmp_path / "a"),
+                         "--save-dir", str(tmp_path / "a" / "medcap"), "--no-progress"]) == 0  # fmt: skip
+    (tmp_path / "a").rename(tmp_path / "b")
+    monkeypatch.chdir(tmp_path)
+    index = read_index(tmp_path / "b" / "medcap" / "vqarad_train.json")
+    rec = parse_record(index[0], json_dir=index.file_of(0).parent)
+    assert rec.image_path.resolve() == (tmp_path / "b" / "VQA_RAD" / "VQA_RAD Image Folder" / "synpic1.jpg")
+    assert rec.image_path.is_file()
 
 
 def test_invalid_jsonl_lines_are_counted_in_the_summary(tmp_path, capsys):
