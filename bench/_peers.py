@@ -5,9 +5,9 @@ same evaluation suite runs on each (same model, same prompts, same image soft to
   ``batch_size`` left-padded prompts at a time (``inputs_embeds`` carry the image soft
   tokens), every batch running until its last row has stopped;
 * ``HFContinuousEngine``: transformers' own continuous batching (``init_continuous_batching``,
-  ``max_requests_per_batch = batch_size``). It takes token ids only, so each image soft
+  ``max_requests_per_batch = batch_size``, its KV cache sized for the rows; started once per cell). It takes token ids only, so each image soft
   token gets an id of its own past the vocabulary, whose embedding row is that vector (the
-  same numbers ``inputs_embeds`` would carry); the manager is started once and kept;
+  same numbers ``inputs_embeds`` would carry);;
 * ``reference_engine``: the reference's algorithm (one row at a time, no cache).
 
 Rows stop at their stop tokens or at their budget; a row's tokens are cut at its first
@@ -93,14 +93,17 @@ class HFContinuousEngine(GenerationEngine):
         self.embedding = torch.nn.Embedding.from_pretrained(table, freeze=True)
         hf.model.embed_tokens = self.embedding
         cfg = GenerationConfig(do_sample=False, eos_token_id=list(tokenizer.stop_tokens),
-                               pad_token_id=tokenizer.pad_id, max_new_tokens=64)
-        self.manager = hf.init_continuous_batching(
-            generation_config=cfg,
-            continuous_batching_config=ContinuousBatchingConfig(max_requests_per_batch=batch_size))
-        self.manager.start()
+                              pad_token_id=tokenizer.pad_id, max_new_tokens=64)
+        # the KV cache sized for this workload (pages of 256 positions, 2 per row at most):
+        # left to infer it from free memory, it allocates most of the machine's RAM on a CPU
+        # (about 15 s of page faults per start)
+        cb = ContinuousBatchingConfig(max_requests_per_batch=batch_size, num_blocks=2 * batch_size + 4,
+                                      max_batch_tokens=4096)
+        self.manager = hf.init_continuous_batching(generation_config=cfg, continuous_batching_config=cb)
+        self.manager.start()  # kept for the cell: a start and stop per call costs ~0.5 s
 
     def close(self) -> None:
-        self.manager.stop(block=True)
+        self.manager.stop(block=True, timeout=60)
 
     @torch.inference_mode()
     def _ids(self, prompts, images) -> List[List[int]]:

@@ -3,13 +3,14 @@ and questions, interleaved round by round in one run.
 
 Every engine runs the same suite, ``run_test_omnimedvqa`` (read, shuffle, ``no_cond_desc``:
 a description per image, then the answer, then the letter-mapping chat, the per-modality
-report and the files); only the engine differs (see ``_peers`` and ``_vllm_peer``):
+report and the files); only the engine differs (see ``_peers`` and ``_vllm_cell``):
 
 * ``ours``: ``GenerationEngine``: continuous batching (a finished row's slot refilled at once);
 * ``static``: the same engine with ``continuous=False`` (a batch runs to its longest row);
 * ``hf_static``: ``LlamaForCausalLM.generate``, ``batch`` left-padded prompts at a time;
 * ``hf_cb``: transformers' own continuous batching;
-* ``vllm``: vLLM's CPU build on our prompt embeddings (when ``.venv-vllm`` exists);
+* ``vllm``: medcap's vLLM backend (``VllmEngine``: vLLM's server decodes our prompt
+  embeddings; one server per model, see ``_vllm_cell``) where ``.venv-vllm`` exists;
 * ``reference``: the reference's algorithm (one question at a time, no cache), on the
   first ``--ref-limit`` questions, once per model and workload.
 
@@ -43,6 +44,7 @@ import torch
 from _common import (LLAMA3_1_8B, LlamaDims, base_parser, bench_tokenizer, build_model, emit, log, machine_info,
                      median, real_sizes, setup, sync, to_hf_llama)
 from _goals import eval_goals
+from _vllm_cell import set_batch
 from _workloads import StopAtLengths, StopLengths, WORKLOADS, load_stop_lengths
 
 MODELS = {
@@ -183,8 +185,7 @@ class Cell:
                     self.not_run[name] = ctx["vllm_why"]
                     continue
                 e = ctx["vllm"]
-                e.base = GenerationEngine(m, tok, batch_size=batch, chunk_size=chunk)
-                e.load(batch, max_model_len=1024)
+                set_batch(e, batch, chunk)
             else:
                 continue
             self.engines[name] = StopAtLengths(e, lengths)
@@ -234,7 +235,7 @@ def run_reference(ctx, args, workload: str) -> Dict:
 
 
 def model_context(args, name: str, tmp: Path, root: Path, device, dtype) -> Dict:
-    from _vllm_peer import VllmPeerEngine, vllm_python
+    from _vllm_cell import start_vllm, vllm_python
 
     dims = QUICK if name == "quick" else (LLAMA3_1_8B if real_sizes(args) else MODELS[name])
     tokenizer = bench_tokenizer(tmp / f"tok-{name}", dims.vocab_size)
@@ -244,12 +245,12 @@ def model_context(args, name: str, tmp: Path, root: Path, device, dtype) -> Dict
            "image_size": model.vision.visual.image_size, "stop_lengths": load_stop_lengths(),
            "hf": lambda: to_hf_llama(model, dims, device, dtype, max_seq_len=131072), "vllm": None}
     py, ctx["vllm_why"] = vllm_python(args.vllm_python)
-    if py and "vllm" in args.engines and device.type == "cpu":
+    if py and "vllm" in args.engines:
         folder = tmp / f"hf-{name}"
         ctx["hf"]().save_pretrained(folder)
-        ctx["vllm"] = VllmPeerEngine(None, py, folder)
-    elif py and "vllm" in args.engines:
-        ctx["vllm_why"] = "not run: this bench drives vLLM's CPU build only"
+        ctx["vllm"], ctx["vllm_start_s"], why = start_vllm(model, tokenizer, folder, py, max_batch=max(args.batches),
+                                                           threads=torch.get_num_threads(), max_model_len=1024)
+        ctx["vllm_why"] = why or ctx["vllm_why"]
     return ctx
 
 
