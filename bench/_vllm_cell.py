@@ -24,7 +24,8 @@ from _common import REPO_ROOT, log
 
 def vllm_python(given: Optional[str] = None) -> Tuple[Optional[str], str]:
     """(interpreter, "") when vLLM can run, else (None, why not)."""
-    cands = [given] if given else [os.environ.get("MEDCAP_VLLM_PYTHON"), str(REPO_ROOT / ".venv-vllm" / "bin" / "python")]
+    env = os.environ.get("MEDCAP_VLLM_PYTHON")
+    cands = [given] if given else [env] if env else [str(REPO_ROOT / ".venv-vllm" / "bin" / "python")]
     for c in cands:
         if c and Path(c).is_file():
             return c, ""

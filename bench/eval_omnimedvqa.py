@@ -53,6 +53,8 @@ MODELS = {
                        intermediate_dim=3584),
 }
 QUICK = LlamaDims(vocab_size=4096, embed_dim=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_dim=256)
+DEFAULT_GRID = "tiny:measured:1,8,16,32,64;tiny:budget:16;d1024:measured:16;d1024:budget:16"
+QUICK_GRID = "quick:measured:1,3;quick:budget:3"
 ENGINES = ("ours", "static", "hf_static", "hf_cb", "vllm", "reference")
 COMPARED_RAW = ("image", "instruction", "output", "generated")
 COMPARED_SCORED = ("predict_generated", "predict", "correct")
@@ -60,9 +62,9 @@ COMPARED_SCORED = ("predict_generated", "predict", "correct")
 
 def parse(argv):
     p = base_parser("OmniMedVQA end to end: our engine and its peers, side by side")
-    p.add_argument("--models", default="tiny,d1024", help=f"comma-separated, of {list(MODELS)}")
-    p.add_argument("--batches", default="1,8,16,32,64")
-    p.add_argument("--workloads", default="measured,budget", help=f"comma-separated, of {list(WORKLOADS)}")
+    p.add_argument("--grid", default=DEFAULT_GRID,
+                   help=f"the cells, MODEL:WORKLOAD:BATCH,BATCH;... (models {list(MODELS)}, workloads "
+                        f"{list(WORKLOADS)}; default {DEFAULT_GRID})")
     p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {list(ENGINES)}")
     p.add_argument("--per-modality", type=int, default=None, help="questions per modality (8 modalities; default 8)")
     p.add_argument("--b1-questions", type=int, default=16, help="questions answered at batch 1 (default 16)")
@@ -75,19 +77,24 @@ def parse(argv):
     p.add_argument("--time-limit", type=float, default=3600, help="cells not started after this many seconds are "
                    "reported as not run (default 3600)")
     p.add_argument("--vllm-python", default=None, help="the interpreter that has vLLM (default .venv-vllm/bin/python)")
-    p.add_argument("--batch", type=int, default=None, help="one batch size (the same as --batches N)")
+    p.add_argument("--batch", type=int, default=None, help="one batch size for every cell of the grid")
     args = p.parse_args(argv)
-    args.models = ["quick"] if args.quick else args.models.split(",")
-    args.batches = [args.batch] if args.batch else [int(b) for b in args.batches.split(",")]
-    args.workloads = args.workloads.split(",")
     args.engines = args.engines.split(",")
+    if args.quick:
+        args.per_modality, args.max_new_tokens, args.b1_questions, args.ref_limit = 1, 6, 2, 1
+        args.grid = QUICK_GRID if args.grid == DEFAULT_GRID else args.grid
+    try:
+        args.grid = [(m, w, [args.batch] if args.batch else [int(b) for b in bs.split(",")])
+                     for m, w, bs in (cell.split(":") for cell in args.grid.split(";"))]
+    except ValueError:
+        p.error(f"--grid {args.grid!r}: write MODEL:WORKLOAD:BATCH,BATCH;...")
+    args.models = list(dict.fromkeys(m for m, _, _ in args.grid))
+    args.workloads = list(dict.fromkeys(w for _, w, _ in args.grid))
+    args.batches = sorted({b for _, _, bs in args.grid for b in bs})
     bad = [x for x in args.engines if x not in ENGINES] + [x for x in args.workloads if x not in WORKLOADS]
     bad += [x for x in args.models if x not in MODELS and x != "quick"]
     if bad:
         p.error(f"unknown {bad}")
-    if args.quick:
-        args.per_modality, args.max_new_tokens, args.b1_questions, args.ref_limit = 1, 6, 2, 1
-        args.batches = [args.batch] if args.batch else [1, 3]
     args.per_modality = args.per_modality or 8
     args.reps = args.reps or (1 if args.quick else 2)
     return args
@@ -98,12 +105,14 @@ def settings(args) -> Dict:
     them with the defaults)."""
     return {
         "models": {m: (QUICK if m == "quick" else MODELS[m]).as_dict() for m in args.models},
-        "batches": args.batches, "workloads": args.workloads, "engines": args.engines,
+        "grid": [[m, w, bs] for m, w, bs in args.grid], "batches": args.batches, "workloads": args.workloads,
+        "engines": args.engines, "measured_means": StopLengths(load_stop_lengths()).means(),
         "questions": 8 * args.per_modality, "b1_questions": args.b1_questions, "ref_limit": args.ref_limit,
         "rows_per_call": "8 x batch", "num_image_tokens": 8 if args.quick else 50, "vqa_type": args.vqa_type,
         "scoring": "letter", "max_new_tokens": args.max_new_tokens,
         "answer_max_new_tokens": min(50, args.max_new_tokens), "letter_max_new_tokens": 20,
         "max_seq_len": args.max_seq_len, "reps": args.reps, "greedy": True, "device": args.device,
+        "seed": args.seed,
     }
 
 
@@ -248,7 +257,7 @@ def model_context(args, name: str, tmp: Path, root: Path, device, dtype) -> Dict
     if py and "vllm" in args.engines:
         folder = tmp / f"hf-{name}"
         ctx["hf"]().save_pretrained(folder)
-        ctx["vllm"], ctx["vllm_start_s"], why = start_vllm(model, tokenizer, folder, py, max_batch=max(args.batches),
+        ctx["vllm"], ctx["vllm_start_s"], why = start_vllm(model, tokenizer, folder, py, max_batch=max(b for m, _, bs in args.grid if m == name for b in bs),
                                                            threads=torch.get_num_threads(), max_model_len=1024)
         ctx["vllm_why"] = why or ctx["vllm_why"]
     return ctx
@@ -269,8 +278,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         for name in args.models:
             ctx = model_context(args, name, tmp, Path(layout["root"]), device, dtype)
             try:
-                for workload in args.workloads:
-                    for batch in args.batches:
+                for workload, batches in ((w, bs) for m, w, bs in args.grid if m == name):
+                    for batch in batches:
                         if time.perf_counter() - t0 > args.time_limit:
                             skipped.append(f"{name} {workload} b{batch}")
                             continue

@@ -165,6 +165,13 @@ def _run(url: str, bodies: List[bytes], k: int) -> Dict[str, Any]:
     }
 
 
+def settings(args) -> Dict[str, Any]:
+    """What the figures depend on (the docs test compares them with ``make bench``'s)."""
+    return {"model": "demo" if args.demo else "tiny", "clients": args.clients,
+            "baseline_clients": args.baseline_clients, "requests": args.requests, "max_tokens": args.max_tokens,
+            "batch_size": args.batch_size, "max_context": args.max_context, "greedy": True, "host": "127.0.0.1"}
+
+
 def _curve(cmd: List[str], bodies: List[bytes], clients: List[int], deadline: float, what: str) -> List[Dict]:
     """One server started, warmed up, loaded at each K in turn, stopped."""
     proc, url = _start(cmd, timeout=max(30.0, min(300.0, deadline - time.monotonic())))
@@ -210,10 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     goal = _goal(runs, base, 32 if not args.quick else base[-1]["clients"] if base else 32)
     out = {
         "bench": "serve", "model": "demo" if args.demo else "tiny", "cpus": os.cpu_count(),
-        "settings": {"model": "demo" if args.demo else "tiny", "clients": args.clients,
-                     "baseline_clients": args.baseline_clients, "requests": args.requests,
-                     "max_tokens": args.max_tokens, "batch_size": args.batch_size, "max_context": args.max_context,
-                     "greedy": True, "host": "127.0.0.1"},
+        "settings": settings(args),
         "runs": [{k: v for k, v in r.items() if k != "_texts"} for r in runs],
         "baseline_runs": [{k: v for k, v in r.items() if k != "_texts"} for r in base],
         "errors": sum(r["errors"] for r in runs + base),

@@ -172,7 +172,7 @@ def ours_per_sample(model, loss_fn, b: Dict) -> torch.Tensor:
 # ---- main
 
 
-def main(argv: Optional[List[str]] = None) -> Dict:
+def parse(argv: Optional[List[str]] = None):
     p = base_parser("training step: ours vs the reference's way (vision trained, LLM frozen)")
     p.add_argument("--samples", type=int, default=None, help="data set size = samples per timed epoch (default 40)")
     p.add_argument("--batch", type=int, default=None, help="batch size of every way (default 2, the shipped configs')")
@@ -182,15 +182,32 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--max-len", type=int, default=400)
     p.add_argument("--no-ac", action="store_true", help="no activation checkpointing of the decoder layers")
     p.add_argument("--loss-chunk", type=int, default=1024, help="LabelTokenCrossEntropy chunk_size (config default)")
-    args = p.parse_args(argv)
-    device, dtype = setup(args)
+    return p.parse_args(argv)
+
+
+def cli_settings(args) -> Dict:
+    """What the command line decides (the JSON's ``settings`` hold them; the docs test
+    compares them with ``make bench``'s)."""
     real = real_sizes(args)
     dims = LLAMA3_1_8B if real else (QUICK_DIMS if args.quick else CPU_DIMS)
-    n = args.samples or (8 if args.quick else (64 if real else 40))
-    batch = args.batch or (2 if args.quick else (8 if real else 2))
-    reps = args.reps or (1 if args.quick else 3)
-    n_img = 8 if args.quick else 50
-    ac = not args.no_ac
+    return {"model": dims.as_dict(), "samples": args.samples or (8 if args.quick else (64 if real else 40)),
+            "batch": args.batch or (2 if args.quick else (8 if real else 2)),
+            "reps": args.reps or (1 if args.quick else 3), "num_image_tokens": 8 if args.quick else 50,
+            "activation_checkpointing": not args.no_ac, "loss_chunk": args.loss_chunk,
+            "caption_tokens": {"law": "log-normal", "median": args.median_len, "sigma": args.sigma,
+                               "clip": [args.min_len, args.max_len]},
+            "group_by_length": {"ours": False, "ours_grouped": True, "reference": False}, "seed": args.seed,
+            "device": args.device}
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    args = parse(argv)
+    device, dtype = setup(args)
+    real = real_sizes(args)
+    cli = cli_settings(args)
+    dims = LLAMA3_1_8B if real else (QUICK_DIMS if args.quick else CPU_DIMS)
+    n, batch, reps, n_img, ac = cli["samples"], cli["batch"], cli["reps"], cli["num_image_tokens"], \
+        cli["activation_checkpointing"]
 
     tmp = Path(tempfile.mkdtemp(prefix="medcap-bench-train-"))
     tokenizer = bench_tokenizer(tmp / "tok", dims.vocab_size)
@@ -399,6 +416,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         "dtype": str(dtype).replace("torch.", ""),
         "machine": machine_info(device),
         "settings": {
+            **cli,
             "model": dims.as_dict(),
             "vision": "biomedclip ViT-B/16 + 512->4096->4096x50 projector" if real else TINY_VISION,
             "num_image_tokens": n_img,
@@ -409,7 +427,6 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             "sequence_lengths": {"min": min(lengths), "median": float(np.median(lengths)), "max": max(lengths),
                                  "mean": float(np.mean(lengths))},
             "activation_checkpointing": ac,
-            "group_by_length": {"ours": False, "ours_grouped": True, "reference": False},
             "optimizer": "torch.optim.AdamW lr 2e-5 (vision tower + projector)",
             "loss_chunk": args.loss_chunk,
             "epochs_timed_per_way": reps,
