@@ -349,7 +349,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                 "batch_shape": {k: [len(v[1]), max(lengths[i] for i in v[1])] for k, v in probes.items()},
                 "reference_peak_mib": mib(pr_),
                 "ours_peak_mib": mib(po_),
-                "reference_vs_ours": round(pr_ / po_, 3),
+                "reference_vs_ours": round(pr_ / po_, 3) if po_ else None,  # a tiny probe can peak at 0
             }
             log(f"memory probe at 8B's logits/activation proportions: reference +{mib(pr_)} MiB, ours +{mib(po_)} MiB")
         del mem_model, mem_fwd
@@ -457,7 +457,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                         "ours_grouped_vs_reference_samples_per_s": round(sps("ours_grouped") / sps("reference"), 3)}
     if pr and po:
         result["ratios"]["reference_vs_ours_peak_memory"] = round(pr / po, 3)
-    if probe:
+    if probe and probe["reference_vs_ours"]:
         result["ratios"]["reference_vs_ours_peak_memory_8b_proportions"] = probe["reference_vs_ours"]
     result["goals"] = {"ours_vs_reference_samples_per_s": 1.3, "reference_vs_ours_peak_memory": 1.0,
                        "reference_vs_ours_peak_memory_8b_proportions": 1.0}
