@@ -43,7 +43,7 @@ import torch
 
 from _common import (LLAMA3_1_8B, LlamaDims, base_parser, bench_tokenizer, build_model, emit, log, machine_info,
                      median, real_sizes, setup, sync, to_hf_llama)
-from _goals import eval_goals
+from _goals import GOAL_BATCH, eval_goals
 from _vllm_cell import set_batch
 from _workloads import StopAtLengths, StopLengths, WORKLOADS, load_stop_lengths
 
@@ -53,7 +53,7 @@ MODELS = {
                        intermediate_dim=3584),
 }
 QUICK = LlamaDims(vocab_size=4096, embed_dim=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_dim=256)
-DEFAULT_GRID = "tiny:measured:1,8,16,32,64;tiny:budget:16;d1024:measured:16;d1024:budget:16"
+DEFAULT_GRID = "tiny:measured:16;tiny:budget:16;d1024:measured:16;tiny:measured:1,8,32,64"
 QUICK_GRID = "quick:measured:1,3;quick:budget:3"
 ENGINES = ("ours", "static", "hf_static", "hf_cb", "vllm", "reference")
 COMPARED_RAW = ("image", "instruction", "output", "generated")
@@ -78,6 +78,8 @@ def parse(argv):
                    "reported as not run (default 3600)")
     p.add_argument("--vllm-python", default=None, help="the interpreter that has vLLM (default .venv-vllm/bin/python)")
     p.add_argument("--batch", type=int, default=None, help="one batch size for every cell of the grid")
+    p.add_argument("--side-reps", type=int, default=1,
+                   help=f"timed runs of the cells off the goals' batch ({GOAL_BATCH}; those run --reps); default 1")
     args = p.parse_args(argv)
     args.engines = args.engines.split(",")
     if args.quick:
@@ -111,7 +113,8 @@ def settings(args) -> Dict:
         "rows_per_call": "8 x batch", "num_image_tokens": 8 if args.quick else 50, "vqa_type": args.vqa_type,
         "scoring": "letter", "max_new_tokens": args.max_new_tokens,
         "answer_max_new_tokens": min(50, args.max_new_tokens), "letter_max_new_tokens": 20,
-        "max_seq_len": args.max_seq_len, "reps": args.reps, "greedy": True, "device": args.device,
+        "max_seq_len": args.max_seq_len, "reps": args.reps, "side_reps": args.side_reps, "greedy": True,
+        "device": args.device,
         "seed": args.seed,
     }
 
@@ -213,7 +216,8 @@ def run_cell(ctx, args, model_name: str, workload: str, batch: int) -> Dict:
         for e in cell.engines.values():  # warm-up, not timed: allocators, HF's manager, vLLM's compile
             run_suite(e, ctx["root"], ctx["tmp"] / "warm", args, ctx["image_size"], 2)
         runs: Dict[str, List[Dict]] = {n: [] for n in cell.engines}
-        for r in range(args.reps):
+        reps = args.reps if batch == GOAL_BATCH else args.side_reps
+        for r in range(reps):
             order = list(cell.engines)[r % len(cell.engines):] + list(cell.engines)[: r % len(cell.engines)]
             for name in order:
                 runs[name].append(run_suite(cell.engines[name], ctx["root"], ctx["tmp"] / name, args,
@@ -263,6 +267,12 @@ def model_context(args, name: str, tmp: Path, root: Path, device, dtype) -> Dict
     return ctx
 
 
+def close_context(ctx: Dict) -> None:
+    if ctx["vllm"] is not None:
+        ctx["vllm"].close()
+        ctx["vllm"] = None
+
+
 def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse(argv)
     device, dtype = setup(args)
@@ -273,23 +283,25 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     tmp = Path(tempfile.mkdtemp(prefix="medcap-bench-eval-"))
     layout = make_omnimedvqa_layout(tmp / "data", per_modality=args.per_modality, seed=args.seed, quirks=False,
                                     image_size=40)
-    t0, cells, reference, skipped = time.perf_counter(), [], {}, []
+    t0, cells, reference, skipped, ctxs = time.perf_counter(), [], {}, [], {}
+    left = {m: sum(1 for x, _, _ in args.grid if x == m) for m in args.models}  # grid entries to come per model
     try:
-        for name in args.models:
-            ctx = model_context(args, name, tmp, Path(layout["root"]), device, dtype)
-            try:
-                for workload, batches in ((w, bs) for m, w, bs in args.grid if m == name):
-                    for batch in batches:
-                        if time.perf_counter() - t0 > args.time_limit:
-                            skipped.append(f"{name} {workload} b{batch}")
-                            continue
-                        cells.append(run_cell(ctx, args, name, workload, batch))
-                    if "reference" in args.engines:
-                        reference.setdefault(name, {})[workload] = run_reference(ctx, args, workload)
-            finally:
-                if ctx["vllm"] is not None:
-                    ctx["vllm"].close()
+        for name, workload, batches in args.grid:  # in the grid's order: the goal cells first
+            for batch in batches:
+                if time.perf_counter() - t0 > args.time_limit:
+                    skipped.append(f"{name} {workload} b{batch}")
+                    continue
+                if name not in ctxs:
+                    ctxs[name] = model_context(args, name, tmp, Path(layout["root"]), device, dtype)
+                cells.append(run_cell(ctxs[name], args, name, workload, batch))
+            if "reference" in args.engines and name in ctxs and workload not in reference.get(name, {}):
+                reference.setdefault(name, {})[workload] = run_reference(ctxs[name], args, workload)
+            left[name] -= 1
+            if not left[name] and name in ctxs:  # this model's last entry: its vLLM server stops
+                close_context(ctxs.pop(name))
     finally:
+        for ctx in ctxs.values():
+            close_context(ctx)
         shutil.rmtree(tmp, ignore_errors=True)
     result = assemble(args, device, cells, reference, skipped, time.perf_counter() - t0)
     emit(result)

@@ -73,11 +73,17 @@ def goal_rows(res: Dict[str, Dict]) -> List[str]:
 # ---- evaluation cells
 
 
+def _sorted_cells(r: Dict) -> List[Dict]:
+    """By model, workload and batch (the bench runs the goals' cells first)."""
+    models, loads = list(r["settings"]["models"]), list(r["settings"]["workloads"])
+    return sorted(r["cells"], key=lambda c: (models.index(c["model"]), loads.index(c["workload"]), c["batch"]))
+
+
 def eval_rows(r: Dict, batches: Optional[List[int]] = None) -> List[str]:
     engines = [e for e in r["settings"]["engines"] if e != "reference"]
     rows = ["| model | workload | batch | " + " | ".join(ENGINE_NAMES[e] for e in engines) + " | answers |",
             "|---|---|---|" + "---|" * len(engines) + "---|"]
-    for c in r["cells"]:
+    for c in _sorted_cells(r):
         if batches and c["batch"] not in batches:
             continue
         cells = []
@@ -103,7 +109,7 @@ def reference_rows(r: Dict) -> List[str]:
 def passes_rows(r: Dict) -> List[str]:
     rows = ["| model | workload | batch | decode passes, static / continuous | wall, continuous over static |",
             "|---|---|---|---|---|"]
-    for c in r["cells"]:
+    for c in _sorted_cells(r):
         o, s = c["figures"].get("ours", {}), c["figures"].get("static", {})
         if o.get("decode_passes") and s.get("decode_passes"):
             rows.append(f"| {c['model']} | {c['workload']} | {c['batch']} | {s['decode_passes']} / "
@@ -153,7 +159,7 @@ def _eval_intro(r: Dict) -> str:
             f"budget (description {s['max_new_tokens']}, answer {s['answer_max_new_tokens']}, letter reply "
             f"{s['letter_max_new_tokens']}), the worst case. Figures: questions/s of the whole suite (files "
             f"included), and generation tokens/s over the time spent inside the engine; median of {s['reps']} "
-            f"interleaved runs. {_machine(r)}.")
+            f"interleaved runs at batch 16, {s.get('side_reps', s['reps'])} at the other batch sizes. {_machine(r)}.")
 
 
 def block_figures(res: Dict[str, Dict]) -> str:
