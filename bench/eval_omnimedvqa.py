@@ -53,7 +53,7 @@ MODELS = {
                        intermediate_dim=3584),
 }
 QUICK = LlamaDims(vocab_size=4096, embed_dim=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_dim=256)
-DEFAULT_GRID = "tiny:measured:16;tiny:budget:16;d1024:measured:16;tiny:measured:1,8,32,64"
+DEFAULT_GRID = "tiny:measured:16;tiny:budget:16;d1024:measured:16;tiny:measured:1,8,32,64;d1024:measured:1,64"
 QUICK_GRID = "quick:measured:1,3;quick:budget:3"
 ENGINES = ("ours", "static", "hf_static", "hf_cb", "vllm", "reference")
 COMPARED_RAW = ("image", "instruction", "output", "generated")
