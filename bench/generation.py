@@ -23,9 +23,10 @@ variants alternate round by round; medians are reported.
 
 A second workload (``--workload realistic``, on by default) compares continuous
 batching against static batching at the same batch size (``--cont-batch``,
-default 16) on rows that stop at lengths drawn from stated distributions
-(``_common.STOP_LENGTHS``: descriptions log-normal 10-200 tokens, answers 1-50,
-letter replies 1-3), run as the evaluation runs them: one call per kind. Beside
+default 16) on rows that stop where the trained demo model stopped (the measured
+workload, ``_workloads``: descriptions, answers and letter replies drawn from
+``bench/workloads/demo_stop_lengths.json``), run as the evaluation runs them: one
+call per kind. Beside
 wall time it reports the counts that decide GPU time: decode forward passes and
 slot-steps spent on idle (finished or empty) rows. ``--compile`` adds the
 continuous engine with its decode step compiled.
@@ -63,8 +64,6 @@ from _common import (
     setup,
     sync,
     to_hf_llama,
-    drawn_length,
-    STOP_LENGTHS,
 )
 
 CPU_DIMS = LlamaDims(vocab_size=32_000, embed_dim=256, num_layers=4, num_heads=4, num_kv_heads=1, intermediate_dim=896)
@@ -155,8 +154,10 @@ def realistic_rows(tokenizer, n_img: int, rows: int, seed: int, image_size: int,
     """Per kind: prompts, images, keys and budgets (the drawn stop lengths) of ``rows`` rows."""
     from medcap.generation import build_prompt
 
+    from _workloads import StopLengths, load_stop_lengths
+
     g = torch.Generator().manual_seed(seed + 1)
-    work = {}
+    work, lengths = {}, StopLengths(load_stop_lengths(), seed=seed)
     for kind in KINDS:
         with_image = kind != "score"  # letter replies are text only
         prompts = [build_prompt(tokenizer, QUESTIONS[i % len(QUESTIONS)], num_image_tokens=n_img, has_image=with_image)
@@ -164,7 +165,7 @@ def realistic_rows(tokenizer, n_img: int, rows: int, seed: int, image_size: int,
         images = [torch.randn(3, image_size, image_size, generator=g).to(device=device, dtype=dtype)
                   if with_image else None for _ in range(rows)]
         keys = [f"{kind}:{i}" for i in range(rows)]
-        work[kind] = (prompts, images, keys, [drawn_length(k, seed) for k in keys])
+        work[kind] = (prompts, images, keys, [lengths.length(k) for k in keys])
     return work
 
 
@@ -233,7 +234,7 @@ def compare_continuous_static(model, tokenizer, work, batch: int, reps: int, dev
         "ratios": ratios,
         "outputs_match": all(outputs[n] == outputs["static"] for n in outputs),
         "settings": {
-            "batch": batch, "rows_per_kind": len(work["desc"][0]), "stop_lengths": STOP_LENGTHS,
+            "batch": batch, "rows_per_kind": len(work["desc"][0]), "stop_lengths": "measured: bench/workloads/demo_stop_lengths.json",
             "generated_tokens": tokens,
             "mean_length": {k: round(sum(v) / len(v), 1) for k, v in lengths.items()},
             "max_length": {k: max(v) for k, v in lengths.items()},

@@ -211,7 +211,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         log(f"{name}: {result['seconds'][name]}s (total {time.perf_counter() - t0:.0f}s)")
 
     timed("decode", lambda: run_decode(args, device, dtype, dims, lim))
-    eval_argv = _sub_argv(args) + ["--batch", "16", "--reps", "1", "--ref-limit", "2"]
+    eval_argv = _sub_argv(args) + ["--batch", "16", "--reps", "1", "--ref-limit", "2", "--engines", "ours,static,reference"]
+    if not args.dry_run:  # one model (the 8B sizes), the measured workload
+        eval_argv += ["--grid", "tiny:measured:16"]
     if not args.dry_run:
         eval_argv += ["--per-modality", "2" if args.short else "6"]
     timed("omnimedvqa", lambda: _pick(eval_omnimedvqa.main(eval_argv), "figures", "ratios", "outputs_match", "settings"))

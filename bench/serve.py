@@ -1,13 +1,17 @@
-"""Load test of ``medcap serve``: K concurrent clients over loopback against one server.
+"""Load test of ``medcap serve``: K concurrent clients over loopback against one server,
+and against the server a user would write without medcap.
 
 Starts ``medcap serve`` (the tiny test model by default, or ``--demo DIR``), sends the
-same bounded set of distinct requests (images x questions, greedy) with K = 1, 8, 32
-concurrent clients, and prints one JSON line: requests/s and tokens/s for each K and
-against K = 1 (sequential single requests), p50/p99 latency, errors (must be 0) and
-whether every answer equals its sequential answer.
+same bounded set of distinct requests (images x questions, greedy) with K = 1, 4, 16, 32,
+64 concurrent clients (the curve: requests/s, tokens/s, p50/p99 latency, errors), then
+the same requests to the baseline (``_hf_server.py``: the same model, one request at a
+time through transformers' ``generate``, the same HTTP interface) at ``--baseline-clients``.
+Prints one JSON line: the curves, whether every answer equals the sequential one and the
+baseline's, and the goal (at 32 clients, >= 4x the baseline's requests/s). 127.0.0.1
+only; bounded by ``--requests`` per K and ``--time-limit``.
 
     python bench/serve.py                       # tiny model, 64 requests per K
-    python bench/serve.py --demo datasets/demo  # the demo's trained model
+    python bench/serve.py --demo DIR            # the demo's trained model (medcap demo --out DIR)
     python bench/serve.py --quick               # checks the script runs; figures mean little
 """
 
@@ -38,7 +42,9 @@ QUESTIONS = [None, "What is shown?", "Is there an abnormality?", "Which organ is
 def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--demo", metavar="DIR", help="serve the demo's trained model (default: the tiny test model)")
-    p.add_argument("--clients", default="1,8,32", help="concurrent clients to try (default 1,8,32; 1 is the baseline)")
+    p.add_argument("--clients", default="1,4,16,32,64", help="concurrent clients to try (default 1,4,16,32,64)")
+    p.add_argument("--baseline-clients", default="1,32",
+                   help="clients against the one-at-a-time transformers server (default 1,32; 0: not run)")
     p.add_argument("--requests", type=int, default=64, help="requests per K (default 64)")
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each request (default 32)")
     p.add_argument("--batch-size", type=int, default=32, help="the server's --batch-size (default 32)")
@@ -48,15 +54,17 @@ def _args(argv=None):
     p.add_argument("--quick", action="store_true", help="8 requests, K = 1, 4")
     a = p.parse_args(argv)
     if a.quick:
-        a.requests, a.clients = 8, "1,4"
+        a.requests, a.clients, a.baseline_clients = 8, "1,4", "4"
     a.clients = [int(k) for k in a.clients.split(",")]
+    a.baseline_clients = [int(k) for k in a.baseline_clients.split(",") if int(k) > 0]
     if a.clients[0] != 1:
         a.clients.insert(0, 1)
     return a
 
 
-def _server_command(args, work: Path) -> Tuple[List[str], List[Path]]:
-    """The serve command line and the images to ask about."""
+def _server_command(args, work: Path) -> Tuple[List[str], List[Path], List[str]]:
+    """The serve command line, the images to ask about and the baseline's command line."""
+    hf = [sys.executable, str(REPO_ROOT / "bench" / "_hf_server.py")]
     base = [sys.executable, "-m", "medcap.cli", "serve", "--port", "0", "--no-page",
             "--batch-size", str(args.batch_size), "--max-context", str(args.max_context), "--queue-size", "1024"]
     if args.demo:
@@ -65,7 +73,9 @@ def _server_command(args, work: Path) -> Tuple[List[str], List[Path]]:
         # A record's image is relative to its `meta` dir=, itself relative to the JSON's folder.
         dirs = [dict(kv.split("=", 1) for kv in r.get("meta", "").split(";") if "=" in kv).get("dir", ".") for r in recs[:8]]
         images = [world / d / r["image"] for d, r in zip(dirs, recs[:8])]
-        return base + ["--demo", args.demo], images
+        ckpt = Path(args.demo) / "train" / "checkpoint" / "meta_model_last.safetensors"
+        return (base + ["--demo", args.demo], images,
+                hf + [str(ckpt), f"demo_dir={args.demo}", "--config", "demo/generate"])
     import torch
 
     from medcap.models import medcap_tiny, save_vision_checkpoint
@@ -76,7 +86,9 @@ def _server_command(args, work: Path) -> Tuple[List[str], List[Path]]:
     ckpt = work / "tiny" / "vision.pt"
     save_vision_checkpoint(medcap_tiny(**assets["model_kwargs"], num_image_tokens=4), ckpt)
     images = sorted((work / "tiny" / "data" / "images").glob("*.png"))
-    return base + ["--config", "tiny/generate", f"assets_dir={assets['assets_dir']}", f"vision_checkpoint={ckpt}"], images
+    over = [f"assets_dir={assets['assets_dir']}"]
+    return (base + ["--config", "tiny/generate", *over, f"vision_checkpoint={ckpt}"], images,
+            hf + [str(ckpt), *over, "--config", "tiny/generate"])
 
 
 def _start(cmd: List[str], timeout: float) -> Tuple[subprocess.Popen, str]:
@@ -153,39 +165,68 @@ def _run(url: str, bodies: List[bytes], k: int) -> Dict[str, Any]:
     }
 
 
+def settings(args) -> Dict[str, Any]:
+    """What the figures depend on (the docs test compares them with ``make bench``'s)."""
+    return {"model": "demo" if args.demo else "tiny", "clients": args.clients,
+            "baseline_clients": args.baseline_clients, "requests": args.requests, "max_tokens": args.max_tokens,
+            "batch_size": args.batch_size, "max_context": args.max_context, "greedy": True, "host": "127.0.0.1"}
+
+
+def _curve(cmd: List[str], bodies: List[bytes], clients: List[int], deadline: float, what: str) -> List[Dict]:
+    """One server started, warmed up, loaded at each K in turn, stopped."""
+    proc, url = _start(cmd, timeout=max(30.0, min(300.0, deadline - time.monotonic())))
+    runs = []
+    try:
+        _run(url, bodies[:2], 2)  # warm-up: first allocations, first prefill
+        for k in clients:
+            if time.monotonic() > deadline:
+                print(f"{what}: time limit reached before K={k}", file=sys.stderr)
+                break
+            runs.append(_run(url, bodies, k))
+            print(f"{what} K={k}: {runs[-1]['req_per_s']} req/s, p99 {runs[-1]['p99_s']} s, "
+                  f"{runs[-1]['errors']} errors", file=sys.stderr)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return runs
+
+
+def _goal(runs: List[Dict], base: List[Dict], k: int = 32) -> Dict[str, Any]:
+    ours = next((r for r in runs if r["clients"] == k), None)
+    theirs = next((r for r in base if r["clients"] == k), None)
+    value = round(ours["req_per_s"] / theirs["req_per_s"], 2) if ours and theirs else None
+    same = ours is not None and theirs is not None and ours["_texts"] == theirs["_texts"]
+    return {"goal": "serve_vs_hf_one_at_a_time", "clients": k, "value": value, "target": 4.0,
+            "met": None if value is None else (value >= 4.0 and same), "answers_identical": same,
+            "what": f"requests/s at {k} clients, medcap serve over the one-request-at-a-time transformers server"}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _args(argv)
+    deadline = time.monotonic() + args.time_limit
     with tempfile.TemporaryDirectory() as tmp:
-        cmd, images = _server_command(args, Path(tmp))
-        proc, url = _start(cmd, timeout=min(300, args.time_limit))
-        started = time.monotonic()
-        try:
-            bodies = _bodies(images, args.requests, args.max_tokens)
-            _run(url, bodies[:2], 2)  # warm-up: first allocations, first prefill
-            runs = []
-            for k in args.clients:
-                if time.monotonic() - started > args.time_limit:
-                    print(f"time limit reached before K={k}", file=sys.stderr)
-                    break
-                runs.append(_run(url, bodies, k))
-                print(f"K={k}: {runs[-1]['req_per_s']} req/s, {runs[-1]['errors']} errors", file=sys.stderr)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+        cmd, images, hf_cmd = _server_command(args, Path(tmp))
+        bodies = _bodies(images, args.requests, args.max_tokens)
+        runs = _curve(cmd, bodies, args.clients, deadline, "medcap serve")
+        base = _curve(hf_cmd, bodies, args.baseline_clients, deadline, "transformers, one at a time") \
+            if args.baseline_clients else []
     seq = runs[0]
-    for r in runs:
+    for r in runs + base:
         r["speedup_req"] = round(r["req_per_s"] / seq["req_per_s"], 2)
-        r["speedup_tok"] = round(r["tok_per_s"] / seq["tok_per_s"], 2) if seq["tok_per_s"] else None
         r["identical_to_sequential"] = r["_texts"] == seq["_texts"]
+    goal = _goal(runs, base, 32 if not args.quick else base[-1]["clients"] if base else 32)
     out = {
         "bench": "serve", "model": "demo" if args.demo else "tiny", "cpus": os.cpu_count(),
-        "batch_size": args.batch_size, "max_context": args.max_context, "max_tokens": args.max_tokens,
+        "settings": settings(args),
         "runs": [{k: v for k, v in r.items() if k != "_texts"} for r in runs],
-        "errors": sum(r["errors"] for r in runs),
-        "all_identical": all(r["identical_to_sequential"] for r in runs),
+        "baseline_runs": [{k: v for k, v in r.items() if k != "_texts"} for r in base],
+        "errors": sum(r["errors"] for r in runs + base),
+        "all_identical": all(r["identical_to_sequential"] for r in runs + base),
+        "goals": [goal], "goals_met": goal["met"] is not False,
     }
+    out["outputs_match"] = out["all_identical"]
     print(json.dumps(out))
-    return 0 if out["errors"] == 0 and out["all_identical"] else 1
+    return 0 if out["errors"] == 0 else 1
 
 
 if __name__ == "__main__":

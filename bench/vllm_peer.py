@@ -9,8 +9,8 @@ same run.
   difference between a call of ``--new-tokens`` and one of a single token; on CUDA the
   decode rate's fraction of the bandwidth roofline (weights read per step / HBM bandwidth).
 * ``omnimedvqa``: a full OmniMedVQA evaluation projected from rows of its three kinds
-  (description, answer, letter reply), each stopping at the length ``_common.drawn_length``
-  draws for it, ``--proj-batch`` rows decoding together: seconds per question, hours for
+  (description, answer, letter reply), each stopping at its length in the measured workload
+  (``_workloads``: where the trained demo model stopped), ``--proj-batch`` rows decoding together: seconds per question, hours for
   ``--omnimedvqa-questions`` questions (default: the open-access split as published).
 * ``outputs_match``: both backends' tokens equal row by row (greedy).
 
@@ -41,7 +41,6 @@ from _common import (
     bench_tokenizer,
     build_model,
     decode_weight_bytes,
-    drawn_length,
     emit,
     gpu_limits,
     log,
@@ -135,11 +134,13 @@ def decode_figures(call, prompts, images, batches: Sequence[int], new_tokens: in
 def projection(call, tokenizer, n_img, image_size, device, dtype, batch: int, seed: int, questions: int,
                quick: bool) -> Dict:
     """Seconds per question from ``2 x batch`` rows of each kind, and the full run's hours."""
-    per_kind, tokens = {}, {}
+    from _workloads import StopLengths, load_stop_lengths
+
+    per_kind, tokens, lengths = {}, {}, StopLengths(load_stop_lengths(), seed=seed)
     for kind in KINDS:
         prompts, images = prompts_for(tokenizer, 2 * batch, n_img, image_size, device, dtype, seed + len(kind),
                                       with_image=kind != "score")  # letter replies are text only
-        budgets = [min(6, drawn_length(f"{kind}:{i}", seed)) if quick else drawn_length(f"{kind}:{i}", seed)
+        budgets = [min(6, lengths.length(f"{kind}:{i}")) if quick else lengths.length(f"{kind}:{i}")
                    for i in range(len(prompts))]
         t = time.perf_counter()
         tokens[kind] = call(prompts, images, budgets, [f"{kind}:{i}" for i in range(len(prompts))])

@@ -3,14 +3,13 @@ at once with the next waiting prompt (its image included) while the others decod
 
 In order:
 
-* ``SlotKVCache``: a fixed-shape cache ``[slots, kv_heads, cache_len, head_dim]``; each
-  slot writes a token at the column equal to its position, so no row is left padded and
-  rows of any length share one step (attention masks ``column <= position``);
 * ``Request``: one row's work and result (``tokens`` grows, ``done`` when it stops);
 * ``ContinuousBatcher``: ``submit`` (from any thread), then ``step`` (admit waiting rows
   into free slots, sample every slot, one decode pass) or ``run_until_done``;
-* ``prefill_slots`` (newcomers alone, right padded, eager) and ``decode_step`` (the same
-  shapes whichever slots are busy, so ``torch.compile`` captures it once).
+  ``refill=False`` is static batching on the same steps (for comparison).
+
+The forward passes (``prefill_slots``, ``decode_step``) and the cache (``SlotKVCache``,
+a slot's token at position ``p`` in column ``p``) are in ``_slots``.
 
 ``GenerationEngine.open`` gives one to a server; the evaluation goes through the engine.
 """
@@ -27,52 +26,8 @@ from torch import nn
 from torchtune.modules.attention import MultiHeadAttention
 
 from medcap.generation._sampling import is_greedy, sample
-from medcap.generation._static import check_fits, decode_one_token, model_dtype
-
-class SlotKVCache(nn.Module):
-    """A KV cache whose rows are independent slots, each written at its own column.
-
-    ``update`` is called by torchtune's attention with the new keys and values.
-    Decoding (``prefill_slots is None``): one token per slot, written at column
-    ``write_pos[slot]``. Prefill: ``k_val [n, h, L, d]`` written at columns ``0..L-1``
-    of the slots ``prefill_slots [n]``.
-    """
-
-    def __init__(self, slots: int, cache_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
-        super().__init__()
-        shape = (slots, num_kv_heads, cache_len, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("write_pos", torch.zeros(slots, dtype=torch.long), persistent=False)
-        self.register_buffer("slot_ids", torch.arange(slots), persistent=False)
-        self.prefill_slots: Optional[torch.Tensor] = None
-        self.batch_size = slots
-
-    def reset(self) -> None:  # torchtune's reset_caches calls it; slots are overwritten anyway
-        pass
-
-    def regroup(self, keep: torch.Tensor, slots: int) -> None:
-        """Rows ``keep`` become rows ``0..len(keep)-1`` of a cache of ``slots`` rows."""
-        for name in ("k_cache", "v_cache"):
-            old = getattr(self, name)
-            new = old.new_zeros((slots, *old.shape[1:]))
-            new[: keep.numel()] = old.index_select(0, keep)
-            setattr(self, name, new)
-        self.write_pos = self.write_pos.new_zeros(slots)
-        self.slot_ids = torch.arange(slots, device=self.slot_ids.device)
-        self.batch_size = slots
-
-    def update(self, k_val: torch.Tensor, v_val: torch.Tensor):
-        if self.prefill_slots is None:
-            # [B, h, 1, d] at one column per slot
-            self.k_cache[self.slot_ids, :, self.write_pos] = k_val[:, :, 0]
-            self.v_cache[self.slot_ids, :, self.write_pos] = v_val[:, :, 0]
-            return self.k_cache, self.v_cache
-        s, n = self.prefill_slots, k_val.shape[2]
-        self.k_cache[s, :, :n] = k_val
-        self.v_cache[s, :, :n] = v_val
-        return self.k_cache[s], self.v_cache[s]  # [n, h, cache_len, d]
-
+from medcap.generation._slots import SlotKVCache, decode_step, prefill_slots, vocab_weight_for_cpu
+from medcap.generation._static import check_fits, model_dtype
 
 @dataclass
 class Request:
@@ -89,6 +44,8 @@ class Request:
 class ContinuousBatcher:
     """``slots`` rows decoded together; waiting requests fill slots as they free up.
 
+    ``refill=False`` is static batching on the same steps: waiting requests are admitted
+    only once every slot is free, so a batch runs until its longest row is done.
     ``compile=True`` compiles the decode step with ``torch.compile`` (fixed shapes;
     ``mode="reduce-overhead"``, i.e. CUDA graphs, on a GPU); a string names another
     backend (tests use ``"aot_eager"``: the same graph capture, no code generation). ``stats`` counts the
@@ -106,6 +63,7 @@ class ContinuousBatcher:
         temperature: float = 0.0,
         top_k: Optional[int] = None,
         compile: Union[bool, str] = False,
+        refill: bool = True,
     ):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
@@ -113,14 +71,15 @@ class ContinuousBatcher:
         self.stop = set(int(t) for t in stop_tokens)
         self.slots = self.max_slots = int(slots)
         self.compiled = bool(compile)
+        self.refill = bool(refill)  # False: static batching (a batch is admitted once all slots are free)
         self.cache_len = min(int(cache_len), int(model.decoder.max_seq_len))
         self.temperature, self.top_k = temperature, top_k
         self.device = model.decoder.norm.scale.device
+        vocab_weight_for_cpu(model)
         attns = [m for m in model.decoder.modules() if isinstance(m, MultiHeadAttention)]
         dtype = model_dtype(model)
         with torch.device(self.device):
             self.caches = [SlotKVCache(self.slots, self.cache_len, a.num_kv_heads, a.head_dim, dtype) for a in attns]
-        self._attns = attns
         self._waiting: Deque[Request] = collections.deque()
         self._lock = threading.Lock()
         self._active: List[Optional[Request]] = [None] * self.slots
@@ -176,25 +135,12 @@ class ContinuousBatcher:
     def step(self) -> None:
         """Admit waiting requests into free slots, sample every slot with fresh
         logits, then one decode pass over all slots."""
-        self._attach()
-        try:
-            self._admit()
-            self._sample()
-            if not self.compiled:
-                self._shrink_tail()
-            if any(r is not None for r in self._active):
-                self._decode_all()
-        finally:
-            self._detach()
-
-    def _attach(self) -> None:
-        for a, c in zip(self._attns, self.caches):
-            a.kv_cache, a.cache_enabled = c, True
-
-    def _detach(self) -> None:
-        # The model stays usable by the static path and option scoring between steps.
-        for a in self._attns:
-            a.kv_cache, a.cache_enabled = None, False
+        self._admit()
+        self._sample()
+        if not self.compiled:
+            self._shrink_tail()
+        if any(r is not None for r in self._active):
+            self._decode_all()
 
     def _regroup(self, keep: List[int], slots: int) -> None:
         """Slots ``keep`` become slots ``0..len(keep)-1`` of ``slots`` (cache rows included)."""
@@ -213,14 +159,17 @@ class ContinuousBatcher:
         self.slots = slots
 
     def _shrink_tail(self) -> None:
-        """Nothing waits and a quarter of the slots are idle: drop the idle ones, as
-        the static path does with finished rows (a CPU step costs in proportion to its
-        rows). Eager only: a compiled step keeps its shapes; new work grows it back."""
+        """Nothing can be admitted now and a quarter of the slots are idle: drop the idle
+        ones, as the static path does with finished rows (a CPU step costs in proportion
+        to its rows). Eager only: a compiled step keeps its shapes; new work grows it back."""
         busy = [s for s, r in enumerate(self._active) if r is not None]
-        if busy and not self._waiting and self.slots - len(busy) >= max(1, self.slots // 4):
+        waits = bool(self._waiting) and self.refill
+        if busy and not waits and self.slots - len(busy) >= max(1, self.slots // 4):
             self._regroup(busy, len(busy))
 
     def _admit(self) -> None:
+        if not self.refill and any(r is not None for r in self._active):
+            return  # static batching: the batch runs to its end
         if self.slots < self.max_slots and self._waiting:
             self._regroup(list(range(self.slots)), self.max_slots)
         free = [i for i, r in enumerate(self._active) if r is None]
@@ -231,8 +180,8 @@ class ContinuousBatcher:
         if not new:
             return
         slots = free[: len(new)]
-        logits = prefill_slots(self.model, self.caches, [r.prompt for r in new], [r.image for r in new], slots,
-                               self.cache_len)  # [n, V]
+        logits = prefill_slots(self.model, self.caches, [r.prompt for r in new], [r.image for r in new],
+                               slots)  # [n, V]
         self.stats["prefill_passes"] += 1
         self.stats["prefill_positions"] += len(new) * max(len(r.prompt) for r in new)
         if self._logits is None:
@@ -269,7 +218,9 @@ class ContinuousBatcher:
         busy = [r is not None for r in self._active]
         token = torch.tensor(self._last, device=self.device).view(-1, 1)  # [B, 1]
         pos = torch.tensor(self._pos, device=self.device).view(-1, 1)  # [B, 1]
-        self._logits = self._decode(self.model, self.caches, token, pos).clone()  # [B, V]
+        # eager: attention reads the columns up to the longest position; compiled: all (fixed shapes)
+        live = None if self.compiled else max(self._pos) + 1
+        self._logits = self._decode(self.model, self.caches, token, pos, live).clone()  # [B, V]
         for s in range(self.slots):
             if busy[s]:
                 self._pos[s] += 1
@@ -277,49 +228,3 @@ class ContinuousBatcher:
         self.stats["decode_passes"] += 1
         self.stats["slot_steps"] += self.slots
         self.stats["idle_slot_steps"] += self.slots - sum(busy)
-
-
-def prefill_slots(
-    model: nn.Module,
-    caches: Sequence[SlotKVCache],
-    prompts: Sequence[Sequence[int]],
-    images: Sequence[Optional[torch.Tensor]],
-    slots: Sequence[int],
-    cache_len: int,
-) -> torch.Tensor:
-    """Run new prompts (right padded, positions from 0) into cache rows ``slots``;
-    returns the logits after each prompt's last token ``[n, V]``."""
-    device = model.decoder.norm.scale.device
-    n, longest = len(prompts), max(len(p) for p in prompts)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)  # [n]
-    tokens = torch.zeros(n, longest, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-    tokens = tokens.to(device)  # [n, L]
-    imgs = [im for im in images if im is not None]
-    batch_images = torch.stack(imgs).to(device=device, dtype=model_dtype(model)) if imgs else None  # [n_img, 3, H, W]
-    col = torch.arange(cache_len, device=device)
-    q = torch.arange(longest, device=device)
-    # query t of row i sees columns <= t that hold its own prompt
-    mask = (col[None, None, :] <= q[None, :, None]) & (col[None, None, :] < lengths[:, None, None])  # [n, L, C]
-    input_pos = q.expand(n, longest)  # [n, L]
-    slot_ids = torch.tensor(list(slots), device=device)
-    for c in caches:
-        c.prefill_slots = slot_ids
-    try:
-        h = model.hidden_states(tokens, images=batch_images, mask=mask, input_pos=input_pos)  # [n, L, d]
-    finally:
-        for c in caches:
-            c.prefill_slots = None
-    return model.logits(h[torch.arange(n, device=device), lengths - 1])  # [n, V]
-
-
-def decode_step(model: nn.Module, caches: Sequence[SlotKVCache], token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """One token for every slot: ``token [B, 1]`` at positions ``pos [B, 1]`` -> logits
-    ``[B, V]``. Fixed shapes whichever slots are busy (idle ones decode a dummy)."""
-    for c in caches:
-        c.write_pos.copy_(pos.view(-1))
-    cache_len = caches[0].k_cache.shape[2]
-    col = torch.arange(cache_len, device=pos.device)
-    mask = col[None, None, :] <= pos[:, :, None]  # [B, 1, C]
-    return decode_one_token(model, token, pos, mask)

@@ -22,7 +22,7 @@ from medcap.generation._continuous import ContinuousBatcher, Request
 from medcap.generation._prompt import build_prompt, decode_text
 from medcap.generation._sampling import is_greedy, make_generators, row_seed
 from medcap.generation._score import score_options
-from medcap.generation._static import generate, generate_reference
+from medcap.generation._static import generate_reference
 
 class GenerationEngine:
     """Batched text generation over a :class:`~medcap.models.MedcapModel`.
@@ -34,8 +34,8 @@ class GenerationEngine:
 
     With the cache, rows are continuously batched (``batch_size`` slots kept busy, a
     finished row's slot refilled at once; see ``ContinuousBatcher``); ``continuous=False``
-    takes the static path (a batch runs until its longest row is done), kept for
-    comparison. ``compile=True`` compiles the continuous decode step. ``open`` gives
+    batches statically on the same steps (a batch runs until its longest row is done),
+    kept for comparison. ``compile=True`` compiles the continuous decode step. ``open`` gives
     a batcher that accepts requests at any time (for a server).
     """
 
@@ -111,22 +111,7 @@ class GenerationEngine:
             return out
         if n == 0:
             return []
-        if self.continuous:
-            return self._generate_continuous(prompts, images, budgets, seeds, greedy)
-        self.last_stats = stats = {}
-        for lo in range(0, n, self.batch_size):
-            hi = min(n, lo + self.batch_size)
-            imgs = [im for im in images[lo:hi] if im is not None]
-            batch_images = torch.stack(imgs) if imgs else None  # [n_img, 3, H, W]
-            gens = None if greedy else make_generators(seeds[lo:hi], self.device)
-            out.extend(
-                generate(
-                    self.model, self.tokenizer, prompts[lo:hi], batch_images,
-                    max_new_tokens=budgets[lo:hi], temperature=self.temperature, top_k=self.top_k,
-                    generators=gens, stats=stats,
-                )
-            )
-        return out
+        return self._generate_batched(prompts, images, budgets, seeds, greedy)
 
     def open(self, cache_len: int, slots: Optional[int] = None) -> ContinuousBatcher:
         """A batcher with ``slots`` (default ``batch_size``) slots of ``cache_len``
@@ -151,13 +136,14 @@ class GenerationEngine:
             gen = make_generators([row_seed(self.seed, key)], self.device)[0]
         return batcher.submit(prompt, image, max_new_tokens, gen)
 
-    def _generate_continuous(self, prompts, images, budgets, seeds, greedy) -> List[List[int]]:
+    def _generate_batched(self, prompts, images, budgets, seeds, greedy) -> List[List[int]]:
         need = max(len(p) + m for p, m in zip(prompts, budgets)) if prompts else 1
         # A compiled step is specialised to the cache length: round it up so calls share it.
         if self.compile:  # one shape for every call
             batcher = self.open(-(-need // 256) * 256)
         else:  # a small call need not decode idle slots
             batcher = self.open(need, min(self.batch_size, len(prompts)))
+        batcher.refill = self.continuous  # static batching: the same steps, a batch at a time
         before = dict(batcher.stats)
         gens = [None] * len(prompts) if greedy else make_generators(seeds, self.device)
         reqs = [batcher.submit(p, im, m, g) for p, im, m, g in zip(prompts, images, budgets, gens)]
