@@ -35,7 +35,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     if args.demo is None and (args.raw is None or args.checkpoint is None or args.image_root is None):
         p.error("give --demo DIR, or --raw FILE with --checkpoint CKPT and --image-root DIR")
     ckpt = args.checkpoint or args.demo / "train" / "checkpoint" / "meta_model_last.safetensors"
-    raw = args.raw or next((args.demo / "eval" / "trained").glob("omnimedvqa-*-raw-*-0_50.csv"), None)
+    if args.raw is None:  # the demo's file; several (other vqa_types) would make the choice a guess
+        found = sorted((args.demo / "eval" / "trained").glob("omnimedvqa-*-raw-*-0_50.csv"))
+        if len(found) > 1:
+            p.error("several raw OmniMedVQA files; pick one with --raw: " + ", ".join(f.name for f in found))
+    raw = args.raw or (found[0] if found else None)
     root = args.image_root or args.demo / "world" / "OmniMedVQA"
     if raw is None or not raw.is_file():
         p.error(f"no raw OmniMedVQA file found ({raw or args.demo / 'eval' / 'trained'})")
