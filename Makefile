@@ -16,6 +16,10 @@ DEMO_STAMP := $(VENV)/.medcap-demo-installed
 TEST_STAMP := $(VENV)/.medcap-test-installed
 # vLLM pins its own torch (and fastapi, transformers): it lives in an environment of its own.
 VLLM_VENV ?= .venv-vllm
+# setuptools' editable install of a package with a package-dir mapping (recipes/ ships as
+# medcap._recipes) prints an 80-star "Editable installation." box on every install: an
+# informational warning only, silenced by its own message (tests/test_packaging.py).
+QUIET_EDITABLE := PYTHONWARNINGS='ignore:Editable installation'
 DEMO ?= datasets/demo
 
 .PHONY: setup setup-demo test test-gpu demo java chromium bench bench-gpu counts vllm test-vllm clean
@@ -29,11 +33,11 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(DEMO_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[serve]'
+	$(QUIET_EDITABLE) $(PY) -m pip install -q -e '.[serve]'
 	@touch $@
 
 $(TEST_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[test]'
+	$(QUIET_EDITABLE) $(PY) -m pip install -q -e '.[test]'
 	@touch $@ $(DEMO_STAMP)
 
 java:
